@@ -1,0 +1,129 @@
+"""`sparse_linear`: one entry point, dispatched to the best kernel present for the weight's format
+and x's device. Forced backends raise when they cannot run; only "auto" falls back (with a one-time
+warning) to the plain-torch path."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from .formats import BSR, CSR
+from .reference import apply_activation, check_activation
+
+BACKENDS = ("auto", "cpu", "triton", "torch")
+
+# (backend, format) -> number of kernel launches; tests read it to prove a fast path really ran.
+calls: Counter = Counter()
+_warned: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run here (extension not built, no Triton, wrong device)."""
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def cpu_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
+    from . import cpu
+    if not cpu.available():
+        return f"the C++ extension engine._C is not importable ({cpu.import_error()})"
+    if x is not None and x.device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors, x is on {x.device}"
+    return None
+
+
+def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
+    import kernels
+    if not kernels.available():
+        return f"Triton is not importable ({kernels.import_error()})"
+    if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"Triton kernels need a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
+                "to run them on CPU tensors in the interpreter")
+    return None
+
+
+def _pick_backend(x: torch.Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_linear: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return backend
+    if backend != "auto":
+        why = (cpu_unavailable_reason if backend == "cpu" else triton_unavailable_reason)(x)
+        if why:
+            raise BackendUnavailable(f"sparse_linear(backend={backend!r}): {why}")
+        return backend
+    if x.device.type == "cuda":
+        why = triton_unavailable_reason(x)
+        choice = "triton"
+    elif x.device.type == "cpu":
+        why = cpu_unavailable_reason(x)
+        choice = "cpu"
+    else:
+        why, choice = f"no kernels for device {x.device}", "torch"
+    if why:
+        _warn_once(f"{x.device.type}", f"sparse_linear: falling back to plain torch: {why}")
+        return "torch"
+    return choice
+
+
+def _check_args(x, weight, bias):
+    fn = "sparse_linear"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, (CSR, BSR, torch.Tensor)):
+        raise TypeError(f"{fn}: weight must be engine.formats.CSR/BSR or a dense torch.Tensor, "
+                        f"got {type(weight).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have at least 1 dimension, got a scalar")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be floating point, got {x.dtype}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{fn}: x has {x.shape[-1]} features in its last dimension but the weight "
+                         f"expects {in_f} (weight shape {tuple(weight.shape)})")
+    wdev = weight.device
+    if wdev != x.device:
+        raise ValueError(f"{fn}: x is on {x.device} but the weight is on {wdev}")
+    if bias is not None:
+        if bias.shape != (out_f,):
+            raise ValueError(f"{fn}: bias must have shape ({out_f},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+
+
+def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
+                  activation: str | None = None, backend: str = "auto") -> torch.Tensor:
+    """act(x @ Wᵀ + bias) for W in CSR, BSR or dense layout; x is (..., in_features).
+
+    backend: "auto" (C++ on CPU, Triton on CUDA, torch otherwise), or "cpu" | "triton" | "torch" to
+    force one implementation; a forced backend that cannot run raises BackendUnavailable.
+    activation: None | "relu" | "gelu" | "gelu_tanh", fused into the kernel's epilogue.
+    """
+    _check_args(x, weight, bias)
+    act = check_activation(activation)
+    chosen = _pick_backend(x, backend)
+    if isinstance(weight, torch.Tensor):
+        # A dense layer runs on torch's own GEMM (MKL / cuBLAS): nothing of ours beats it.
+        calls[(chosen, "dense")] += 1
+        return apply_activation(F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)), act)
+    fmt = "csr" if isinstance(weight, CSR) else "bsr"
+    calls[(chosen, fmt)] += 1
+    if chosen == "torch":
+        return apply_activation(F.linear(x, weight.to_dense(x.dtype),
+                                         None if bias is None else bias.to(x.dtype)), act)
+    lead, in_f = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, in_f)
+    if chosen == "cpu":
+        from . import cpu
+        y2 = (cpu.csr_linear_cpu if fmt == "csr" else cpu.bsr_linear_cpu)(x2, weight, bias, act)
+    else:
+        import kernels
+        y2 = (kernels.csr_linear_triton if fmt == "csr" else kernels.bsr_linear_triton)(x2, weight, bias, act)
+    return y2.reshape(*lead, weight.shape[0])
