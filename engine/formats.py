@@ -104,6 +104,13 @@ class CSR:
                       f"({self.col_indices.numel()}), got shape {tuple(self.values.shape)}")
         _check_index_arrays(fn, self.crow_indices, self.col_indices, o, i, self.values.numel())
 
+    @classmethod
+    def trusted(cls, crow_indices, col_indices, values, shape) -> "CSR":
+        """Wraps buffers that were validated before (e.g. a module's own), skipping the checks."""
+        self = object.__new__(cls)
+        self.crow_indices, self.col_indices, self.values, self.shape = crow_indices, col_indices, values, shape
+        return self
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -202,6 +209,8 @@ class BSR:
                       f"{self.col_indices.numel()} entries")
         _check_index_arrays(fn, self.crow_indices, self.col_indices, self.shape[0] // r,
                             self.shape[1] // c, self.values.shape[0])
+
+    trusted = classmethod(CSR.trusted.__func__)
 
     @property
     def nnzb(self) -> int:
