@@ -105,7 +105,8 @@ class SparseLinear(nn.Module):
             raise TypeError(f"SparseLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         if format not in FORMATS:
             raise ValueError(f"SparseLinear.from_linear: unknown format {format!r}; expected one of {FORMATS}")
-        weight = linear.weight.detach()
+        # torch.nn.utils.prune keeps the trained values in weight_orig; `weight` may be stale.
+        weight = getattr(linear, "weight_orig", linear.weight).detach()
         if mask is None:
             mask = getattr(linear, "weight_mask", None)
         if mask is not None:
@@ -125,7 +126,8 @@ class SparseLinear(nn.Module):
         else:
             if blocksize is None:
                 keep = (weight != 0) if mask is None else (mask != 0)
-                blocksize = detect_blocksize(keep, max_padding=1.0) or (1, 1)
+                blocksize = detect_blocksize(keep) or next(
+                    ((r, c) for r, c in BLOCK_CANDIDATES if weight.shape[0] % r == 0 and weight.shape[1] % c == 0), (1, 1))
             w = BSR.from_dense(weight, mask, blocksize)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype or linear.bias.dtype)
         return cls(w, bias, activation)

@@ -84,6 +84,9 @@ def _check_args(x, weight, bias):
         raise ValueError(f"{fn}: x must have at least 1 dimension, got a scalar")
     if not x.is_floating_point():
         raise TypeError(f"{fn}: x must be floating point, got {x.dtype}")
+    if isinstance(weight, torch.Tensor) and weight.dim() != 2:
+        raise ValueError(f"{fn}: a dense weight must be 2-D (out_features, in_features), got shape "
+                         f"{tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"{fn}: x has {x.shape[-1]} features in its last dimension but the weight "
