@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 VERBS = {
     "prune": ("engine.prune.cli", "prune + fine-tune a built-in example or a model given by import path"),
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
@@ -19,7 +21,11 @@ VERBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sparse-engine",
+        description="Prune, convert, run, serve and benchmark sparse neural networks on custom kernels.",
+        epilog="`sparse-engine VERB --help` lists a verb's options.")
+    parser.add_argument("--version", action="version", version=f"sparse-engine {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         sub.add_parser(verb, help=help_text, description=help_text, add_help=False)
