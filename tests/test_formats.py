@@ -104,3 +104,19 @@ def test_to_changes_dtype_keeps_indices():
     csr = CSR.from_dense(w).to(dtype=torch.bfloat16)
     assert csr.values.dtype == torch.bfloat16 and csr.col_indices.dtype == torch.int32
     torch.testing.assert_close(csr.to_dense(torch.float32), w.bfloat16().float())
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.sampled_from([1, 2, 3, 4, 8]), c=st.sampled_from([1, 2, 5, 8]),
+       nbr=st.integers(0, 6), nbc=st.integers(0, 6), sparsity=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_fuzz_round_trip_and_oracle(r, c, nbr, nbc, sparsity, seed):
+    torch.manual_seed(seed)
+    w = random_sparse(nbr * r, nbc * c, sparsity, block=(r, c))
+    mask = w != 0
+    for fmt in (CSR.from_dense(w, mask), BSR.from_dense(w, mask, (r, c))):
+        assert torch.equal(fmt.to_dense(), w)
+        type(fmt)(fmt.crow_indices, fmt.col_indices, fmt.values, fmt.shape)  # re-validates cleanly
