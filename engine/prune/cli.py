@@ -1,0 +1,297 @@
+"""`sparse-engine prune`: train (or load) a dense model, prune it, fine-tune, and write a plain
+pruned state_dict with its masks plus `<out>.report.json` and `<out>.report.png`.
+
+A fixed `--sparsity S` runs one trial; `--max-drop D` / `--min-accuracy A` search for the highest
+sparsity that keeps validation accuracy at the target. Under torchrun every rank trains (DDP) and
+rank 0 writes the files."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .criteria import METHODS
+from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
+from .granularity import PruneError, check_sparsity, parse_granularity
+from .loop import WHEN, Task, run_trial, search_sparsity
+from .masks import MaskSet, export_state_dict, prunable_layers
+from .pruner import SCOPES, PruneConfig
+from .report import describe_architecture, plot, report_paths, write_json
+from .schedule import SCHEDULES
+
+EXAMPLES = {"mlp-digits": "small", "mlp-digits-wide": "wide"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("model and data")
+    src.add_argument("--example", choices=sorted(EXAMPLES),
+                     help="built-in example: the digits MLP (hidden 100, 50) or its wide variant (2048, 1024)")
+    src.add_argument("--model", metavar="PKG.MODULE:FACTORY",
+                     help="custom model: a callable returning an nn.Module (called after seeding)")
+    src.add_argument("--data", metavar="PKG.MODULE:FACTORY",
+                     help="custom data: a callable returning (train_loader, val_loader, test_loader)")
+    src.add_argument("--dense", metavar="CKPT", help="start from this trained dense state_dict instead of "
+                     "training one (loaded with weights_only=True)")
+    src.add_argument("--dense-epochs", type=int, default=60, help="epochs of dense training (default 60)")
+
+    p = parser.add_argument_group("pruning")
+    p.add_argument("--method", default="magnitude", choices=METHODS)
+    p.add_argument("--granularity", default="unstructured", metavar="G",
+                   help="unstructured | block:RxC (e.g. block:4x4) | nm:N:M (e.g. nm:2:4)")
+    p.add_argument("--scope", default="layer", choices=SCOPES, help="rank weights per layer or globally")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
+    target.add_argument("--max-drop", type=float, metavar="D",
+                        help="search: highest sparsity whose validation accuracy >= dense - D (0.01 = 1 point)")
+    target.add_argument("--min-accuracy", type=float, metavar="A",
+                        help="search: highest sparsity whose validation accuracy >= A")
+    p.add_argument("--schedule", default="oneshot", choices=SCHEDULES,
+                   help="oneshot, or gradual (Zhu & Gupta cubic ramp over the first half of training)")
+    p.add_argument("--when", default="auto", choices=("auto",) + WHEN,
+                   help="post: prune the trained model then fine-tune; pre: prune at initialisation then "
+                        "train from scratch; auto (default): pre for snip, post otherwise")
+    p.add_argument("--skip", action="append", default=[], metavar="LAYER",
+                   help="leave this layer dense (repeatable), e.g. --skip 4 for the digits MLP's head")
+    p.add_argument("--layer-sparsity", action="append", default=[], metavar="LAYER=S",
+                   help="per-layer sparsity override (repeatable)")
+    p.add_argument("--calib-batches", type=int, default=8, help="batches scored by gradient/taylor/snip")
+
+    s = parser.add_argument_group("search (with --max-drop / --min-accuracy)")
+    s.add_argument("--max-sparsity", type=float, default=0.99)
+    s.add_argument("--tol", type=float, default=0.01, help="stop when the bracket is narrower than this")
+    s.add_argument("--max-trials", type=int, default=10)
+
+    t = parser.add_argument_group("training")
+    t.add_argument("--epochs", type=int, help="epochs after pruning (default 20 post, --dense-epochs pre)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=1e-4)
+    t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--distill", default="none", choices=DISTILL, help="distil from the dense model")
+    t.add_argument("--distill-alpha", type=float, default=0.5)
+    t.add_argument("--temperature", type=float, default=2.0)
+    t.add_argument("--seed", type=int, default=0, help="seeds the data split, init, shuffling and random scores")
+
+    o = parser.add_argument_group("output")
+    o.add_argument("-o", "--output", required=True, help="pruned checkpoint path, e.g. pruned.pt")
+    o.add_argument("--export-style", default="zeros", choices=("zeros", "torch-prune"),
+                   help="zeros: weights with zeros in place + <layer>.weight_mask (default); "
+                        "torch-prune: <layer>.weight_orig + <layer>.weight_mask")
+    o.add_argument("--save-every-rank", action="store_true",
+                   help="under torchrun, every rank also writes <output>.rank<R>.pt (to compare ranks)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+def _import(spec: str, what: str):
+    if ":" not in spec:
+        raise PruneError(f"--{what} {spec!r}: expected PKG.MODULE:FACTORY")
+    mod, _, name = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise PruneError(f"--{what} {spec!r}: cannot import it ({e})") from e
+    if not callable(obj):
+        raise PruneError(f"--{what} {spec!r} is not callable")
+    return obj
+
+
+def build_task(args) -> tuple[Task, str]:
+    """The model factory and loaders, from --example or --model/--data; and a name for the report."""
+    if args.example and (args.model or args.data):
+        raise PruneError("give either --example or --model/--data, not both")
+    if args.example:
+        from .. import examples
+        data = examples.digits_data(args.seed)
+        width = EXAMPLES[args.example]
+        loaders = [examples.loader(split, args.batch_size) for split in data]
+        return Task(lambda seed: examples.mlp_digits(width, seed=seed), *loaders), f"example:{args.example}"
+    if not (args.model and args.data):
+        raise PruneError("give --example NAME, or both --model PKG.MODULE:FACTORY and --data PKG.MODULE:FACTORY")
+    factory, data_factory = _import(args.model, "model"), _import(args.data, "data")
+
+    def make_model(seed):
+        torch.manual_seed(seed)
+        return factory()
+    loaders = data_factory()
+    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 3):
+        raise PruneError(f"--data {args.data!r} must return (train_loader, val_loader, test_loader), "
+                         f"got {type(loaders).__name__}")
+    return Task(make_model, *loaders), args.model
+
+
+def _layer_overrides(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name:
+            raise PruneError(f"--layer-sparsity {item!r}: expected LAYER=S, e.g. 0=0.5")
+        try:
+            out[name] = check_sparsity(float(value), f"sparsity of layer {name!r}")
+        except ValueError as e:
+            raise PruneError(f"--layer-sparsity {item!r}: {e}") from e
+    return out
+
+
+def _own_argv() -> list[str]:
+    """This verb's arguments from sys.argv (after `prune`), for the report's `command`."""
+    argv = sys.argv[1:]
+    return argv[argv.index("prune") + 1:] if "prune" in argv else argv
+
+
+def run(args, argv: list[str] | None = None) -> dict:
+    """Everything `main` does, returning the report (rank 0 also writes the files)."""
+    started = time.time()
+    distributed.init_from_env()
+    progress = not args.quiet and sys.stderr.isatty() and distributed.is_main()
+    gran = parse_granularity(args.granularity)
+    when = args.when if args.when != "auto" else ("pre" if args.method == "snip" else "post")
+    searching = args.max_drop is not None or args.min_accuracy is not None
+    if searching and gran.fixed_sparsity is not None:
+        raise PruneError(f"granularity {gran} fixes the sparsity at {gran.fixed_sparsity:g}; there is "
+                         f"nothing to search, drop --max-drop / --min-accuracy")
+    if args.max_drop is not None and not 0 <= args.max_drop < 1:
+        raise PruneError(f"--max-drop must be in [0, 1) (0.01 = one accuracy point), got {args.max_drop}")
+    if args.min_accuracy is not None and not 0 < args.min_accuracy <= 1:
+        raise PruneError(f"--min-accuracy must be in (0, 1], got {args.min_accuracy}")
+    sparsity = args.sparsity
+    if not searching:
+        if sparsity is None:
+            sparsity = gran.fixed_sparsity
+        if sparsity is None:
+            raise PruneError("give --sparsity S, --max-drop D or --min-accuracy A")
+        check_sparsity(sparsity)
+        if gran.fixed_sparsity is not None and abs(sparsity - gran.fixed_sparsity) > 1e-9:
+            raise PruneError(f"granularity {gran} means sparsity {gran.fixed_sparsity:g}, but --sparsity "
+                             f"{sparsity:g} was given")
+
+    task, model_name = build_task(args)
+    prune_cfg = PruneConfig(args.method, str(gran), args.scope, tuple(args.skip),
+                            _layer_overrides(args.layer_sparsity), args.calib_batches, args.seed)
+    epochs = args.epochs if args.epochs is not None else (20 if when == "post" else args.dense_epochs)
+    train_cfg = TrainConfig(epochs, args.lr, args.weight_decay, args.optimizer, args.batch_size, args.distill,
+                            args.distill_alpha, args.temperature, args.seed, progress)
+    train_cfg.validate()
+
+    dense = task.make_model(args.seed)
+    prune_cfg.validate(dense)  # fail on a bad layer name or block size before any training
+    if args.dense:
+        state = torch.load(args.dense, map_location="cpu", weights_only=True)
+        dense.load_state_dict(state)
+    else:
+        dense_cfg = TrainConfig(args.dense_epochs, args.lr, args.weight_decay, args.optimizer, args.batch_size,
+                                seed=args.seed, progress=progress)
+        finetune(dense, task.train_loader, task.val_loader, dense_cfg, loss_fn=task.loss_fn)
+    dense_val, dense_test = evaluate(dense, task.val_loader), evaluate(dense, task.test_loader)
+    teacher = dense if args.distill != "none" else None
+
+    def trial(s):
+        return run_trial(task, dense, s, prune_cfg, train_cfg, when=when, schedule=args.schedule, teacher=teacher)
+
+    search_info = None
+    if searching:
+        threshold = dense_val - args.max_drop if args.max_drop is not None else args.min_accuracy
+        if dense_val < threshold:
+            raise PruneError(f"the dense model's validation accuracy {dense_val:.4f} is already below the "
+                             f"target {threshold:.4f}")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=args.max_trials, desc="search", unit="trial")
+
+        def on_trial(t):
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(sparsity=f"{t.sparsity:.4f}", val=f"{t.val_accuracy:.4f}")
+        result = search_sparsity(trial, threshold=threshold, max_sparsity=args.max_sparsity, tol=args.tol,
+                                 max_trials=args.max_trials, on_trial=on_trial)
+        if bar is not None:
+            bar.close()
+        trials = result.trials
+        final = result.best
+        if final is None:  # nothing met the target: the answer is the dense model, sparsity 0
+            layers = prunable_layers(dense, tuple(args.skip))
+            final_model, final_masks = dense, MaskSet({n: torch.ones_like(m.weight, dtype=torch.bool)
+                                                       for n, m in layers.items()})
+            final_val, final_test, final_target = dense_val, dense_test, 0.0
+        else:
+            final_model, final_masks = final.model, final.masks
+            final_val, final_test, final_target = final.val_accuracy, final.test_accuracy, final.sparsity
+        search_info = {"mode": "max-drop" if args.max_drop is not None else "min-accuracy",
+                       "max_drop": args.max_drop, "min_accuracy": args.min_accuracy, "threshold": threshold,
+                       "sparsity_found": final_masks.sparsity(), "target_sparsity_found": final_target,
+                       "max_sparsity": args.max_sparsity, "tol": args.tol, "trials": len(trials)}
+    else:
+        final = trial(sparsity)
+        trials = [final]
+        final_model, final_masks = final.model, final.masks
+        final_val, final_test, final_target = final.val_accuracy, final.test_accuracy, sparsity
+
+    state = export_state_dict(final_model, final_masks, args.export_style)
+    layers = {}
+    for name, module in prunable_layers(final_model).items():
+        w = module.weight
+        layers[name] = {"shape": list(w.shape), "pruned": name in final_masks.masks,
+                        "nnz": int((w != 0).sum()), "sparsity": float((w == 0).sum()) / w.numel()}
+    total = sum(torch.Size(v["shape"]).numel() for v in layers.values())
+    zeros = sum(torch.Size(v["shape"]).numel() - v["nnz"] for v in layers.values())
+    report = {
+        "format": "sparse-engine.prune-report/1",
+        "checkpoint": Path(args.output).name,
+        "export_style": args.export_style,
+        "mask_keys": "<layer>.weight_mask beside <layer>.weight for every pruned layer",
+        "architecture": describe_architecture(final_model, factory=args.model),
+        "model": model_name,
+        "command": "sparse-engine prune " + shlex.join(argv if argv is not None else _own_argv()),
+        "config": {"method": args.method, "granularity": str(gran), "scope": args.scope,
+                   "schedule": args.schedule, "when": when, "skip": list(args.skip),
+                   "layer_sparsity": prune_cfg.layer_sparsity, "epochs": epochs,
+                   "dense_epochs": None if args.dense else args.dense_epochs, "dense_checkpoint": args.dense,
+                   "optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+                   "batch_size": args.batch_size, "distill": args.distill, "seed": args.seed,
+                   "world_size": distributed.world_size()},
+        "dense": {"val_accuracy": dense_val, "test_accuracy": dense_test},
+        "final": {"target_sparsity": final_target, "sparsity": final_masks.sparsity(),
+                  "model_sparsity": zeros / total if total else 0.0,
+                  "val_accuracy": final_val, "test_accuracy": final_test, "layers": layers},
+        "search": search_info,
+        "steps": [t.summary() for t in trials],
+        "seconds": round(time.time() - started, 2),
+    }
+    if args.save_every_rank and distributed.active():
+        out = Path(args.output)
+        torch.save(state, out.with_name(f"{out.stem}.rank{distributed.rank()}{out.suffix}"))
+    if distributed.is_main():
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+        json_path, png_path = report_paths(out)
+        write_json(report, json_path)
+        plot(report, png_path)
+    return report
+
+
+def main(args) -> int:
+    try:
+        report = run(args)
+        main_rank = distributed.is_main()
+    except PruneError as e:
+        print(f"sparse-engine prune: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    if not args.quiet and main_rank:
+        f, d = report["final"], report["dense"]
+        found = "" if report["search"] is None else f" (search: {len(report['steps'])} trials, target val " \
+                                                   f">= {report['search']['threshold']:.4f})"
+        print(f"dense   val {d['val_accuracy']:.4f}  test {d['test_accuracy']:.4f}")
+        print(f"pruned  val {f['val_accuracy']:.4f}  test {f['test_accuracy']:.4f}  sparsity "
+              f"{f['sparsity']:.4f}{found}")
+        json_path, png_path = report_paths(args.output)
+        print(f"wrote {args.output}, {json_path}, {png_path}")
+    return 0
