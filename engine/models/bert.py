@@ -1,0 +1,265 @@
+"""BERT-style encoder family (Hugging Face BERT config and parameter names), for embedding models
+such as all-MiniLM-L6-v2: embeddings, post-LayerNorm self-attention and feed-forward blocks.
+
+`forward(input_ids, attention_mask=None, token_type_ids=None)` -> last hidden states (B, S, H).
+`encode(texts)` -> pooled sentence embeddings (B, H), pooling as sentence-transformers does
+(mean over non-padding tokens for all-MiniLM-L6-v2), L2-normalised; needs the artifact's tokenizer.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ArchError
+
+HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+           "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
+HIDDEN_ACTS = {"gelu": ("gelu", dict()), "relu": ("relu", dict()),
+               "gelu_new": ("gelu_tanh", dict(approximate="tanh")),
+               "gelu_pytorch_tanh": ("gelu_tanh", dict(approximate="tanh"))}
+POOLINGS = ("mean", "cls", "max")
+# Parameters a BERT checkpoint may carry that this encoder does not use (heads, pooler, a buffer).
+UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+
+
+def check_config(config: dict, fn: str = "bert") -> dict:
+    missing = [k for k in HF_KEYS if k not in config and k != "pad_token_id"]
+    if missing:
+        raise ArchError(f"{fn}: config lacks {missing}")
+    if config.get("hidden_act") not in HIDDEN_ACTS:
+        raise ArchError(f"{fn}: hidden_act {config.get('hidden_act')!r} is not supported; expected one of "
+                        f"{sorted(HIDDEN_ACTS)}")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise ArchError(f"{fn}: position_embedding_type {config['position_embedding_type']!r} is not "
+                        "supported (only 'absolute')")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise ArchError(f"{fn}: hidden_size {config['hidden_size']} is not a multiple of "
+                        f"num_attention_heads {config['num_attention_heads']}")
+    if config.get("pooling", "mean") not in POOLINGS:
+        raise ArchError(f"{fn}: pooling {config.get('pooling')!r} is not supported; expected one of {POOLINGS}")
+    return config
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        h = c["hidden_size"]
+        self.heads = c["num_attention_heads"]
+        self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, s, h = x.shape
+        # (B, S, H) -> (B, nh, S, hs)
+        q, k, v = (lin(x).view(b, s, self.heads, h // self.heads).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return ctx.transpose(1, 2).reshape(b, s, h)
+
+
+class AddNorm(nn.Module):
+    """dense -> residual add -> LayerNorm (HF's BertSelfOutput / BertOutput)."""
+
+    def __init__(self, n_in: int, c: dict):
+        super().__init__()
+        self.dense = nn.Linear(n_in, c["hidden_size"])
+        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c["layer_norm_eps"])
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = AddNorm(c["hidden_size"], c)
+
+    def forward(self, x, bias):
+        return self.output(self.self(x, bias), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.dense = nn.Linear(c["hidden_size"], c["intermediate_size"])
+        name, kw = HIDDEN_ACTS[c["hidden_act"]]
+        self.act = nn.ReLU() if name == "relu" else nn.GELU(**kw)
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = AddNorm(c["intermediate_size"], c)
+
+    def forward(self, x, bias):
+        x = self.attention(x, bias)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        h = c["hidden_size"]
+        self.word_embeddings = nn.Embedding(c["vocab_size"], h, padding_idx=c.get("pad_token_id"))
+        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], h)
+        self.token_type_embeddings = nn.Embedding(c["type_vocab_size"], h)
+        self.LayerNorm = nn.LayerNorm(h, eps=c["layer_norm_eps"])
+
+    def forward(self, input_ids, token_type_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = check_config(dict(config))
+        self.embeddings = Embeddings(self.config)
+        self.encoder = Encoder(self.config)
+        self.tokenizer = None
+
+    def _check(self, input_ids, attention_mask, token_type_ids):
+        fn, c = "BertEncoder.forward", self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"{fn}: input_ids must be an integer tensor (batch, seq), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.shape[1] > c["max_position_embeddings"]:
+            raise ValueError(f"{fn}: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{c['max_position_embeddings']}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c["vocab_size"]):
+            raise ValueError(f"{fn}: input_ids must lie in [0, {c['vocab_size']}), got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(input_ids.shape)}")
+        if token_type_ids is not None and token_type_ids.numel() and (
+                int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= c["type_vocab_size"]):
+            raise ValueError(f"{fn}: token_type_ids must lie in [0, {c['type_vocab_size']})")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(input_ids, attention_mask, token_type_ids)
+        input_ids = input_ids.long()
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids.long())  # (B, S, H)
+        bias = None
+        if attention_mask is not None:
+            # Additive key mask (B, 1, 1, S): padded keys get the most negative float, as HF does.
+            keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
+            bias = (1.0 - keep) * torch.finfo(x.dtype).min
+        for layer in self.encoder.layer:
+            x = layer(x, bias)
+        return x
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mode = self.config.get("pooling", "mean")
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, S, 1)
+        if mode == "cls":
+            out = hidden[:, 0]
+        elif mode == "max":
+            out = hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+        else:
+            out = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(out, p=2, dim=-1) if self.config.get("normalize", True) else out
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Sentence embeddings (len(texts), hidden), pooled and (by default) L2-normalised."""
+        if self.tokenizer is None:
+            raise RuntimeError("BertEncoder.encode: this artifact carries no tokenizer (convert a folder "
+                               "with tokenizer.json); call forward(input_ids, attention_mask) instead")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("BertEncoder.encode: texts must be a list of str")
+        device = self.embeddings.word_embeddings.weight.device
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer.encode_batch(list(texts[start:start + batch_size]))
+            ids = torch.tensor([e.ids for e in enc], dtype=torch.long, device=device)
+            mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long, device=device)
+            types = torch.tensor([e.type_ids for e in enc], dtype=torch.long, device=device)
+            out.append(self.pool(self(ids, mask, types), mask))
+        if not out:
+            return torch.empty(0, self.config["hidden_size"])
+        return torch.cat(out).float().cpu()
+
+
+def build(config: dict) -> BertEncoder:
+    return BertEncoder(config)
+
+
+def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
+    fn = "convert(--arch bert)"
+    if ck.hf_config is None:
+        raise ArchError(f"{fn}: the bert family needs a Hugging Face folder (config.json + model.safetensors); "
+                        f"got a {ck.kind} file")
+    config = {k: ck.hf_config[k] for k in HF_KEYS if k in ck.hf_config}
+    config["position_embedding_type"] = ck.hf_config.get("position_embedding_type", "absolute")
+    pooling = ck.extras.get("pooling", "mean")
+    if pooling not in POOLINGS:
+        raise ArchError(f"{fn}: sentence-transformers pooling {pooling!r} is not supported; expected one of {POOLINGS}")
+    config.update(pooling=pooling, normalize=bool(ck.extras.get("normalize", True)))
+    config["max_seq_length"] = int(ck.extras.get("max_seq_length") or config.get("max_position_embeddings", 512))
+    check_config(config, fn)
+    prefix = "bert." if any(k.startswith("bert.") for k in ck.tensors) else ""
+
+    def canon(k):
+        return k[len(prefix):] if prefix and k.startswith(prefix) else k
+    sd = {canon(k): v for k, v in ck.tensors.items() if not canon(k).startswith(UNUSED_PREFIXES)}
+    masks = {canon(k): v for k, v in ck.masks.items() if not canon(k).startswith(UNUSED_PREFIXES)}
+    return config, sd, masks
+
+
+def prepare_runtime(model: BertEncoder, config: dict) -> BertEncoder:
+    """Fuses the feed-forward activation into the intermediate SparseLinear's kernel epilogue."""
+    from ..modules import SparseLinear
+    act = HIDDEN_ACTS[config["hidden_act"]][0]
+    for layer in model.encoder.layer:
+        inter = layer.intermediate
+        if isinstance(inter.dense, SparseLinear):
+            inter.dense.activation = act
+            inter.act = nn.Identity()
+    return model
+
+
+def attach_tokenizer(model: BertEncoder, tokenizer, tok_meta) -> None:
+    if tokenizer is not None:
+        # Configured once here, never per call, so concurrent encode() calls share no mutable state.
+        tokenizer.enable_truncation(max_length=model.config["max_seq_length"])
+        tokenizer.enable_padding(pad_id=model.config.get("pad_token_id") or 0)
+    model.tokenizer = tokenizer
+
+
+def example_inputs(config: dict, batch: int, generator: torch.Generator) -> tuple:
+    seq = min(16, config["max_position_embeddings"])
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1:, seq * 2 // 3:] = 0  # padding in every sample but the first
+    return ids, mask
+
+
+def spec(config: dict, name: str, tokenizer=None) -> dict:
+    h = config["hidden_size"]
+    inputs = [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+              {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
+    outputs = [{"name": "last_hidden_state", "datatype": "FP32", "shape": [-1, -1, h]}]
+    if tokenizer is not None:
+        inputs.append({"name": "text", "datatype": "BYTES", "shape": [-1]})
+        outputs.append({"name": "embedding", "datatype": "FP32", "shape": [-1, h]})
+    return {"family": "bert", "name": name, "inputs": inputs, "outputs": outputs,
+            "max_seq_len": config["max_position_embeddings"]}

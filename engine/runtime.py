@@ -1,0 +1,184 @@
+"""Loads an artifact into a ready nn.Module (`engine.load`) and runs it offline (the `run` verb).
+
+The model is built on the meta device from the artifact's architecture, its linear layers swapped
+for SparseLinear skeletons in the recorded layouts, and filled with `load_state_dict(assign=True)`:
+no weight is allocated twice and nothing is executed from the file. Sparse buffers are validated
+once here, so the kernels can trust them afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifact as artifact_io
+from .artifact import ArtifactError
+from .formats import BSR, CSR, FormatError
+from .models import family
+from .modules import SparseLinear
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _skeleton(fn: str, model: nn.Module, name: str, layer: dict, tensors: dict) -> None:
+    """Replaces the nn.Linear at `name` with a meta-device SparseLinear of the recorded layout."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ArtifactError(f"{fn}: layer {name!r} is not a module of the {type(model).__name__} "
+                            "the architecture builds") from None
+    if not isinstance(linear, (nn.Linear, SparseLinear)):
+        raise ArtifactError(f"{fn}: layer {name!r} is a {type(linear).__name__}, not a linear layer")
+    shape = (linear.out_features, linear.in_features)
+    if list(shape) != layer["shape"]:
+        raise ArtifactError(f"{fn}: layer {name!r} is {list(shape)} in the architecture but "
+                            f"{layer['shape']} in the layer table")
+    fmt = layer["format"]
+    if fmt == "dense":
+        weight = _meta_like(tensors[f"{name}.weight"])
+    else:
+        cls = CSR if fmt == "csr" else BSR
+        weight = cls.trusted(*(_meta_like(tensors[f"{name}.weight_{k}"])
+                               for k in ("crow_indices", "col_indices", "values")), shape)
+    bias = tensors.get(f"{name}.bias")
+    layer_module = SparseLinear(weight, None if bias is None else _meta_like(bias))
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer_module)
+
+
+def _validate_layers(fn: str, model: nn.Module, layers: dict) -> None:
+    for name, layer in layers.items():
+        m = model.get_submodule(name)
+        if m.format == "dense":
+            continue
+        w = m.sparse_weight
+        try:
+            type(w)(w.crow_indices, w.col_indices, w.values, w.shape)  # runs the layout's validation
+        except FormatError as e:
+            raise ArtifactError(f"{fn}: layer {name!r} has an invalid {m.format} layout: {e}") from e
+        if m.format == "bsr" and list(w.blocksize) != list(layer.get("block") or []):
+            raise ArtifactError(f"{fn}: layer {name!r} stores blocks {w.blocksize} but the layer "
+                                f"table says {layer.get('block')}")
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_module: bool = False,
+         backend: str = "auto") -> nn.Module:
+    """Artifact -> nn.Module in eval mode, linear layers SparseLinear, with `.spec` (inputs/outputs).
+
+    trust_module: a `custom` artifact names a Python factory (`pkg.mod:factory`); importing it runs
+    code, so it is refused unless the caller opts in here.
+    backend: passed to every SparseLinear ("auto", "cpu", "triton", "torch").
+    """
+    fn = f"engine.load({str(path)!r})"
+    meta, tensors = artifact_io.read(path)
+    arch = meta["arch"]
+    if arch["family"] == "custom" and not trust_module:
+        raise ArtifactError(f"{fn}: this artifact is built by the Python factory "
+                            f"{arch['config'].get('factory')!r}; importing it runs that module's code. "
+                            "Pass trust_module=True (CLI: --trust-module) if you trust it")
+    fam = family(arch["family"])
+    config = arch["config"]
+    tok_meta = meta.get("tokenizer")
+    tok_bytes = tensors.pop(tok_meta["tensor"]) if tok_meta else None
+    with torch.device("meta"):
+        model = fam.build(config)
+    for name, layer in meta["layers"].items():
+        _skeleton(fn, model, name, layer, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{fn}: the tensors do not fit the {arch['family']} architecture: {e}") from e
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ArtifactError(f"{fn}: tensors {left[:5]} are not in the artifact")
+    _validate_layers(fn, model, meta["layers"])
+    fam.prepare_runtime(model, config)
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            m.backend = backend
+    tokenizer = None
+    if tok_bytes is not None:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_str(bytes(tok_bytes.numpy()).decode("utf-8"))
+    if hasattr(fam, "attach_tokenizer"):
+        fam.attach_tokenizer(model, tokenizer, tok_meta)
+    model = model.to(device).eval().requires_grad_(False)
+    model.spec = fam.spec(config, Path(path).stem, tokenizer)
+    return model
+
+
+# ----------------------------------------------------------------------------- the `run` verb
+
+def configure(parser) -> None:
+    parser.add_argument("artifact", help="artifact written by `sparse-engine convert`")
+    parser.add_argument("--input", help=".npy (the model's first input) or .npz (arrays named after "
+                                        "the model's inputs, e.g. input_ids and attention_mask)")
+    parser.add_argument("--text", action="append", help="a sentence to embed (BERT artifacts with a "
+                                                        "tokenizer); repeat for a batch")
+    parser.add_argument("-o", "--output", help="y.npy, or y.json for JSON; default: JSON on stdout")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    parser.add_argument("--trust-module", action="store_true",
+                        help="allow a custom artifact to import its Python factory")
+
+
+def _inputs(args, model) -> tuple[str, tuple]:
+    import numpy as np
+    spec = model.spec
+    if args.text:
+        if getattr(model, "tokenizer", None) is None:
+            raise SystemExit("sparse-engine run: --text needs a BERT artifact that carries a tokenizer")
+        return "embedding", ("text", args.text)
+    if not args.input:
+        raise SystemExit("sparse-engine run: give --input FILE (or --text for a BERT artifact with a tokenizer)")
+    data = np.load(args.input, allow_pickle=False)  # np.load tells .npy from .npz by their magic bytes
+    arrays = dict(data) if hasattr(data, "files") else {spec["inputs"][0]["name"]: data}
+    names = [i["name"] for i in spec["inputs"] if i["datatype"] != "BYTES"]
+    unknown = sorted(set(arrays) - set(names))
+    if unknown or names[0] not in arrays:
+        raise SystemExit(f"sparse-engine run: inputs {sorted(arrays)} do not match the model's "
+                         f"{names} (the first is required)")
+    out = []
+    for i in spec["inputs"]:
+        if i["name"] not in arrays:
+            continue
+        a = arrays[i["name"]]
+        if i["datatype"] == "FP32":
+            if a.dtype.kind != "f":
+                raise SystemExit(f"sparse-engine run: input {i['name']!r} must be floating point, got {a.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            if t.shape[-1:] != tuple(i["shape"][-1:]):
+                raise SystemExit(f"sparse-engine run: input {i['name']!r} has shape {tuple(t.shape)}, "
+                                 f"expected last dimension {i['shape'][-1]}")
+        else:
+            if a.dtype.kind not in "iu":
+                raise SystemExit(f"sparse-engine run: input {i['name']!r} must be integers, got {a.dtype}")
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        out.append(t)
+    return spec["outputs"][0]["name"], tuple(out)
+
+
+def main(args) -> int:
+    import numpy as np
+    model = load(args.artifact, args.device, trust_module=args.trust_module)
+    name, inputs = _inputs(args, model)
+    with torch.inference_mode():
+        if inputs and inputs[0] == "text":
+            y = model.encode(inputs[1])
+        else:
+            y = model(*(t.to(args.device) for t in inputs))
+    y = y.float().cpu().numpy()
+    if args.output and not args.output.endswith(".json"):
+        np.save(args.output, y)
+    else:
+        doc = json.dumps({"name": name, "datatype": "FP32", "shape": list(y.shape), "data": y.tolist()})
+        if args.output:
+            Path(args.output).write_text(doc)
+        else:
+            sys.stdout.write(doc + "\n")
+    return 0
