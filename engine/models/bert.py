@@ -109,13 +109,22 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
 
 
+def _embedding(n: int, h: int, padding_idx: int | None = None) -> nn.Embedding:
+    # Random init only off the meta device: meta's normal_ kernel costs seconds on first use, and
+    # engine.load replaces every weight with assign=True anyway.
+    weight = torch.empty(n, h)
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=0.02)
+    return nn.Embedding(n, h, padding_idx=padding_idx, _weight=weight)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
         h = c["hidden_size"]
-        self.word_embeddings = nn.Embedding(c["vocab_size"], h, padding_idx=c.get("pad_token_id"))
-        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], h)
-        self.token_type_embeddings = nn.Embedding(c["type_vocab_size"], h)
+        self.word_embeddings = _embedding(c["vocab_size"], h, c.get("pad_token_id"))
+        self.position_embeddings = _embedding(c["max_position_embeddings"], h)
+        self.token_type_embeddings = _embedding(c["type_vocab_size"], h)
         self.LayerNorm = nn.LayerNorm(h, eps=c["layer_norm_eps"])
 
     def forward(self, input_ids, token_type_ids):
