@@ -1,0 +1,231 @@
+"""Open Inference Protocol (KServe v2) REST bodies: parse and validate an infer request against a
+model's `spec`, and build the metadata and infer responses.
+
+Everything a client can get wrong is checked here, once, and raised as `RequestError` with the HTTP
+status and a message that names the input and the problem; the model runner downstream assumes
+valid arrays. A model `spec` is `{"name", "family", "inputs": [{"name", "datatype", "shape"}],
+"outputs": [...]}` with -1 for a free dimension (see engine.runtime).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Wire datatypes a client may send for an input the model declares as the key. FP16 is accepted for
+# FP32 inputs (cast up); INT32 for INT64 ids. BYTES is text.
+ACCEPTED = {"FP32": ("FP32", "FP16"), "FP16": ("FP16", "FP32"), "INT64": ("INT64", "INT32"),
+            "INT32": ("INT32", "INT64"), "BYTES": ("BYTES",)}
+NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+WIRE_LIMITS = {"FP16": 65504.0, "FP32": float(np.finfo(np.float32).max), "INT32": 2**31 - 1, "INT64": 2**63 - 1}
+# BERT-style inputs a request may leave out: a missing mask means "attend to every token".
+OPTIONAL_INPUTS = {"attention_mask"}
+# A model that takes raw text has a BYTES input; it is an alternative to the tensor inputs.
+TEXT_INPUT = "text"
+
+
+class RequestError(Exception):
+    """A client error: `status` is the HTTP status (4xx), the message names the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    inputs: dict  # name -> np.ndarray in the model's dtype, or list[str] for BYTES
+    outputs: list[str]  # output names to return, in the model's order
+    rows: int  # batch dimension shared by every input
+    id: str | None = None
+    mode: str = "tensor"  # "tensor" or "text" (BYTES input, tokenized by the server)
+    extra: dict = field(default_factory=dict)  # per-request scratch for the runner
+
+
+def model_metadata(spec: dict) -> dict:
+    """GET /v2/models/{name} body."""
+    tensors = lambda items: [{"name": t["name"], "datatype": t["datatype"], "shape": list(t["shape"])}
+                             for t in items]
+    body = {"name": spec["name"], "versions": ["1"], "platform": f"sparse-engine/{spec['family']}",
+            "inputs": tensors(spec["inputs"]), "outputs": tensors(spec["outputs"])}
+    if "max_seq_len" in spec:
+        body["parameters"] = {"max_seq_len": spec["max_seq_len"]}
+    return body
+
+
+def parse_infer(body: bytes, spec: dict, *, max_rows: int) -> InferRequest:
+    """Bytes of a POST /infer body -> a validated InferRequest (raises RequestError)."""
+    try:
+        # json accepts NaN/Infinity tokens; they are rejected per input below with a clear message.
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(doc).__name__}")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError(400, "'id' must be a string")
+    raw_inputs = doc.get("inputs")
+    if raw_inputs is None:
+        raise RequestError(400, "missing field 'inputs' (a list of {name, shape, datatype, data})")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise RequestError(400, "'inputs' must be a non-empty list of {name, shape, datatype, data}")
+
+    declared = {t["name"]: t for t in spec["inputs"]}
+    arrays: dict = {}
+    for i, item in enumerate(raw_inputs):
+        name, array = _parse_input(i, item, declared, spec)
+        if name in arrays:
+            raise RequestError(400, f"input '{name}' is given twice")
+        arrays[name] = array
+
+    mode = _check_input_set(arrays, declared)
+    rows = _common_rows(arrays)
+    if rows == 0:
+        raise RequestError(400, "empty batch: the inputs have 0 rows")
+    if rows > max_rows:
+        raise RequestError(413, f"{rows} rows in one request; this server accepts at most {max_rows}")
+    if mode == "tensor" and "attention_mask" in arrays and "input_ids" in arrays:
+        if arrays["attention_mask"].shape != arrays["input_ids"].shape:
+            raise RequestError(400, f"'attention_mask' shape {list(arrays['attention_mask'].shape)} "
+                                    f"differs from 'input_ids' shape {list(arrays['input_ids'].shape)}")
+    outputs = _requested_outputs(doc.get("outputs"), spec, mode)
+    return InferRequest(inputs=arrays, outputs=outputs, rows=rows, id=request_id, mode=mode)
+
+
+def _parse_input(i: int, item, declared: dict, spec: dict):
+    if not isinstance(item, dict):
+        raise RequestError(400, f"inputs[{i}] must be an object with name, shape, datatype, data")
+    for key in ("name", "shape", "datatype", "data"):
+        if key not in item:
+            raise RequestError(400, f"inputs[{i}] is missing field '{key}'")
+    name = item["name"]
+    if not isinstance(name, str) or name not in declared:
+        raise RequestError(400, f"inputs[{i}]: unknown input {name!r}; model '{spec['name']}' takes "
+                                f"{', '.join(repr(n) for n in declared)}")
+    want = declared[name]
+    shape = item["shape"]
+    if (not isinstance(shape, list) or not shape
+            or any(type(d) is not int or d < 0 for d in shape)):
+        raise RequestError(400, f"input '{name}': shape must be a non-empty list of non-negative "
+                                f"integers, got {shape!r}")
+    if len(shape) != len(want["shape"]) or any(w >= 0 and d != w for d, w in zip(shape, want["shape"])):
+        raise RequestError(400, f"input '{name}': shape {shape} does not match the model's "
+                                f"{list(want['shape'])} (-1 = any size)")
+    if "max_seq_len" in spec and len(shape) == 2 and want["datatype"] != "BYTES" and shape[0] > 0:
+        if not 1 <= shape[1] <= spec["max_seq_len"]:
+            raise RequestError(400, f"input '{name}': sequence length {shape[1]} is outside "
+                                    f"1..{spec['max_seq_len']} (the model's max_seq_len)")
+    datatype = item["datatype"]
+    if datatype not in ACCEPTED.get(want["datatype"], (want["datatype"],)):
+        raise RequestError(400, f"input '{name}': datatype {datatype!r} not accepted; the model "
+                                f"takes {want['datatype']} (accepted: "
+                                f"{', '.join(ACCEPTED.get(want['datatype'], ()))})")
+    count = math.prod(shape)
+    if want["datatype"] == "BYTES":
+        return name, _parse_text(name, item["data"], count)
+    return name, _parse_numbers(name, item["data"], shape, count, datatype, want["datatype"])
+
+
+def _parse_numbers(name, data, shape, count, wire: str, model_dtype: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise RequestError(400, f"input '{name}': 'data' must be a list of numbers")
+    try:
+        flat = np.asarray(data).reshape(-1)
+    except (ValueError, OverflowError) as exc:  # ragged nesting, ints beyond 64 bits
+        raise RequestError(400, f"input '{name}': 'data' is not a regular array of numbers ({exc})") from None
+    if flat.size != count:
+        raise RequestError(400, f"input '{name}': data holds {flat.size} values but shape {shape} "
+                                f"needs {count}")
+    if count == 0:
+        return np.zeros(shape, dtype=NUMPY[model_dtype])
+    integral = model_dtype.startswith("INT")
+    allowed = "iu" if integral else "iuf"
+    if flat.dtype.kind not in allowed:
+        what = "integers" if integral else "numbers"
+        raise RequestError(400, f"input '{name}': datatype {wire} needs {what}, but data holds "
+                                f"{_kind_name(flat.dtype)}")
+    if not integral:
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise RequestError(400, f"input '{name}': value {flat[j]} at flat index {j} is NaN or "
+                                    f"infinite; the model would return garbage")
+    limit = WIRE_LIMITS.get(wire)
+    if limit is not None and flat.size and float(np.abs(flat).max()) > limit:
+        raise RequestError(400, f"input '{name}': a value exceeds the range of {wire} (|x| <= {limit:g})")
+    if integral and flat.min() < 0:
+        raise RequestError(400, f"input '{name}': negative value {int(flat.min())}; token ids and "
+                                f"masks are non-negative")
+    if name == "attention_mask" and flat.max() > 1:
+        raise RequestError(400, f"input 'attention_mask': values must be 0 or 1, got {int(flat.max())}")
+    if wire == "FP16":  # round through half precision so the model sees what the client sent
+        flat = flat.astype(np.float16)
+    return flat.astype(NUMPY[model_dtype]).reshape(shape)
+
+
+def _parse_text(name, data, count) -> list[str]:
+    if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
+        raise RequestError(400, f"input '{name}': BYTES data must be a list of strings")
+    if len(data) != count:
+        raise RequestError(400, f"input '{name}': data holds {len(data)} strings but the shape needs {count}")
+    return data
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    return {"f": "non-integer numbers", "b": "booleans", "U": "strings", "O": "mixed or nested values"}.get(
+        dtype.kind, str(dtype))
+
+
+def _check_input_set(arrays: dict, declared: dict) -> str:
+    """Which inputs must come together: `text` alone, or every tensor input (the mask optional)."""
+    if TEXT_INPUT in arrays and declared[TEXT_INPUT]["datatype"] == "BYTES":
+        if len(arrays) > 1:
+            raise RequestError(400, f"input 'text' cannot be combined with "
+                                    f"{', '.join(repr(n) for n in arrays if n != TEXT_INPUT)}")
+        return "text"
+    needed = [n for n, t in declared.items() if t["datatype"] != "BYTES" and n not in OPTIONAL_INPUTS]
+    missing = [n for n in needed if n not in arrays]
+    if missing:
+        alt = " (or 'text')" if TEXT_INPUT in declared else ""
+        raise RequestError(400, f"missing input {', '.join(repr(n) for n in missing)}{alt}")
+    return "tensor"
+
+
+def _common_rows(arrays: dict) -> int:
+    rows = {name: (len(a) if isinstance(a, list) else a.shape[0]) for name, a in arrays.items()}
+    if len(set(rows.values())) > 1:
+        raise RequestError(400, f"inputs disagree on the batch size (first dimension): {rows}")
+    return next(iter(rows.values()))
+
+
+def _requested_outputs(raw, spec: dict, mode: str) -> list[str]:
+    names = [t["name"] for t in spec["outputs"]]
+    # `embedding` comes from raw text only; ids give the hidden states.
+    default = [n for n in names if (n == "embedding") == (mode == "text")] or names
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(400, "'outputs' must be a non-empty list of {name}")
+    wanted = []
+    for i, item in enumerate(raw):
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in names:
+            raise RequestError(400, f"outputs[{i}]: unknown output {name!r}; model '{spec['name']}' "
+                                    f"gives {', '.join(repr(n) for n in names)}")
+        if name == "embedding" and mode != "text":
+            raise RequestError(400, "output 'embedding' needs the 'text' input (send raw text)")
+        wanted.append(name)
+    return [n for n in names if n in wanted]
+
+
+def infer_response(spec: dict, request: InferRequest, outputs: dict) -> dict:
+    """POST /infer response body for one request; `outputs` maps name -> np.ndarray."""
+    body = {"model_name": spec["name"], "model_version": "1", "outputs": [
+        {"name": name, "datatype": "FP32", "shape": list(outputs[name].shape),
+         "data": outputs[name].reshape(-1).tolist()} for name in request.outputs]}
+    if request.id is not None:
+        body["id"] = request.id
+    return body
