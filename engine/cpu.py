@@ -1,5 +1,9 @@
 """Python side of the C++ CPU kernels (engine._C): checks once at the boundary, then hands raw
-buffers to the extension. Kernels compute in fp32; weights may be stored as fp32, bf16 or fp16."""
+buffers to the extension. Kernels compute in fp32; weights may be stored as fp32, bf16 or fp16.
+
+The kernels pick their instruction set at import: AVX2+FMA+F16C where the CPU has it, portable C++
+otherwise. SPARSE_ENGINE_ISA=portable (environment) or `set_isa("portable")` forces the fallback.
+"""
 from __future__ import annotations
 
 import torch
@@ -25,32 +29,44 @@ def import_error() -> str | None:
     return _IMPORT_ERROR
 
 
+def isa() -> str:
+    """Instruction set the kernels run with now: "avx2" or "portable"."""
+    return _C.get_isa()
+
+
+def set_isa(name: str) -> None:
+    """Select "auto", "avx2" or "portable" for later calls (process-wide; for tests and benchmarks)."""
+    _C.set_isa(name)
+
+
 def _prepare(fn, x, w, bias):
     if w.device.type != "cpu":
         raise ValueError(f"{fn}: weight is on {w.device}, the C++ kernels need CPU tensors")
+    if w.values.dtype not in _WDTYPE:
+        raise TypeError(f"{fn}: weight values must be float32/bfloat16/float16, got {w.values.dtype}")
     out_dtype = x.dtype
     x = x.to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    return x, b, y, out_dtype
+    # No-ops for layouts built by engine.formats; they guard hand-made views.
+    crow, col, val = (t.contiguous() for t in (w.crow_indices, w.col_indices, w.values))
+    return x, b, y, out_dtype, (crow, col, val)
 
 
 def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O)."""
-    x, b, y, out_dtype = _prepare("csr_linear_cpu", x, w, bias)
+    x, b, y, out_dtype, (crow, col, val) = _prepare("csr_linear_cpu", x, w, bias)
     _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0],
-                  w.crow_indices.data_ptr(), w.col_indices.data_ptr(), w.values.data_ptr(),
-                  _WDTYPE[w.values.dtype], 0 if b is None else b.data_ptr(), _ACT[activation],
-                  torch.get_num_threads())
+                  crow.data_ptr(), col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype],
+                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
     return y.to(out_dtype)
 
 
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O) for W in R×C blocks."""
-    x, b, y, out_dtype = _prepare("bsr_linear_cpu", x, w, bias)
+    x, b, y, out_dtype, (crow, col, val) = _prepare("bsr_linear_cpu", x, w, bias)
     r, c = w.blocksize
     _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], r, c,
-                  w.crow_indices.data_ptr(), w.col_indices.data_ptr(), w.values.data_ptr(),
-                  _WDTYPE[w.values.dtype], 0 if b is None else b.data_ptr(), _ACT[activation],
-                  torch.get_num_threads())
+                  crow.data_ptr(), col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype],
+                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
     return y.to(out_dtype)

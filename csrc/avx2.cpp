@@ -1,0 +1,493 @@
+// AVX2 + FMA + F16C kernels for CSR and BSR linear layers.
+//
+// Compiled with function-level target options (not -mavx2), so the module still loads on CPUs
+// without AVX2; module.cpp only calls in here when the CPU has the features.
+//
+// Two regimes:
+//  * small batch (N < kSpmmMinN): memory-bound SpMV. Each weight is read once and multiplied with
+//    the batch rows straight from X (CSR gathers X with vpgatherdd; BSR loads X contiguously).
+//  * batch (N >= kSpmmMinN): X is packed once per call into Xt (I, Np), batch contiguous, so one
+//    stored weight is broadcast and FMA'd against 8 batch columns at a time: no gathers, and up to
+//    64 batch columns stay in registers per output row. Results go through a small (rows x 64) tile
+//    that is transposed 8x8 in registers into Y (N, O) with the bias + activation epilogue fused.
+#include <immintrin.h>
+
+#include "common.h"
+#include "sparse_linear.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace se {
+namespace {
+
+constexpr int64_t kSpmmMinN = 4;  // batch from which packing X transposed pays for itself
+constexpr int kChunk = 64;        // batch columns per register pass: 8 ymm accumulators
+constexpr int64_t kPanelBytes = 1 << 20;  // Xt panel (I x panel columns) kept near L2 size
+
+// ---- loads of 8 weights / one broadcast weight, converted to fp32 in registers -------------------
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const f16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 bcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline __m256 bcast(const bf16_t* p) { return _mm256_set1_ps(to_f32(*p)); }
+inline __m256 bcast(const f16_t* p) { return _mm256_set1_ps(_cvtsh_ss(p->bits)); }
+inline float scalar(const float* p) { return *p; }
+inline float scalar(const bf16_t* p) { return to_f32(*p); }
+inline float scalar(const f16_t* p) { return _cvtsh_ss(p->bits); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// ---- X packing ------------------------------------------------------------------------------------
+// xt (I, np) <- x[n0 : n0 + np, :]ᵀ for input features [i0, i1); columns past N are zero so the
+// kernels never branch on the batch tail. x: (N, I); np: multiple of 8.
+void pack_xt(const float* x, int64_t N, int64_t I, int64_t n0, int64_t np, float* xt, int64_t i0,
+             int64_t i1) {
+  const int64_t nv = std::min<int64_t>(np, N - n0);  // valid columns in this panel
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    int64_t n = 0;
+    for (; n + 8 <= nv; n += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (n0 + n + j) * I + i);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (i + j) * np + n, r[j]);
+    }
+    for (; n < np; ++n)
+      for (int j = 0; j < 8; ++j) xt[(i + j) * np + n] = n < nv ? x[(n0 + n) * I + i + j] : 0.f;
+  }
+  for (; i < i1; ++i)
+    for (int64_t n = 0; n < np; ++n) xt[i * np + n] = n < nv ? x[(n0 + n) * I + i] : 0.f;
+}
+
+// ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
+void store_tile(float* y, int64_t O, const float* tile, int64_t o0, int64_t g, int64_t n0, int64_t nn,
+                const float* bias, int act) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= g; r0 += 8) {
+    const __m256 b = bias ? _mm256_loadu_ps(bias + o0 + r0) : _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < nn; j0 += 8) {
+      __m256 r[8];
+      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(tile + (r0 + q) * kChunk + j0);
+      transpose8(r);
+      const int64_t m = std::min<int64_t>(8, nn - j0);
+      for (int64_t q = 0; q < m; ++q) {
+        __m256 v = _mm256_add_ps(r[q], b);
+        if (act == ACT_RELU) v = _mm256_max_ps(v, _mm256_setzero_ps());
+        float* dst = y + (n0 + j0 + q) * O + o0 + r0;
+        _mm256_storeu_ps(dst, v);
+        if (act >= ACT_GELU)
+          for (int e = 0; e < 8; ++e) dst[e] = activate(dst[e], act);
+      }
+    }
+  }
+  for (; r0 < g; ++r0) {
+    const float b = bias ? bias[o0 + r0] : 0.f;
+    for (int64_t j = 0; j < nn; ++j)
+      y[(n0 + j) * O + o0 + r0] = activate(tile[r0 * kChunk + j] + b, act);
+  }
+}
+
+// =================================== CSR =========================================================
+
+// One output row, one chunk of V*8 batch columns: out[0 : 8V] = Σ_k w_k · Xt[col_k, :].
+// U independent accumulator sets hide FMA latency when V is small.
+template <typename WT, int V>
+inline void csr_row_chunk(const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                          int64_t np, float* out) {
+  constexpr int U = V >= 4 ? 1 : (V >= 2 ? 2 : 4);
+  __m256 acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
+  int32_t k = k0;
+  for (; k + U <= k1; k += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = bcast(val + k + u);
+      const float* p = xt + int64_t(col[k + u]) * np;
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[u][v]);
+    }
+  }
+  for (; k < k1; ++k) {
+    const __m256 w = bcast(val + k);
+    const float* p = xt + int64_t(col[k]) * np;
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[0][v]);
+  }
+  for (int u = 1; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
+  for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
+}
+
+template <typename WT>
+void csr_row_chunk_v(int V, const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                     int64_t np, float* out) {
+  switch (V) {
+    case 1: return csr_row_chunk<WT, 1>(col, val, k0, k1, xt, np, out);
+    case 2: return csr_row_chunk<WT, 2>(col, val, k0, k1, xt, np, out);
+    case 3: return csr_row_chunk<WT, 3>(col, val, k0, k1, xt, np, out);
+    case 4: return csr_row_chunk<WT, 4>(col, val, k0, k1, xt, np, out);
+    case 5: return csr_row_chunk<WT, 5>(col, val, k0, k1, xt, np, out);
+    case 6: return csr_row_chunk<WT, 6>(col, val, k0, k1, xt, np, out);
+    case 7: return csr_row_chunk<WT, 7>(col, val, k0, k1, xt, np, out);
+    default: return csr_row_chunk<WT, 8>(col, val, k0, k1, xt, np, out);
+  }
+}
+
+// Σ_k w_k · x[col_k] over one row, 16 entries per step with two gathers in flight.
+template <typename WT>
+inline float csr_dot_gather(const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* x) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int32_t k = k0;
+  for (; k + 16 <= k1; k += 16) {
+    const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
+    const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k + 8));
+    a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+    a1 = _mm256_fmadd_ps(load8(val + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+  }
+  if (k + 8 <= k1) {
+    const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
+    a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+    k += 8;
+  }
+  float s = hsum(_mm256_add_ps(a0, a1));
+  for (; k < k1; ++k) s += scalar(val + k) * x[col[k]];
+  return s;
+}
+
+template <typename WT>
+void csr_avx2(const LinearArgs& a) {
+  const WT* val = static_cast<const WT*>(a.values);
+  const int64_t N = a.n, I = a.in_features, O = a.out_features;
+  const int32_t* crow = a.crow;
+  const int T = pick_threads(a.nthreads, double(crow[O]) * double(N));
+
+  if (N < kSpmmMinN) {
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+      const int t = thread_id(), nt = team_size();
+      // 16-row alignment keeps threads off each other's cache lines of y.
+      const int64_t o0 = split_begin(crow, O, 16, 4, t, nt), o1 = split_begin(crow, O, 16, 4, t + 1, nt);
+      for (int64_t o = o0; o < o1; ++o) {
+        const float b = a.bias ? a.bias[o] : 0.f;
+        for (int64_t n = 0; n < N; ++n)
+          a.y[n * O + o] = activate(csr_dot_gather(a.col, val, crow[o], crow[o + 1], a.x + n * I) + b, a.act);
+      }
+    }
+    return;
+  }
+
+  const int64_t n_pad = (N + 7) / 8 * 8;
+  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
+  panel = std::min(panel, n_pad);
+  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = thread_id(), nt = team_size();
+    float* tile = scratch(1, 8 * kChunk);
+    const int64_t o0 = split_begin(crow, O, 8, 4, t, nt), o1 = split_begin(crow, O, 8, 4, t + 1, nt);
+    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
+    for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
+      const int64_t np = std::min(panel, n_pad - p0);
+      if (p0) {
+#pragma omp barrier
+      }
+      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
+#pragma omp barrier
+      for (int64_t og = o0; og < o1; og += 8) {
+        const int64_t g = std::min<int64_t>(8, o1 - og);
+        for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
+          const int64_t nc = std::min<int64_t>(kChunk, np - c0);
+          for (int64_t r = 0; r < g; ++r)
+            csr_row_chunk_v<WT>(int(nc / 8), a.col, val, crow[og + r], crow[og + r + 1], xt + c0, np,
+                                tile + r * kChunk);
+          store_tile(a.y, O, tile, og, g, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
+        }
+      }
+    }
+  }
+}
+
+// =================================== BSR =========================================================
+
+// Rows [r0, r0 + RB) of one block row, one chunk of V*8 batch columns:
+// out[rb][0 : 8V] = Σ_blocks Σ_c W[block][r0 + rb][c] · Xt[col·C + c, :]. out row stride kChunk.
+template <typename WT, int RB, int V>
+inline void bsr_rows_chunk(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
+                           int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
+  constexpr int U = RB * V >= 4 ? 1 : (RB * V >= 2 ? 2 : 4);
+  __m256 acc[U][RB][V];
+  for (int u = 0; u < U; ++u)
+    for (int rb = 0; rb < RB; ++rb)
+      for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_setzero_ps();
+  for (int32_t k = k0; k < k1; ++k) {
+    const WT* w = val + (int64_t(k) * R + r0) * C;
+    const float* xb = xt + int64_t(bcol[k]) * C * np;
+    int64_t c = 0;
+    for (; c + U <= C; c += U) {
+      for (int u = 0; u < U; ++u) {
+        __m256 xv[V];
+        for (int v = 0; v < V; ++v) xv[v] = _mm256_loadu_ps(xb + (c + u) * np + 8 * v);
+        for (int rb = 0; rb < RB; ++rb) {
+          const __m256 wv = bcast(w + rb * C + c + u);
+          for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_fmadd_ps(wv, xv[v], acc[u][rb][v]);
+        }
+      }
+    }
+    for (; c < C; ++c) {
+      for (int rb = 0; rb < RB; ++rb) {
+        const __m256 wv = bcast(w + rb * C + c);
+        for (int v = 0; v < V; ++v)
+          acc[0][rb][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + c * np + 8 * v), acc[0][rb][v]);
+      }
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < V; ++v) {
+      for (int u = 1; u < U; ++u) acc[0][rb][v] = _mm256_add_ps(acc[0][rb][v], acc[u][rb][v]);
+      _mm256_store_ps(out + rb * kChunk + 8 * v, acc[0][rb][v]);
+    }
+}
+
+// Register budget: RB·V accumulators + V x vectors + 1 broadcast <= 16 ymm.
+template <typename WT, int RB>
+void bsr_rows_chunk_v(int V, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
+                      int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
+  if constexpr (RB == 4) {
+    if (V == 1) return bsr_rows_chunk<WT, 4, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+    return bsr_rows_chunk<WT, 4, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+  } else if constexpr (RB == 2) {
+    switch (V) {
+      case 1: return bsr_rows_chunk<WT, 2, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 2: return bsr_rows_chunk<WT, 2, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 3: return bsr_rows_chunk<WT, 2, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      default: return bsr_rows_chunk<WT, 2, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+    }
+  } else {
+    switch (V) {
+      case 1: return bsr_rows_chunk<WT, 1, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 2: return bsr_rows_chunk<WT, 1, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 3: return bsr_rows_chunk<WT, 1, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 4: return bsr_rows_chunk<WT, 1, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 5: return bsr_rows_chunk<WT, 1, 5>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 6: return bsr_rows_chunk<WT, 1, 6>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      case 7: return bsr_rows_chunk<WT, 1, 7>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+      default: return bsr_rows_chunk<WT, 1, 8>(bcol, val, k0, k1, R, C, r0, xt, np, out);
+    }
+  }
+}
+
+template <typename WT>
+void bsr_block_row_chunk(const LinearArgs& a, const WT* val, int64_t b, const float* xt, int64_t np,
+                         int64_t nc, float* tile) {
+  const int64_t R = a.block_r, C = a.block_c;
+  const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+  const int vtot = int(nc / 8);
+  int64_t r0 = 0;
+  for (; r0 + 4 <= R; r0 += 4)
+    for (int v0 = 0; v0 < vtot; v0 += 2)
+      bsr_rows_chunk_v<WT, 4>(std::min(2, vtot - v0), a.col, val, k0, k1, R, C, r0, xt + 8 * v0, np,
+                              tile + r0 * kChunk + 8 * v0);
+  for (; r0 + 2 <= R; r0 += 2)
+    for (int v0 = 0; v0 < vtot; v0 += 4)
+      bsr_rows_chunk_v<WT, 2>(std::min(4, vtot - v0), a.col, val, k0, k1, R, C, r0, xt + 8 * v0, np,
+                              tile + r0 * kChunk + 8 * v0);
+  for (; r0 < R; ++r0)
+    bsr_rows_chunk_v<WT, 1>(vtot, a.col, val, k0, k1, R, C, r0, xt, np, tile + r0 * kChunk);
+}
+
+// SpMV rows [r0, r0 + RB) of block row b for one batch row, C a multiple of 8: each block row
+// segment is a contiguous dot product with x[col·C : col·C + C]. Two block-parity accumulator sets.
+template <typename WT, int RB>
+inline void bsr_rows_dot(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t C,
+                         int64_t r0, const float* x, float* out) {
+  __m256 acc[2][RB];
+  for (int u = 0; u < 2; ++u)
+    for (int rb = 0; rb < RB; ++rb) acc[u][rb] = _mm256_setzero_ps();
+  int32_t k = k0;
+  for (; k + 2 <= k1; k += 2) {
+    for (int u = 0; u < 2; ++u) {
+      const WT* w = val + (int64_t(k + u) * R + r0) * C;
+      const float* xb = x + int64_t(bcol[k + u]) * C;
+      for (int64_t c = 0; c < C; c += 8) {
+        const __m256 xv = _mm256_loadu_ps(xb + c);
+        for (int rb = 0; rb < RB; ++rb) acc[u][rb] = _mm256_fmadd_ps(load8(w + rb * C + c), xv, acc[u][rb]);
+      }
+    }
+  }
+  if (k < k1) {
+    const WT* w = val + (int64_t(k) * R + r0) * C;
+    const float* xb = x + int64_t(bcol[k]) * C;
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 xv = _mm256_loadu_ps(xb + c);
+      for (int rb = 0; rb < RB; ++rb) acc[0][rb] = _mm256_fmadd_ps(load8(w + rb * C + c), xv, acc[0][rb]);
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb) out[rb] = hsum(_mm256_add_ps(acc[0][rb], acc[1][rb]));
+}
+
+// SpMV for R×1 blocks with R a multiple of 8: a block is a contiguous column segment, so x[col] is
+// broadcast against up to 4 vectors of rows [r0, r0 + 8·RV).
+template <typename WT, int RV>
+inline void bsr_col_dot(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t r0,
+                        const float* x, float* out) {
+  __m256 acc[2][RV];
+  for (int u = 0; u < 2; ++u)
+    for (int v = 0; v < RV; ++v) acc[u][v] = _mm256_setzero_ps();
+  int32_t k = k0;
+  for (; k + 2 <= k1; k += 2)
+    for (int u = 0; u < 2; ++u) {
+      const __m256 xs = _mm256_broadcast_ss(x + bcol[k + u]);
+      const WT* w = val + int64_t(k + u) * R + r0;
+      for (int v = 0; v < RV; ++v) acc[u][v] = _mm256_fmadd_ps(load8(w + 8 * v), xs, acc[u][v]);
+    }
+  if (k < k1) {
+    const __m256 xs = _mm256_broadcast_ss(x + bcol[k]);
+    const WT* w = val + int64_t(k) * R + r0;
+    for (int v = 0; v < RV; ++v) acc[0][v] = _mm256_fmadd_ps(load8(w + 8 * v), xs, acc[0][v]);
+  }
+  for (int v = 0; v < RV; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(acc[0][v], acc[1][v]));
+}
+
+template <typename WT>
+void bsr_spmv_block_row(const LinearArgs& a, const WT* val, int64_t b, const float* x, float* out) {
+  const int64_t R = a.block_r, C = a.block_c;
+  const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+  if (C % 8 == 0) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= R; r0 += 4) bsr_rows_dot<WT, 4>(a.col, val, k0, k1, R, C, r0, x, out + r0);
+    for (; r0 + 2 <= R; r0 += 2) bsr_rows_dot<WT, 2>(a.col, val, k0, k1, R, C, r0, x, out + r0);
+    for (; r0 < R; ++r0) bsr_rows_dot<WT, 1>(a.col, val, k0, k1, R, C, r0, x, out + r0);
+  } else if (C == 1 && R % 8 == 0) {
+    int64_t r0 = 0;
+    for (; r0 + 32 <= R; r0 += 32) bsr_col_dot<WT, 4>(a.col, val, k0, k1, R, r0, x, out + r0);
+    for (; r0 < R; r0 += 8) bsr_col_dot<WT, 1>(a.col, val, k0, k1, R, r0, x, out + r0);
+  } else {
+    for (int64_t r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int32_t k = k0; k < k1; ++k) {
+        const WT* w = val + (int64_t(k) * R + r) * C;
+        const float* xb = x + int64_t(a.col[k]) * C;
+        for (int64_t c = 0; c < C; ++c) s += scalar(w + c) * xb[c];
+      }
+      out[r] = s;
+    }
+  }
+}
+
+template <typename WT>
+void bsr_avx2(const LinearArgs& a) {
+  const WT* val = static_cast<const WT*>(a.values);
+  const int64_t N = a.n, I = a.in_features, O = a.out_features, R = a.block_r, C = a.block_c;
+  const int64_t BR = O / R;
+  const int32_t* crow = a.crow;
+  const int T = pick_threads(a.nthreads, double(crow[BR]) * double(R * C) * double(N));
+  // Block rows handled together so the tile covers >= 8 output rows (one 8x8 transpose).
+  const int64_t gb = R >= 8 ? 1 : 8 / R;
+  const int row_cost = int(std::max<int64_t>(1, 4 / (R * C)));
+
+  if (N < kSpmmMinN) {
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+      const int t = thread_id(), nt = team_size();
+      float* acc = scratch(1, size_t(R));
+      const int64_t align = std::max<int64_t>(1, 16 / R);
+      const int64_t b0 = split_begin(crow, BR, align, row_cost, t, nt);
+      const int64_t b1 = split_begin(crow, BR, align, row_cost, t + 1, nt);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t n = 0; n < N; ++n) {
+          bsr_spmv_block_row<WT>(a, val, b, a.x + n * I, acc);
+          float* y = a.y + n * O + b * R;
+          for (int64_t r = 0; r < R; ++r) y[r] = activate(acc[r] + (a.bias ? a.bias[b * R + r] : 0.f), a.act);
+        }
+    }
+    return;
+  }
+
+  const int64_t n_pad = (N + 7) / 8 * 8;
+  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
+  panel = std::min(panel, n_pad);
+  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = thread_id(), nt = team_size();
+    float* tile = scratch(1, size_t(gb * R * kChunk));
+    const int64_t b0 = split_begin(crow, BR, gb, row_cost, t, nt);
+    const int64_t b1 = split_begin(crow, BR, gb, row_cost, t + 1, nt);
+    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
+    for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
+      const int64_t np = std::min(panel, n_pad - p0);
+      if (p0) {
+#pragma omp barrier
+      }
+      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
+#pragma omp barrier
+      for (int64_t bg = b0; bg < b1; bg += gb) {
+        const int64_t nb = std::min(gb, b1 - bg);
+        for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
+          const int64_t nc = std::min<int64_t>(kChunk, np - c0);
+          for (int64_t j = 0; j < nb; ++j)
+            bsr_block_row_chunk<WT>(a, val, bg + j, xt + c0, np, nc, tile + j * R * kChunk);
+          store_tile(a.y, O, tile, bg * R, nb * R, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void csr_linear_avx2(const LinearArgs& a) {
+  switch (a.wdtype) {
+    case W_BF16: return csr_avx2<bf16_t>(a);
+    case W_F16: return csr_avx2<f16_t>(a);
+    default: return csr_avx2<float>(a);
+  }
+}
+
+void bsr_linear_avx2(const LinearArgs& a) {
+  switch (a.wdtype) {
+    case W_BF16: return bsr_avx2<bf16_t>(a);
+    case W_F16: return bsr_avx2<f16_t>(a);
+    default: return bsr_avx2<float>(a);
+  }
+}
+
+}  // namespace se
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,106 @@
+// Shared pieces of the CPU kernels: weight element types, the fused epilogue, ISA selection,
+// per-thread scratch memory and the work split across threads.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace se {
+
+// Weight value storage (values buffer element type); compute is always fp32.
+enum WDType : int { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+// Fused epilogue applied to (x · Wᵀ + b).
+enum Act : int { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3 };
+// Instruction set the kernels run with: AVX2+FMA+F16C intrinsics, or plain C++.
+enum Isa : int { ISA_PORTABLE = 0, ISA_AVX2 = 1 };
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float to_f32(float v) { return v; }
+// bf16 is the top half of an fp32: widening is a 16-bit shift.
+inline float to_f32(bf16_t v) { return bits_to_f32(uint32_t(v.bits) << 16); }
+// IEEE binary16 -> binary32 without F16C (portable path and scalar tails).
+inline float to_f32(f16_t v) {
+  const uint32_t h = v.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0) {                                   // zero or subnormal: man · 2^-24
+    const float f = std::ldexp(float(man), -24);
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));  // inf / nan
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+inline float activate(float v, int act) {
+  switch (act) {
+    case ACT_RELU: return v > 0.f ? v : 0.f;
+    case ACT_GELU: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: {
+      const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.f + std::tanh(u));
+    }
+    default: return v;
+  }
+}
+
+// Currently selected ISA (set once at import from SPARSE_ENGINE_ISA and the CPU's features; tests
+// may switch it between calls).
+Isa current_isa();
+bool cpu_has_avx2();
+void set_isa(Isa isa);
+
+// Per-thread reusable scratch, 64-byte aligned, so a call allocates nothing once warm.
+// slot picks one of a few independent buffers (packed X, output tiles).
+float* scratch(int slot, size_t n_floats);
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// Threads worth using for `fmas` multiply-adds: a team costs a few microseconds to wake, so tiny
+// layers run on the calling thread.
+inline int pick_threads(int requested, double fmas) {
+  if (requested < 1) requested = 1;
+  if (fmas < 6.0e4) return 1;
+  return requested;
+}
+
+// Split rows [0, rows) into `parts` contiguous ranges of about equal cost, cost(row) = its stored
+// entries + a fixed per-row overhead, with every boundary a multiple of `align` rows.
+// ptr: (rows + 1,) int32 compressed-row pointers. Returns the begin row of part t.
+inline int64_t split_begin(const int32_t* ptr, int64_t rows, int64_t align, int row_cost, int t,
+                           int parts) {
+  if (t <= 0) return 0;
+  if (t >= parts) return rows;
+  const double total = double(ptr[rows]) + double(row_cost) * double(rows);
+  const double target = total * t / parts;
+  int64_t lo = 0, hi = rows;  // first row r with cost(r) >= target
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (double(ptr[mid]) + double(row_cost) * double(mid) < target) lo = mid + 1; else hi = mid;
+  }
+  int64_t r = (lo + align / 2) / align * align;
+  return std::min(r, rows);
+}
+
+}  // namespace se

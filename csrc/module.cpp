@@ -1,0 +1,160 @@
+// The single pybind11 module engine._C: binds the kernels on raw data pointers (torch tensors'
+// data_ptr() / numpy addresses), ISA selection, and the per-thread scratch memory.
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "sparse_linear.h"
+
+namespace py = pybind11;
+
+namespace se {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+static std::atomic<int> g_isa{-1};
+
+Isa current_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("SPARSE_ENGINE_ISA");
+    const bool portable = env && std::string(env) == "portable";
+    v = (!portable && cpu_has_avx2()) ? ISA_AVX2 : ISA_PORTABLE;
+    g_isa.store(v);
+  }
+  return static_cast<Isa>(v);
+}
+
+void set_isa(Isa isa) {
+  if (isa == ISA_AVX2 && !cpu_has_avx2()) throw std::runtime_error("set_isa: this CPU lacks AVX2/FMA/F16C");
+  g_isa.store(isa);
+}
+
+namespace {
+struct Scratch {
+  static constexpr int kSlots = 4;
+  float* ptr[kSlots] = {};
+  size_t cap[kSlots] = {};
+  ~Scratch() { for (auto* p : ptr) std::free(p); }
+};
+}  // namespace
+
+float* scratch(int slot, size_t n_floats) {
+  thread_local Scratch s;
+  if (s.cap[slot] < n_floats) {
+    std::free(s.ptr[slot]);
+    const size_t bytes = ((n_floats * sizeof(float) + 4095) / 4096) * 4096;  // page-rounded, 64-B aligned
+    s.ptr[slot] = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!s.ptr[slot]) { s.cap[slot] = 0; throw std::bad_alloc(); }
+    s.cap[slot] = bytes / sizeof(float);
+  }
+  return s.ptr[slot];
+}
+
+void csr_linear(const LinearArgs& a) {
+  if (a.n == 0 || a.out_features == 0) return;
+  if (current_isa() == ISA_AVX2) csr_linear_avx2(a); else csr_linear_portable(a);
+}
+
+void bsr_linear(const LinearArgs& a) {
+  if (a.n == 0 || a.out_features == 0) return;
+  if (current_isa() == ISA_AVX2) bsr_linear_avx2(a); else bsr_linear_portable(a);
+}
+
+}  // namespace se
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+se::LinearArgs make_args(uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t crow,
+                         uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads) {
+  if (wdtype < 0 || wdtype > 2) throw std::invalid_argument("wdtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+  if (act < 0 || act > 3) throw std::invalid_argument("act must be 0..3 (none, relu, gelu, gelu_tanh)");
+  if (n < 0 || i < 0 || o < 0) throw std::invalid_argument("sizes must be non-negative");
+  se::LinearArgs a;
+  a.y = as_ptr<float>(y);
+  a.x = as_ptr<const float>(x);
+  a.n = n;
+  a.in_features = i;
+  a.out_features = o;
+  a.crow = as_ptr<const int32_t>(crow);
+  a.col = as_ptr<const int32_t>(col);
+  a.values = as_ptr<const void>(val);
+  a.wdtype = wdtype;
+  a.bias = bias ? as_ptr<const float>(bias) : nullptr;
+  a.act = act;
+  a.nthreads = nthreads;
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparse-engine C++ CPU kernels (CSR/BSR linear, AVX2/FMA with a portable fallback)";
+
+  m.def("csr_linear",
+        [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t crow, uintptr_t col,
+           uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads) {
+          const se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
+          py::gil_scoped_release nogil;
+          se::csr_linear(a);
+        },
+        "Y(N,O) = act(X(N,I) · Wᵀ + b), W in CSR. Arguments are data pointers (ints): y, x, N, I, O, "
+        "crow, col, values, wdtype (0 fp32, 1 bf16, 2 fp16), bias (0 for none), act (0 none, 1 relu, "
+        "2 gelu, 3 gelu_tanh), nthreads. Inputs are trusted: validate in Python.",
+        py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
+        py::arg("act"), py::arg("nthreads"));
+
+  m.def("bsr_linear",
+        [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
+           uintptr_t crow, uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act,
+           int nthreads) {
+          if (r <= 0 || c <= 0 || o % r || i % c) throw std::invalid_argument("block size must divide the shape");
+          se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
+          a.block_r = r;
+          a.block_c = c;
+          py::gil_scoped_release nogil;
+          se::bsr_linear(a);
+        },
+        "Y(N,O) = act(X(N,I) · Wᵀ + b), W in BSR with R×C blocks. Same pointer arguments as "
+        "csr_linear plus R and C after O.",
+        py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("values"),
+        py::arg("wdtype"), py::arg("bias"), py::arg("act"), py::arg("nthreads"));
+
+  m.def("set_isa",
+        [](const std::string& name) {
+          if (name == "portable") se::set_isa(se::ISA_PORTABLE);
+          else if (name == "avx2") se::set_isa(se::ISA_AVX2);
+          else if (name == "auto") se::set_isa(se::cpu_has_avx2() ? se::ISA_AVX2 : se::ISA_PORTABLE);
+          else throw std::invalid_argument("set_isa: expected 'auto', 'avx2' or 'portable', got '" + name + "'");
+        },
+        "Select the kernel ISA for later calls: 'auto', 'avx2' or 'portable'.");
+  m.def("get_isa", [] { return std::string(se::current_isa() == se::ISA_AVX2 ? "avx2" : "portable"); });
+  m.def("cpu_has_avx2", &se::cpu_has_avx2, "Whether this CPU runs the AVX2+FMA+F16C kernels.");
+  m.def("has_openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

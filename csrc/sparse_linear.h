@@ -1,0 +1,45 @@
+// Sparse linear layers on the CPU: Y = act(X · Wᵀ + b) with W stored in CSR or BSR.
+//
+// Every buffer is a plain, C-contiguous host array (no torch C++ API). Units: element counts
+// unless said; "rows" of W are output features, "columns" are input features.
+#pragma once
+
+#include <cstdint>
+
+namespace se {
+
+struct LinearArgs {
+  float* y;              // (N, O) fp32 output, row-major; fully overwritten
+  const float* x;        // (N, I) fp32 input, row-major
+  int64_t n;             // N: batch rows
+  int64_t in_features;   // I
+  int64_t out_features;  // O
+  // CSR: crow (O + 1,) int32 entry pointers; col (nnz,) int32 input-feature index, increasing
+  //      within a row; values (nnz,) in wdtype.
+  // BSR: crow (O/R + 1,) int32 block pointers; col (nnzb,) int32 block-column index (units of C
+  //      input features), increasing within a block row; values (nnzb, R, C) row-major in wdtype.
+  const int32_t* crow;
+  const int32_t* col;
+  const void* values;
+  int wdtype;            // WDType: 0 fp32, 1 bf16, 2 fp16 (converted to fp32 in registers)
+  int64_t block_r = 1;   // R (BSR only): output rows per block, divides O
+  int64_t block_c = 1;   // C (BSR only): input columns per block, divides I
+  const float* bias;     // (O,) fp32, or nullptr
+  int act;               // Act: 0 none, 1 relu, 2 gelu (erf), 3 gelu_tanh
+  int nthreads;          // OpenMP threads to use (the caller passes torch.get_num_threads())
+};
+
+// Inputs are trusted: the Python wrapper (engine/cpu.py) validated shapes, dtypes and indices.
+void csr_linear(const LinearArgs& a);
+void bsr_linear(const LinearArgs& a);
+
+// Portable C++ versions (no intrinsics): the fallback on CPUs without AVX2/FMA/F16C.
+void csr_linear_portable(const LinearArgs& a);
+void bsr_linear_portable(const LinearArgs& a);
+
+// AVX2 + FMA + F16C versions, compiled with function-level target options; call only when
+// cpu_has_avx2().
+void csr_linear_avx2(const LinearArgs& a);
+void bsr_linear_avx2(const LinearArgs& a);
+
+}  // namespace se
