@@ -56,9 +56,9 @@ def _meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """Writes `tensors` with `meta` (arch, layers, tokenizer, verification); adds the version,
-    per-tensor checksums and the header digest. Returns the path written."""
+    per-tensor checksums and the header digest. Returns the metadata as written."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -78,7 +78,7 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+    return meta
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -153,7 +153,8 @@ def read(path: str | os.PathLike) -> Checkpoint:
     report = path.with_name(path.stem + ".report.json")
     if report.is_file():
         try:
-            arch = json.loads(report.read_text()).get("arch")
+            doc = json.loads(report.read_text())
+            arch = doc.get("architecture", doc.get("arch"))
         except (json.JSONDecodeError, AttributeError):
             arch = None
         if isinstance(arch, dict):

@@ -202,7 +202,7 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
         meta["verification"] = verification
         if fam_name == "custom":
             meta["arch"]["config"] = config
-        artifact_io.write(out, tensors, meta)
+        meta = artifact_io.write(out, tensors, meta)
     finally:
         if tmp.exists():
             tmp.unlink()

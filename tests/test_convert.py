@@ -113,6 +113,7 @@ def test_round_trip_every_kind_and_format(tmp_path, kind, fmt):
     out = tmp_path / "model.sparse"
     meta = convert(path, out, format=fmt, arch="mlp:relu", log=lambda *_: None)
     assert meta["verification"]["rel_err_vs_checkpoint"] <= 1e-5
+    assert meta["format_version"] == 1 and set(meta["tensors"]) == set(artifact_io.read(out)[1])
     sparse = loaded_matches(out, model)
     layers = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == 3
