@@ -1,0 +1,362 @@
+"""GPU check for the Triton sparse-linear kernels: correctness on fresh inputs, then a timing table.
+
+For each (shape O×I, batch N, sparsity s, dtype) it
+  1. checks kernels.bsr_linear_triton / csr_linear_triton against an fp32 reference on fresh random
+     inputs, into an output poisoned with NaN first (every element must be written);
+  2. times, with triton.testing.do_bench medians after warm-up (L2 flushed between calls) and
+     inputs and weights rotated among several copies: cuBLAS dense F.linear, our BSR kernel,
+     torch.sparse's own BSR Triton kernel (bsr_dense_mm), our CSR kernel on unstructured sparsity,
+     and 2:4 semi-structured F.linear where the card supports it;
+  3. reports speedup over dense, the DESIGN §5 target, and achieved GB/s and TFLOP/s against
+     ceilings measured at start (a large device copy, a large dense bf16 matmul).
+
+    PYTHONPATH=. python3 bench/gpu_check.py --tune --out gpu.txt          # full grid on a GPU
+    PYTHONPATH=. python3 bench/gpu_check.py --shapes 4096x4096 --batches 1,256 --sparsities 0.9
+    TRITON_INTERPRET=1 PYTHONPATH=. python bench/gpu_check.py --tiny      # CPU, interpreter, end to end
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import engine  # noqa: E402
+import engine.ops  # noqa: E402
+import kernels  # noqa: E402
+from engine.formats import BSR, CSR  # noqa: E402
+from kernels import tuning  # noqa: E402
+from kernels.bsr_linear import bsr_linear_configs  # noqa: E402
+from kernels.csr_linear import csr_linear_configs  # noqa: E402
+
+DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}  # ‖y − ref‖ / ‖ref‖
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="O×I list (out×in features)")
+    ap.add_argument("--batches", default="1,16,256,4096")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9,0.95")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--block", default="64x64", help="BSR block R×C (R, C powers of two >= 16 for torch's kernel)")
+    ap.add_argument("--formats", default="bsr,csr,torch_bsr,semi", help="which columns besides dense")
+    ap.add_argument("--tune", action="store_true", help="time each kernel config per batch class first")
+    ap.add_argument("--max-configs", type=int, default=0, help="tune at most this many configs per class")
+    ap.add_argument("--warmup-ms", type=float, default=10.0)
+    ap.add_argument("--rep-ms", type=float, default=40.0)
+    ap.add_argument("--budget-s", type=float, default=0.0, help="start no new cell after this many seconds")
+    ap.add_argument("--out", default=None, help="write the full table here (rows appended as they finish)")
+    ap.add_argument("--tiny", action="store_true", help="tiny grid that also runs under TRITON_INTERPRET=1")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.shapes, a.batches, a.sparsities, a.block = "64x96", "1,5", "0.75", "32x32"
+        a.tune, a.max_configs = True, max(1, a.max_configs or 1)
+    a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    a.batches = [int(v) for v in a.batches.split(",")]
+    a.sparsities = [float(v) for v in a.sparsities.split(",")]
+    a.dtypes = [DT[d] for d in a.dtypes.split(",")]
+    a.block = tuple(int(v) for v in a.block.split("x"))
+    a.formats = set(a.formats.split(","))
+    return a
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+class Timer:
+    """Median time of fn() in microseconds: do_bench on CUDA; a wall clock in the CPU interpreter."""
+
+    def __init__(self, cuda: bool, warmup_ms: float, rep_ms: float):
+        self.cuda, self.warmup, self.rep = cuda, warmup_ms, rep_ms
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            from triton.testing import do_bench
+            return 1e3 * do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
+        fn()
+        ts = []
+        for _ in range(1):  # the interpreter is slow: one timed call proves the path, not the speed
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(ts)
+
+
+def rotating(make, nbytes_each: int, cuda: bool):
+    """Enough copies of an input that cycling through them spills L2 (several times its size)."""
+    copies = 1 if not cuda else max(2, min(16, math.ceil(4 * l2_bytes() / max(1, nbytes_each))))
+    return [make() for _ in range(copies)]
+
+
+def l2_bytes() -> int:
+    try:
+        return int(torch.cuda.get_device_properties(0).L2_cache_size)
+    except Exception:  # noqa: BLE001 - attribute name differs across torch versions
+        return 64 << 20
+
+
+def ceilings(dev, timer) -> tuple[float, float]:
+    """(copy GB/s counting read + write, dense bf16 matmul TFLOP/s), measured on random data."""
+    if dev.type != "cuda":
+        return float("nan"), float("nan")
+    src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    gbs = 2 * src.numel() * 2 / (t * 1e-6) / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t = timer(lambda: a @ b)
+    return gbs, 2 * 8192 ** 3 / (t * 1e-6) / 1e12
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def block_mask(o, i, block, sparsity, gen, dev):
+    r, c = block
+    nb = (o // r) * (i // c)
+    keep = torch.zeros(nb, dtype=torch.bool)
+    keep[torch.randperm(nb, generator=gen)[: round((1 - sparsity) * nb)]] = True
+    keep = keep.reshape(o // r, i // c).repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return keep.to(dev)
+
+
+def bytes_bsr(w: BSR, n, dtype) -> int:
+    o, i = w.shape
+    el = torch.tensor([], dtype=dtype).element_size()
+    return w.nbytes + n * (i + o) * el
+
+
+# --- tuning ---------------------------------------------------------------------------------------
+
+def tune(args, dev, timer, log):
+    """Per batch class: time each candidate config on a representative cell, keep the best."""
+    name = tuning.device_name(torch.empty(0, device=dev))
+    o, i = args.shapes[0]
+    dtype = args.dtypes[-1]
+    gen = torch.Generator().manual_seed(0)
+    s = 0.9 if 0.9 in args.sparsities else args.sparsities[0]
+    wd = (torch.randn(o, i, generator=gen) * 0.05).to(dev, dtype)
+    bsr = BSR.from_dense(wd, block_mask(o, i, args.block, s, gen, dev), args.block)
+    csr = CSR.from_dense(wd * (torch.rand(o, i, generator=gen) >= s).to(dev))
+    classes = {}
+    for n in args.batches:
+        classes.setdefault(tuning.shape_class(n), n)
+    for op, w, launch, configs in (("bsr_linear", bsr, kernels.bsr_linear_triton, bsr_linear_configs),
+                                   ("csr_linear", csr, kernels.csr_linear_triton, csr_linear_configs)):
+        if op.split("_")[0] not in args.formats:
+            continue
+        for cls, n in classes.items():
+            x = torch.randn(n, i, generator=gen).to(dev, dtype)
+            cands = configs(cls)[: args.max_configs or None]
+            best = None
+            for p in cands:
+                t0 = time.time()
+                try:
+                    t = timer(lambda: launch(x, w, None, "none", params=p))
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
+                    log(f"  tune {op} {cls} {p}: failed {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                log(f"  tune {op} {cls} n={n} {p}: {t:9.1f} us  ({time.time() - t0:.1f} s incl. compile)")
+                if best is None or t < best[0]:
+                    best = (t, p)
+            if best:
+                tuning.TUNED[(op, name, cls)] = dict(best[1])
+                log(f"TUNED[({op!r}, {name!r}, {cls!r})] = {best[1]!r}")
+
+
+# --- the grid -------------------------------------------------------------------------------------
+
+HEADER = ("shape       N    s    dtype  dense_us  bsr_us  S_bsr  target  torchbsr_us  vs_torch  "
+          "csr_us  S_csr  semi24_us  bsr_GB/s  %copy  bsr_TF/s  %mm   err     ok")
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) and not math.isnan(v) else "n/a".rjust(
+        int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0))
+
+
+def run_grid(args, dev, timer, ceil, log, row_out):
+    gen = torch.Generator().manual_seed(1234)
+    cuda = dev.type == "cuda"
+    failures, rows = 0, []
+    t_start = time.time()
+    for (o, i), dtype in itertools.product(args.shapes, args.dtypes):
+        el = torch.tensor([], dtype=dtype).element_size()
+        w_full = [(torch.randn(o, i, generator=gen) * 0.05).to(dev, dtype) for _ in range(2 if cuda else 1)]
+        semi_ws = semi_weights(w_full, dtype, args) if "semi" in args.formats else None
+        for n in args.batches:
+            xs = rotating(lambda: torch.randn(n, i, generator=gen).to(dev, dtype), n * i * el, cuda)
+            dense_ws = w_full * max(1, math.ceil(len(xs) / len(w_full)))
+            k = itertools.count()
+            t_dense = timer(lambda: F.linear(xs[next(k) % len(xs)], dense_ws[next(k) % len(dense_ws)]))
+            t_semi = float("nan")
+            if semi_ws:
+                try:
+                    k2 = itertools.count()
+                    t_semi = timer(lambda: F.linear(xs[next(k2) % len(xs)], semi_ws[next(k2) % len(semi_ws)]))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  2:4 F.linear failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
+            for s in args.sparsities:
+                if args.budget_s and time.time() - t_start > args.budget_s:
+                    log(f"budget of {args.budget_s:.0f} s spent: stopping before {o}x{i} N={n} s={s}")
+                    return rows, failures
+                row, bad = one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full,
+                                    t_dense, t_semi, log)
+                failures += bad
+                rows.append(row)
+                row_out(row)
+    return rows, failures
+
+
+def semi_weights(w_full, dtype, args):
+    if w_full[0].device.type != "cuda" or dtype == torch.float32:
+        return None
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        out = []
+        for w in w_full:
+            m = torch.tensor([1, 1, 0, 0], dtype=w.dtype, device=w.device).repeat(w.shape[0], w.shape[1] // 4)
+            out.append(to_sparse_semi_structured(w * m))
+        return out
+    except Exception as e:  # noqa: BLE001 - not every card / build has 2:4 kernels
+        print(f"  2:4 semi-structured unavailable: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        return None
+
+
+def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense, t_semi, log):
+    cuda = dev.type == "cuda"
+    block = args.block
+    bsrs = [BSR.from_dense(w, block_mask(o, i, block, s, gen, dev), block) for w in w_full]
+    bsr_bytes = bytes_bsr(bsrs[0], n, dtype)
+    bsrs = bsrs * max(1, math.ceil(len(xs) / len(bsrs)))
+    nnz = bsrs[0].nnz
+    # correctness first: fresh input, NaN-poisoned output, fp32 reference on the same operands
+    x = torch.randn(n, i, generator=gen).to(dev, dtype)
+    bias = torch.randn(o, generator=gen).to(dev, dtype)
+    y = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
+    kernels.bsr_linear_triton(x, bsrs[0], bias, "gelu", out=y)
+    ref = F.gelu(F.linear(x.float(), bsrs[0].to_dense(torch.float32), bias.float()))
+    err = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if y.numel() else 0.0
+    ok = bool(torch.isfinite(y).all()) and err <= REL_TOL[dtype]
+    before = engine.ops.calls[("triton", "bsr")]
+    y2 = engine.sparse_linear(x, bsrs[0], bias, activation="gelu", backend="triton")
+    ok = ok and engine.ops.calls[("triton", "bsr")] == before + 1 and torch.equal(y2, y)
+
+    k = itertools.count()
+    t_bsr = timer(lambda: kernels.bsr_linear_triton(xs[next(k) % len(xs)], bsrs[next(k) % len(bsrs)]))
+
+    t_torch = float("nan")
+    if "torch_bsr" in args.formats:
+        t_torch = time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log)
+
+    t_csr = float("nan")
+    if "csr" in args.formats:
+        csrs = [CSR.from_dense(w * (torch.rand(o, i, generator=gen) >= s).to(dev)) for w in w_full]
+        xc = torch.randn(n, i, generator=gen).to(dev, dtype)
+        yc = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
+        kernels.csr_linear_triton(xc, csrs[0], None, "relu", out=yc)
+        refc = F.relu(F.linear(xc.float(), csrs[0].to_dense(torch.float32)))
+        errc = ((yc.float() - refc).norm() / refc.norm().clamp_min(1e-30)).item()
+        okc = bool(torch.isfinite(yc).all()) and errc <= REL_TOL[dtype]
+        if not okc:
+            log(f"  CSR MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errc:.2e}")
+        ok, err = ok and okc, max(err, errc)
+        csrs = csrs * max(1, math.ceil(len(xs) / len(csrs)))
+        k3 = itertools.count()
+        t_csr = timer(lambda: kernels.csr_linear_triton(xs[next(k3) % len(xs)], csrs[next(k3) % len(csrs)]))
+
+    gbs = bsr_bytes / (t_bsr * 1e-6) / 1e9
+    tfs = 2 * n * nnz / (t_bsr * 1e-6) / 1e12
+    target = (0.7 if n <= 16 else 0.5 if n >= 256 else float("nan")) / (1 - s)
+    row = dict(shape=f"{o}x{i}", n=n, s=s, dtype=str(dtype).replace("torch.", ""), dense=t_dense, bsr=t_bsr,
+               S=t_dense / t_bsr, target=target, torch_bsr=t_torch, vs_torch=t_torch / t_bsr, csr=t_csr,
+               S_csr=t_dense / t_csr, semi=t_semi, gbs=gbs, pct_copy=100 * gbs / ceil[0], tfs=tfs,
+               pct_mm=100 * tfs / ceil[1], err=err, ok=ok)
+    return row, (0 if ok else 1)
+
+
+def time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log):
+    """torch.sparse's BSR kernel: bsr_dense_mm(W_bsr, xᵀ) on CUDA (N padded to its multiple of 16)."""
+    try:
+        tb = [torch.sparse_bsr_tensor(b.crow_indices, b.col_indices, b.values, size=b.shape) for b in bsrs]
+        if dev.type == "cuda":
+            from torch.sparse._triton_ops import bsr_dense_mm
+            npad = max(16, -(-n // 16) * 16)
+            xts = [F.pad(x, (0, 0, 0, npad - n)).t().contiguous() for x in xs]
+            fn = bsr_dense_mm
+        else:
+            xts, fn = [x.t().contiguous() for x in xs], torch.sparse.mm
+        fn(tb[0], xts[0])
+        k = itertools.count()
+        return timer(lambda: fn(tb[next(k) % len(tb)], xts[next(k) % len(xts)]))
+    except Exception as e:  # noqa: BLE001 - e.g. dtypes torch's CPU BSR matmul lacks
+        log(f"  torch.sparse BSR failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
+        return float("nan")
+
+
+def format_row(r) -> str:
+    return (f"{r['shape']:<11} {r['n']:>4} {r['s']:>4.2f} {r['dtype']:<6} {fmt(r['dense'], '8.1f')} "
+            f"{fmt(r['bsr'], '7.1f')} {fmt(r['S'], '6.2f')} {fmt(r['target'], '6.2f')}  "
+            f"{fmt(r['torch_bsr'], '11.1f')} {fmt(r['vs_torch'], '8.2f')}  {fmt(r['csr'], '6.1f')} "
+            f"{fmt(r['S_csr'], '6.2f')} {fmt(r['semi'], '9.1f')}  {fmt(r['gbs'], '8.0f')} "
+            f"{fmt(r['pct_copy'], '5.0f')}  {fmt(r['tfs'], '8.1f')} {fmt(r['pct_mm'], '4.0f')}  "
+            f"{r['err']:.1e} {'ok' if r['ok'] else 'FAIL'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("gpu_check: no CUDA device; set TRITON_INTERPRET=1 (with --tiny) to run on CPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda" if cuda else "cpu")
+    out = open(args.out, "w") if args.out else None
+
+    def log(line):
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    timer = Timer(cuda, args.warmup_ms, args.rep_ms)
+    name = tuning.device_name(torch.empty(0, device=dev))
+    import triton
+    log(f"# gpu_check  device: {name}  torch {torch.__version__}  triton {triton.__version__}  "
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log(f"# command: {' '.join(sys.argv)}")
+    log(f"# block {args.block[0]}x{args.block[1]}; times are do_bench medians in us; S = dense / ours")
+    t0 = time.time()
+    ceil = ceilings(dev, timer)
+    log(f"# ceilings: device copy {ceil[0]:.0f} GB/s (read + write), dense bf16 matmul {ceil[1]:.0f} TFLOP/s")
+    if args.tune:
+        tune(args, dev, timer, log)
+        log(f"# tuning took {time.time() - t0:.0f} s")
+    log(HEADER)
+    rows, failures = run_grid(args, dev, timer, ceil, log, lambda r: log(format_row(r)))
+    if out:
+        out.close()
+    # the short table last: the reply of a remote run carries only the end of the output
+    print("\nsummary (S = speedup over dense; target per DESIGN §5 at batch <= 16 / >= 256):", flush=True)
+    print(HEADER)
+    for r in rows:
+        if r["s"] == 0.9 or len(rows) <= 16:
+            print(format_row(r))
+    verdict = "all" if failures == 0 else f"{failures} FAILED of"
+    print(f"correctness: {verdict} {len(rows)} cells checked against the fp32 reference "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Y = act(X · Wᵀ + b) with W in BSR: one Triton kernel and its launcher.
+
+Program (i, j) owns the output tile Y[i*BLOCK_N : +BLOCK_N, rows] where `rows` are ROWS rows of one
+block row of W (a block row is split among cdiv(R, ROWS) programs, so even one input row keeps
+O/ROWS programs busy and each stored block is read exactly once per x tile). Each loop step
+gathers K // C stored blocks of the block row at once (a K-long slice of the reduction): the weight
+tile is (K, ROWS), the matching x columns (BLOCK_N, K). BLOCK_N < 16 multiplies on the FMA units
+(decode: memory-bound, tensor cores would idle on padding); BLOCK_N >= 16 uses `tl.dot` (prefill).
+Weights are cast to x's dtype in registers (as the reference does) and accumulated in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.formats import BSR
+from engine.reference import apply_activation
+
+from . import tuning
+from .epilogue import activate
+
+
+@triton.jit
+def bsr_linear_kernel(
+    # pointers
+    x_ptr,          # (N, I) activations, any float dtype
+    crow_ptr,       # (O/R + 1,) int32 block-row pointers
+    col_ptr,        # (nnzb,) int32 block-column indices
+    w_ptr,          # (nnzb, R, C) stored blocks, row-major, contiguous
+    bias_ptr,       # (O,) or a dummy when HAS_BIAS is False
+    y_ptr,          # (N, O) output, x's dtype
+    # sizes
+    N, O,
+    # strides (elements)
+    stride_xn, stride_xi,
+    stride_yn, stride_yo,
+    # meta-parameters
+    R: tl.constexpr, C: tl.constexpr,    # block shape
+    C_T: tl.constexpr,                   # next power of two >= C: columns of one block in a tile
+    BLOCK_N: tl.constexpr,               # rows of x per program
+    ROWS: tl.constexpr,                  # weight-block rows per program (power of two)
+    K: tl.constexpr,                     # reduction elements per step: K // C_T blocks
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,            # "none" | "relu" | "gelu" | "gelu_tanh"
+    DOT_PRECISION: tl.constexpr,         # "ieee" for fp32 x (tf32 would miss fp32 accuracy)
+    DOT_FP32: tl.constexpr,              # interpreter only: its bf16 tl.dot is wrong, so dot in fp32
+):
+    SPLIT: tl.constexpr = (R + ROWS - 1) // ROWS
+    BLOCKS_PER_STEP: tl.constexpr = K // C_T
+    pid_r = tl.program_id(0)             # fastest: neighbours share the x tile in L2
+    pid_n = tl.program_id(1)
+    brow = pid_r // SPLIT
+    r0 = (pid_r % SPLIT) * ROWS
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                    # (BLOCK_N,)
+    offs_r = r0 + tl.arange(0, ROWS)                                     # (ROWS,) within the block
+    offs_k = tl.arange(0, K)                                             # (K,)
+    blk_in_step = offs_k // C_T                                          # which block of the step
+    c = offs_k % C_T                                                     # column within that block
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    k_mask = c < C
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn           # (BLOCK_N, 1)
+
+    start = tl.load(crow_ptr + brow)
+    end = tl.load(crow_ptr + brow + 1)
+    acc = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    for b0 in range(start, end, BLOCKS_PER_STEP):
+        blk = b0 + blk_in_step                                           # (K,) stored block ids
+        blk_ok = (blk < end) & k_mask
+        col = tl.load(col_ptr + blk, mask=blk_ok, other=0)
+        xi = col.to(tl.int64) * C + c                                    # input feature per k
+        xt = tl.load(x_rows + xi[None, :] * stride_xi,
+                     mask=n_mask[:, None] & blk_ok[None, :], other=0.0)  # (BLOCK_N, K)
+        w_off = blk.to(tl.int64)[:, None] * (R * C) + offs_r[None, :] * C + c[:, None]
+        wt = tl.load(w_ptr + w_off, mask=blk_ok[:, None] & r_mask[None, :], other=0.0)  # (K, ROWS)
+        wt = wt.to(xt.dtype)
+        if DOT_FP32:
+            # bf16 products are exact in fp32: the same sums as the bf16 dot on a GPU.
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        elif BLOCK_N >= 16:
+            acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(xt.to(tl.float32)[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
+
+    offs_o = brow * R + offs_r                                           # (ROWS,) output features
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_o, mask=r_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    acc = activate(acc, ACTIVATION)
+    y_off = offs_n.to(tl.int64)[:, None] * stride_yn + offs_o[None, :] * stride_yo
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & r_mask[None, :])
+
+
+def bsr_linear_configs(cls: str) -> list[dict]:
+    """Candidate launch parameters for one batch bucket; `bench/gpu_check.py --tune` times them."""
+    if cls == "n1":
+        return [dict(BLOCK_N=1, ROWS=r, K=k, num_warps=w, num_stages=s)
+                for r, k in ((4, 256), (8, 256), (16, 128), (16, 256)) for w, s in ((4, 3),)] + \
+               [dict(BLOCK_N=16, ROWS=16, K=128, num_warps=4, num_stages=4)]
+    if cls in ("n16", "n64"):
+        bn = 16 if cls == "n16" else 64
+        return [dict(BLOCK_N=bn, ROWS=r, K=k, num_warps=4, num_stages=s)
+                for r, k, s in ((16, 128, 3), (16, 256, 3), (32, 128, 4), (64, 64, 4))]
+    return [dict(BLOCK_N=bn, ROWS=r, K=k, num_warps=w, num_stages=s)
+            for bn, r, k, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                                   (128, 32, 64, 4, 4), (256, 64, 64, 8, 3))]
+
+
+def _tile_params(w: BSR, p: dict) -> dict:
+    """Fit requested parameters to the block shape: powers of two, dot tiles at least 16 wide."""
+    r, c = w.blocksize
+    c_t = triton.next_power_of_2(c)
+    rows = min(p["ROWS"], triton.next_power_of_2(r))
+    k = max(p["K"], c_t)
+    if p["BLOCK_N"] >= 16:
+        rows, k = max(rows, 16), max(k, 16)
+    return dict(R=r, C=c, C_T=c_t, BLOCK_N=p["BLOCK_N"], ROWS=rows, K=k,
+                num_warps=p["num_warps"], num_stages=p["num_stages"])
+
+
+def _values_for(w, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values the kernel can cast to x's dtype exactly: 16-bit -> fp32 widens in registers;
+    a narrowing cast (fp32 -> 16-bit, fp16 <-> bf16) is done here once, rounding to nearest even."""
+    v = w.values
+    if v.dtype != dtype and dtype != torch.float32:
+        v = v.to(dtype)
+    return v.contiguous()
+
+
+def bsr_linear_triton(x: torch.Tensor, w: BSR, bias: torch.Tensor | None = None,
+                      activation: str = "none", *, params: dict | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ Wᵀ + bias) for x (N, I) and W a BSR (O, I) on x's device; returns (N, O) in x's dtype.
+
+    params: launch parameters (see kernels.tuning); default: the tuning table for this device.
+    out: optional (N, O) contiguous tensor of x's dtype to write into (checks poison it first).
+    """
+    n, i = x.shape
+    o = w.shape[0]
+    if i != w.shape[1]:
+        raise ValueError(f"bsr_linear_triton: x has {i} features, weight shape is {tuple(w.shape)}")
+    if out is not None and (out.shape != (n, o) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"bsr_linear_triton: out must be a contiguous ({n}, {o}) {x.dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if n == 0 or o == 0 or w.nnzb == 0:  # degenerate: no products to sum
+        y = torch.zeros(n, o, dtype=x.dtype, device=x.device)
+        if bias is not None:
+            y += bias.to(x.dtype)
+        y = apply_activation(y, activation)
+        return y if out is None else out.copy_(y)
+    y = out if out is not None else torch.empty(n, o, dtype=x.dtype, device=x.device)
+    p = _tile_params(w, params or tuning.launch_params("bsr_linear", tuning.device_name(x),
+                                                       tuning.shape_class(n)))
+    r = p.pop("R")
+    grid = (o // r * triton.cdiv(r, p["ROWS"]), triton.cdiv(n, p["BLOCK_N"]))
+    bsr_linear_kernel[grid](
+        x, w.crow_indices, w.col_indices, _values_for(w, x.dtype), bias if bias is not None else y, y,
+        n, o,
+        x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1),
+        R=r, HAS_BIAS=bias is not None, ACTIVATION=activation or "none",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_FP32=(p["BLOCK_N"] >= 16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"),
+        **p,
+    )
+    return y

@@ -1,0 +1,116 @@
+"""Y = act(X · Wᵀ + b) with W in CSR (unstructured): one Triton kernel and its launcher.
+
+Program (o, j) owns Y[j*BLOCK_N : +BLOCK_N, o]: it walks output row o's stored entries BLOCK_K at a
+time, gathers the matching x columns (BLOCK_N, BLOCK_K) and reduces on the FMA units (an
+unstructured row has no dense tile for tensor cores). One program per output row keeps the GPU busy
+at batch 1 (O programs) and reads each stored value once per x tile; x stays in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.formats import CSR
+from engine.reference import apply_activation
+
+from . import tuning
+from .epilogue import activate
+
+
+@triton.jit
+def csr_linear_kernel(
+    # pointers
+    x_ptr,          # (N, I) activations, any float dtype
+    crow_ptr,       # (O + 1,) int32 row pointers
+    col_ptr,        # (nnz,) int32 input-feature index of each stored value
+    w_ptr,          # (nnz,) stored values
+    bias_ptr,       # (O,) or a dummy when HAS_BIAS is False
+    y_ptr,          # (N, O) output, x's dtype
+    # sizes
+    N,
+    # strides (elements)
+    stride_xn, stride_xi,
+    stride_yn, stride_yo,
+    # meta-parameters
+    BLOCK_N: tl.constexpr,     # rows of x per program
+    BLOCK_K: tl.constexpr,     # stored entries per loop step
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none" | "relu" | "gelu" | "gelu_tanh"
+):
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                    # (BLOCK_N,)
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn           # (BLOCK_N, 1)
+
+    start = tl.load(crow_ptr + row)
+    end = tl.load(crow_ptr + row + 1)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < end
+        col = tl.load(col_ptr + offs_k, mask=k_mask, other=0)
+        v = tl.load(w_ptr + offs_k, mask=k_mask, other=0.0)
+        xt = tl.load(x_rows + col.to(tl.int64)[None, :] * stride_xi,
+                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        # Round the weight to x's dtype as the reference does, then multiply in fp32.
+        acc += xt.to(tl.float32) * v.to(xt.dtype).to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)                                              # (BLOCK_N,)
+
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + row).to(tl.float32)
+    y = activate(y, ACTIVATION)
+    tl.store(y_ptr + offs_n.to(tl.int64) * stride_yn + row * stride_yo,
+             y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def csr_linear_configs(cls: str) -> list[dict]:
+    """Candidate launch parameters for one batch bucket; `bench/gpu_check.py --tune` times them."""
+    bns = {"n1": (1,), "n16": (16,), "n64": (32, 64)}.get(cls, (32, 64))
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=2)
+            for bn in bns for bk in ((64, 256) if bn == 1 else (32, 64)) for w in (2, 4)]
+
+
+def _values_for(w, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values the kernel can cast to x's dtype exactly: 16-bit -> fp32 widens in registers;
+    a narrowing cast (fp32 -> 16-bit, fp16 <-> bf16) is done here once, rounding to nearest even."""
+    v = w.values
+    if v.dtype != dtype and dtype != torch.float32:
+        v = v.to(dtype)
+    return v.contiguous()
+
+
+def csr_linear_triton(x: torch.Tensor, w: CSR, bias: torch.Tensor | None = None,
+                      activation: str = "none", *, params: dict | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ Wᵀ + bias) for x (N, I) and W a CSR (O, I) on x's device; returns (N, O) in x's dtype.
+
+    params: launch parameters (see kernels.tuning); default: the tuning table for this device.
+    out: optional (N, O) contiguous tensor of x's dtype to write into (checks poison it first).
+    """
+    n, i = x.shape
+    o = w.shape[0]
+    if i != w.shape[1]:
+        raise ValueError(f"csr_linear_triton: x has {i} features, weight shape is {tuple(w.shape)}")
+    if out is not None and (out.shape != (n, o) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"csr_linear_triton: out must be a contiguous ({n}, {o}) {x.dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if n == 0 or o == 0 or w.nnz == 0:  # degenerate: no products to sum
+        y = torch.zeros(n, o, dtype=x.dtype, device=x.device)
+        if bias is not None:
+            y += bias.to(x.dtype)
+        y = apply_activation(y, activation)
+        return y if out is None else out.copy_(y)
+    y = out if out is not None else torch.empty(n, o, dtype=x.dtype, device=x.device)
+    p = params or tuning.launch_params("csr_linear", tuning.device_name(x), tuning.shape_class(n))
+    grid = (o, triton.cdiv(n, p["BLOCK_N"]))
+    csr_linear_kernel[grid](
+        x, w.crow_indices, w.col_indices, _values_for(w, x.dtype), bias if bias is not None else y, y,
+        n,
+        x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "none",
+        **p,
+    )
+    return y

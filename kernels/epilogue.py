@@ -1,0 +1,19 @@
+"""Epilogue shared by the kernels: the activations of engine.reference, on fp32 tiles."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def activate(y, ACTIVATION: tl.constexpr):
+    """y: fp32 tile. ACTIVATION: "none" | "relu" | "gelu" (exact, erf) | "gelu_tanh"."""
+    if ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # tanh from exp(-2|z|) <= 1: no overflow, and no libdevice lookup (it moves across versions)
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        y = 0.5 * y * (1.0 + tl.where(z >= 0, t, -t))
+    return y
