@@ -1,0 +1,328 @@
+"""C++ CPU kernels (engine._C via engine.cpu) against the plain-torch references.
+
+Every case runs on both instruction-set paths (AVX2+FMA and the portable C++ fallback). The oracle
+is the reference evaluated in float64 on the very values the kernel reads (16-bit weights upcast),
+so the tolerance only has to cover fp32 accumulation; a separate test bounds the error that 16-bit
+storage adds against the fp32 weight.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine import cpu
+from engine.formats import BSR, CSR
+from engine.reference import bsr_linear_ref, csr_linear_ref
+
+ACTS = ("none", "relu", "gelu", "gelu_tanh")
+WDTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Batches on both sides of the SpMV/SpMM switch (N >= 4), across a 64-column register chunk.
+BATCHES = (1, 3, 4, 11, 70)
+BLOCKS = ((1, 1), (1, 8), (8, 1), (4, 1), (2, 4), (3, 2), (8, 8), (16, 8), (16, 16), (32, 32))
+
+ISAS = ["avx2", "portable"]
+
+
+@pytest.fixture(autouse=True)
+def _extension_built():
+    # A missing extension is a failure here, not a skip: the product's install builds it.
+    assert cpu.available(), f"engine._C did not import: {cpu.import_error()}"
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if request.param == "avx2" and not cpu._C.cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    before = cpu.isa()
+    cpu.set_isa(request.param)
+    assert cpu.isa() == request.param
+    yield request.param
+    cpu.set_isa(before)
+
+
+def rand_weight(o, i, sparsity, block=(1, 1)):
+    r, c = block
+    keep = torch.rand(o // r, i // c) >= sparsity
+    keep = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return torch.randn(o, i) * keep, keep
+
+
+def as_f64(w):
+    cls = CSR if isinstance(w, CSR) else BSR
+    return cls.trusted(w.crow_indices, w.col_indices, w.values.double(), w.shape)
+
+
+def expected(x, w, bias, act):
+    """float64 reference on the stored values, rounded to fp32 like the kernel's output."""
+    ref = csr_linear_ref if isinstance(w, CSR) else bsr_linear_ref
+    b = None if bias is None else bias.double()
+    return ref(x.double(), as_f64(w), b, act).float()
+
+
+def check(y, x, w, bias, act):
+    # fp32 accumulation over I terms of size ~1: a few ulps of the running sum.
+    atol = 2e-6 * math.sqrt(max(1, w.shape[1])) + 1e-6
+    torch.testing.assert_close(y, expected(x, w, bias, act), rtol=2e-5, atol=atol)
+
+
+def run(x, w, bias=None, act="none"):
+    f = cpu.csr_linear_cpu if isinstance(w, CSR) else cpu.bsr_linear_cpu
+    return f(x, w, bias, act)
+
+
+# ---- CSR -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("n", BATCHES)
+def test_csr_odd_shape_every_batch(isa, sparsity, n):
+    w, _ = rand_weight(7, 96, sparsity)
+    wc = CSR.from_dense(w)
+    x = torch.randn(n, 96)
+    check(run(x, wc), x, wc, None, "none")
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n", (1, 11))
+def test_csr_bias_activation_dtype(isa, wdtype, act, n):
+    w, _ = rand_weight(37, 53, 0.7)
+    wc = CSR.from_dense(w.to(wdtype))
+    x, b = torch.randn(n, 53), torch.randn(37)
+    check(run(x, wc, b, act), x, wc, b, act)
+
+
+def test_csr_empty_rows_and_mask_zeros(isa):
+    w, keep = rand_weight(40, 64, 0.6)
+    w[::3] = 0            # every third output row has no stored entry...
+    keep[::3] = False
+    keep[1, :5] = True    # ...and row 1 stores explicit zeros the mask kept
+    w[1, :5] = 0
+    wc = CSR.from_dense(w, mask=keep)
+    assert (wc.crow_indices[1:] == wc.crow_indices[:-1]).any()
+    x, b = torch.randn(9, 64), torch.randn(40)
+    for act in ("none", "relu"):
+        y = run(x, wc, b, act)
+        check(y, x, wc, b, act)
+    # An empty row's output is exactly act(bias).
+    torch.testing.assert_close(y[:, 0], torch.relu(b[0]).expand(9), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fill", ["dense", "empty"])
+@pytest.mark.parametrize("n", (1, 8))
+def test_csr_fully_dense_and_fully_empty(isa, fill, n):
+    w = torch.randn(24, 40) if fill == "dense" else torch.zeros(24, 40)
+    wc = CSR.from_dense(w, mask=torch.ones_like(w, dtype=torch.bool) if fill == "dense" else None)
+    assert wc.nnz == (24 * 40 if fill == "dense" else 0)
+    x, b = torch.randn(n, 40), torch.randn(24)
+    y = run(x, wc, b, "gelu")
+    check(y, x, wc, b, "gelu")
+
+
+@pytest.mark.parametrize("n,o,i", [(0, 5, 8), (3, 0, 8), (3, 5, 0), (0, 0, 0), (9, 5, 0)])
+def test_csr_size_zero(isa, n, o, i):
+    w, _ = rand_weight(o, i, 0.5)
+    wc = CSR.from_dense(w)
+    x, b = torch.randn(n, i), torch.randn(o)
+    y = run(x, wc, b, "relu")
+    assert y.shape == (n, o)
+    check(y, x, wc, b, "relu")
+
+
+def test_csr_many_panels(isa):
+    # Wide input: the packed-X panel holds 64 batch columns, so batch 130 takes three panels.
+    w, _ = rand_weight(24, 4096, 0.9)
+    wc = CSR.from_dense(w)
+    x, b = torch.randn(130, 4096), torch.randn(24)
+    check(run(x, wc, b, "relu"), x, wc, b, "relu")
+
+
+# ---- BSR -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("n", BATCHES)
+def test_bsr_every_block_size(isa, block, n):
+    r, c = block
+    o, i = 3 * 32, 2 * 48  # divisible by every block in BLOCKS
+    w, keep = rand_weight(o, i, 0.6, block)
+    wb = BSR.from_dense(w, mask=keep, blocksize=block)
+    x, b = torch.randn(n, i), torch.randn(o)
+    check(run(x, wb, b, "none"), x, wb, b, "none")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("block", [(1, 8), (8, 8), (16, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_bsr_sparsity_range(isa, sparsity, block):
+    w, keep = rand_weight(64, 128, sparsity, block)
+    wb = BSR.from_dense(w, mask=keep, blocksize=block)
+    for n in (1, 11):
+        x = torch.randn(n, 128)
+        check(run(x, wb), x, wb, None, "none")
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("block", [(1, 8), (8, 1), (8, 8), (3, 2)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_bsr_bias_activation_dtype(isa, wdtype, act, block):
+    w, keep = rand_weight(48, 64, 0.5, block)
+    wb = BSR.from_dense(w.to(wdtype), mask=keep, blocksize=block)
+    for n in (2, 13):
+        x, b = torch.randn(n, 64), torch.randn(48)
+        check(run(x, wb, b, act), x, wb, b, act)
+
+
+@pytest.mark.parametrize("fill", ["dense", "empty", "empty-block-rows"])
+@pytest.mark.parametrize("n", (1, 9))
+def test_bsr_fully_dense_empty_and_empty_block_rows(isa, fill, n):
+    w = torch.randn(32, 48)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    if fill == "empty":
+        keep[:] = False
+    elif fill == "empty-block-rows":
+        keep[8:16] = False
+        keep[24:] = False
+    wb = BSR.from_dense(w * keep, mask=keep, blocksize=(8, 8))
+    x, b = torch.randn(n, 48), torch.randn(32)
+    y = run(x, wb, b, "gelu_tanh")
+    check(y, x, wb, b, "gelu_tanh")
+
+
+@pytest.mark.parametrize("n,o,i", [(0, 16, 16), (4, 0, 16), (4, 16, 0), (1, 16, 0)])
+def test_bsr_size_zero(isa, n, o, i):
+    w = torch.randn(o, i)
+    wb = BSR.from_dense(w, blocksize=(8, 8))
+    x, b = torch.randn(n, i), torch.randn(o)
+    y = run(x, wb, b, "none")
+    assert y.shape == (n, o)
+    check(y, x, wb, b, "none")
+
+
+def test_bsr_many_panels(isa):
+    w, keep = rand_weight(32, 4096, 0.9, (8, 8))
+    wb = BSR.from_dense(w, mask=keep, blocksize=(8, 8))
+    x, b = torch.randn(150, 4096), torch.randn(32)
+    check(run(x, wb, b, "relu"), x, wb, b, "relu")
+
+
+# ---- 16-bit storage error, bounded by the weights' own rounding ------------------------------------
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_16bit_error_within_weight_rounding(isa, wdtype, fmt):
+    w, keep = rand_weight(64, 256, 0.8, (1, 1) if fmt == "csr" else (8, 8))
+    x = torch.randn(17, 256)
+    make = (lambda t: CSR.from_dense(t, mask=keep)) if fmt == "csr" else (
+        lambda t: BSR.from_dense(t, mask=keep, blocksize=(8, 8)))
+    y16 = run(x, make(w.to(wdtype)))
+    y32 = (x.double() @ w.double().T)
+    # |Σ (w16 - w) x| <= u · Σ |w| |x|, u = unit roundoff of the storage type.
+    u = 2.0 ** -8 if wdtype == torch.bfloat16 else 2.0 ** -11
+    bound = u * (x.double().abs() @ w.double().abs().T) + 1e-4
+    assert ((y16.double() - y32).abs() <= bound).all()
+    # ...and it really is the 16-bit weights at work, not an fp32 copy.
+    assert not torch.allclose(y16.double(), y32, rtol=0, atol=1e-7)
+
+
+# ---- through engine.sparse_linear -------------------------------------------------------------------
+
+def test_sparse_linear_leading_dims_and_call_counter(isa):
+    w, keep = rand_weight(24, 32, 0.7, (8, 8))
+    wc, wb = CSR.from_dense(w), BSR.from_dense(w, mask=keep, blocksize=(8, 8))
+    x, b = torch.randn(2, 3, 5, 32), torch.randn(24)
+    for weight, key in ((wc, ("cpu", "csr")), (wb, ("cpu", "bsr"))):
+        before = engine.ops.calls[key]
+        y = engine.sparse_linear(x, weight, b, activation="relu", backend="cpu")
+        assert engine.ops.calls[key] == before + 1, "the C++ path did not run"
+        assert y.shape == (2, 3, 5, 24)
+        check(y.reshape(-1, 24), x.reshape(-1, 32), weight, b, "relu")
+
+
+def test_sparse_linear_keeps_input_dtype(isa):
+    w, _ = rand_weight(16, 24, 0.5)
+    wc = CSR.from_dense(w)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    y = engine.sparse_linear(x, wc, backend="cpu")
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected(x, wc, None, "none").double(), rtol=2e-5, atol=1e-5)
+
+
+def test_threads_follow_torch_and_agree(isa):
+    w, keep = rand_weight(256, 192, 0.8, (8, 8))
+    wc, wb = CSR.from_dense(w), BSR.from_dense(w, mask=keep, blocksize=(8, 8))
+    x = torch.randn(40, 192)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append((run(x, wc), run(x, wb)))
+    finally:
+        torch.set_num_threads(old)
+    for yc, yb in outs[1:]:
+        check(yc, x, wc, None, "none")
+        check(yb, x, wb, None, "none")
+
+
+def test_concurrent_python_threads_match_serial(isa):
+    cases = []
+    for k in range(6):
+        w, keep = rand_weight(96, 80, 0.75, (8, 8))
+        weight = CSR.from_dense(w) if k % 2 else BSR.from_dense(w, mask=keep, blocksize=(8, 8))
+        cases.append((torch.randn((1, 5, 33)[k % 3], 80), weight, torch.randn(96)))
+    serial = [run(x, w, b, "gelu") for x, w, b in cases]
+    results, errors = {}, []
+
+    def worker(tid):
+        try:
+            for rep in range(20):
+                k = (tid + rep) % len(cases)
+                x, w, b = cases[k]
+                results.setdefault(k, []).append(run(x, w, b, "gelu"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(len(v) for v in results.values()) == 120
+    for k, ys in results.items():
+        for y in ys:
+            torch.testing.assert_close(y, serial[k], rtol=0, atol=0)
+
+
+# ---- hypothesis: shapes no test hard-codes ---------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 80), o_blocks=st.integers(0, 12), i_blocks=st.integers(0, 12),
+       r=st.sampled_from([1, 2, 3, 4, 8, 16]), c=st.sampled_from([1, 2, 5, 8, 16]),
+       sparsity=st.floats(0.0, 1.0), fmt=st.sampled_from(["csr", "bsr"]),
+       wdtype=st.sampled_from(WDTYPES), act=st.sampled_from(ACTS), with_bias=st.booleans(),
+       isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_against_reference(n, o_blocks, i_blocks, r, c, sparsity, fmt, wdtype, act, with_bias,
+                                isa, seed):
+    if isa == "avx2" and not cpu._C.cpu_has_avx2():
+        isa = "portable"
+    g = torch.Generator().manual_seed(seed)
+    o, i = o_blocks * r, i_blocks * c
+    block = (r, c) if fmt == "bsr" else (1, 1)
+    keep = (torch.rand(o // block[0], i // block[1], generator=g) >= sparsity)
+    keep = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    w = (torch.randn(o, i, generator=g) * keep).to(wdtype)
+    weight = CSR.from_dense(w, mask=keep) if fmt == "csr" else BSR.from_dense(w, mask=keep, blocksize=block)
+    x = torch.randn(n, i, generator=g)
+    b = torch.randn(o, generator=g) if with_bias else None
+    before = cpu.isa()
+    cpu.set_isa(isa)
+    try:
+        y = run(x, weight, b, act)
+    finally:
+        cpu.set_isa(before)
+    check(y, x, weight, b, act)
