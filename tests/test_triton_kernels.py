@@ -26,7 +26,8 @@ def _import_kernels_interpreted():
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        if "triton" in sys.modules and type(sys.modules["triton"].jit(lambda: 0)).__name__ != "InterpretedFunction":
+        std = sys.modules.get("triton.language.standard")
+        if std is not None and any(type(v).__name__ == "JITFunction" for v in vars(std).values()):
             for name in list(sys.modules):
                 top = name.split(".")[0]
                 if (top == "triton" and not name.startswith("triton._C")) or top == "kernels":
