@@ -12,6 +12,7 @@
 //    that is transposed 8x8 in registers into Y (N, O) with the bias + activation epilogue fused.
 #include <immintrin.h>
 
+#include "avx512.h"
 #include "common.h"
 #include "sparse_linear.h"
 
@@ -208,6 +209,7 @@ void csr_avx2(const LinearArgs& a) {
     return;
   }
 
+  const bool w512 = current_isa() == ISA_AVX512;
   const int64_t n_pad = (N + 7) / 8 * 8;
   int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
   panel = std::min(panel, n_pad);
@@ -229,9 +231,17 @@ void csr_avx2(const LinearArgs& a) {
         const int64_t g = std::min<int64_t>(8, o1 - og);
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
-          for (int64_t r = 0; r < g; ++r)
-            csr_row_chunk_v<WT>(int(nc / 8), a.col, val, crow[og + r], crow[og + r + 1], xt + c0, np,
-                                tile + r * kChunk);
+          for (int64_t r = 0; r < g; ++r) {
+            const int32_t k0 = crow[og + r], k1 = crow[og + r + 1];
+            float* out = tile + r * kChunk;
+            if (w512) {
+              const int v16 = int(nc / 16);
+              if (v16) csr_row_chunk_512<WT>(v16, a.col, val, k0, k1, xt + c0, np, out);
+              if (nc % 16) csr_row_chunk_v<WT>(1, a.col, val, k0, k1, xt + c0 + 16 * v16, np, out + 16 * v16);
+            } else {
+              csr_row_chunk_v<WT>(int(nc / 8), a.col, val, k0, k1, xt + c0, np, out);
+            }
+          }
           store_tile(a.y, O, tile, og, g, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
         }
       }
@@ -310,9 +320,20 @@ void bsr_rows_chunk_v(int V, const int32_t* bcol, const WT* val, int32_t k0, int
 
 template <typename WT>
 void bsr_block_row_chunk(const LinearArgs& a, const WT* val, int64_t b, const float* xt, int64_t np,
-                         int64_t nc, float* tile) {
+                         int64_t nc, float* tile, bool w512) {
   const int64_t R = a.block_r, C = a.block_c;
   const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+  if (w512) {
+    const int v16 = int(nc / 16);
+    if (v16)
+      for (int64_t r0 = 0; r0 < R; r0 += 4)
+        bsr_rows_chunk_512<WT>(int(std::min<int64_t>(4, R - r0)), v16, a.col, val, k0, k1, R, C, r0, xt,
+                               np, tile + r0 * kChunk, kChunk);
+    if (nc % 16 == 0) return;
+    xt += 16 * v16;  // the last 8 columns go through the AVX2 kernels below
+    tile += 16 * v16;
+    nc = 8;
+  }
   const int vtot = int(nc / 8);
   int64_t r0 = 0;
   for (; r0 + 4 <= R; r0 += 4)
@@ -415,6 +436,7 @@ void bsr_avx2(const LinearArgs& a) {
   const int T = pick_threads(a.nthreads, double(crow[BR]) * double(R * C) * double(N));
   // Block rows handled together so the tile covers >= 8 output rows (one 8x8 transpose).
   const int64_t gb = R >= 8 ? 1 : 8 / R;
+  const bool w512 = current_isa() == ISA_AVX512;
   const int row_cost = int(std::max<int64_t>(1, 4 / (R * C)));
 
   if (N < kSpmmMinN) {
@@ -458,7 +480,7 @@ void bsr_avx2(const LinearArgs& a) {
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
           for (int64_t j = 0; j < nb; ++j)
-            bsr_block_row_chunk<WT>(a, val, bg + j, xt + c0, np, nc, tile + j * R * kChunk);
+            bsr_block_row_chunk<WT>(a, val, bg + j, xt + c0, np, nc, tile + j * R * kChunk, w512);
           store_tile(a.y, O, tile, bg * R, nb * R, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
         }
       }

@@ -18,8 +18,9 @@ namespace se {
 enum WDType : int { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 // Fused epilogue applied to (x · Wᵀ + b).
 enum Act : int { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3 };
-// Instruction set the kernels run with: AVX2+FMA+F16C intrinsics, or plain C++.
-enum Isa : int { ISA_PORTABLE = 0, ISA_AVX2 = 1 };
+// Instruction set the kernels run with: plain C++, AVX2+FMA+F16C intrinsics, or the AVX2 kernels
+// with AVX-512F micro-kernels for the batched paths.
+enum Isa : int { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
@@ -56,6 +57,7 @@ inline float activate(float v, int act) {
 // may switch it between calls).
 Isa current_isa();
 bool cpu_has_avx2();
+bool cpu_has_avx512();
 void set_isa(Isa isa);
 
 // Per-thread reusable scratch, 64-byte aligned, so a call allocates nothing once warm.

@@ -27,14 +27,29 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+Isa best_isa() {
+  return cpu_has_avx512() ? ISA_AVX512 : (cpu_has_avx2() ? ISA_AVX2 : ISA_PORTABLE);
+}
+
 static std::atomic<int> g_isa{-1};
 
 Isa current_isa() {
   int v = g_isa.load(std::memory_order_relaxed);
   if (v < 0) {
     const char* env = std::getenv("SPARSE_ENGINE_ISA");
-    const bool portable = env && std::string(env) == "portable";
-    v = (!portable && cpu_has_avx2()) ? ISA_AVX2 : ISA_PORTABLE;
+    const std::string want = env ? env : "";
+    v = best_isa();
+    if (want == "portable") v = ISA_PORTABLE;
+    else if (want == "avx2" && v > ISA_AVX2) v = ISA_AVX2;
     g_isa.store(v);
   }
   return static_cast<Isa>(v);
@@ -42,6 +57,7 @@ Isa current_isa() {
 
 void set_isa(Isa isa) {
   if (isa == ISA_AVX2 && !cpu_has_avx2()) throw std::runtime_error("set_isa: this CPU lacks AVX2/FMA/F16C");
+  if (isa == ISA_AVX512 && !cpu_has_avx512()) throw std::runtime_error("set_isa: this CPU lacks AVX-512F");
   g_isa.store(isa);
 }
 
@@ -68,12 +84,12 @@ float* scratch(int slot, size_t n_floats) {
 
 void csr_linear(const LinearArgs& a) {
   if (a.n == 0 || a.out_features == 0) return;
-  if (current_isa() == ISA_AVX2) csr_linear_avx2(a); else csr_linear_portable(a);
+  if (current_isa() >= ISA_AVX2) csr_linear_avx2(a); else csr_linear_portable(a);
 }
 
 void bsr_linear(const LinearArgs& a) {
   if (a.n == 0 || a.out_features == 0) return;
-  if (current_isa() == ISA_AVX2) bsr_linear_avx2(a); else bsr_linear_portable(a);
+  if (current_isa() >= ISA_AVX2) bsr_linear_avx2(a); else bsr_linear_portable(a);
 }
 
 }  // namespace se
@@ -144,12 +160,17 @@ PYBIND11_MODULE(_C, m) {
         [](const std::string& name) {
           if (name == "portable") se::set_isa(se::ISA_PORTABLE);
           else if (name == "avx2") se::set_isa(se::ISA_AVX2);
-          else if (name == "auto") se::set_isa(se::cpu_has_avx2() ? se::ISA_AVX2 : se::ISA_PORTABLE);
-          else throw std::invalid_argument("set_isa: expected 'auto', 'avx2' or 'portable', got '" + name + "'");
+          else if (name == "avx512") se::set_isa(se::ISA_AVX512);
+          else if (name == "auto") se::set_isa(se::best_isa());
+          else throw std::invalid_argument("set_isa: expected 'auto', 'avx512', 'avx2' or 'portable', got '" + name + "'");
         },
-        "Select the kernel ISA for later calls: 'auto', 'avx2' or 'portable'.");
-  m.def("get_isa", [] { return std::string(se::current_isa() == se::ISA_AVX2 ? "avx2" : "portable"); });
+        "Select the kernel ISA for later calls: 'auto', 'avx512', 'avx2' or 'portable'.");
+  m.def("get_isa", [] {
+    static const char* names[] = {"portable", "avx2", "avx512"};
+    return std::string(names[se::current_isa()]);
+  });
   m.def("cpu_has_avx2", &se::cpu_has_avx2, "Whether this CPU runs the AVX2+FMA+F16C kernels.");
+  m.def("cpu_has_avx512", &se::cpu_has_avx512, "Whether this CPU also runs the AVX-512F micro-kernels.");
   m.def("has_openmp", [] {
 #ifdef _OPENMP
     return true;

@@ -1,6 +1,7 @@
 """C++ CPU kernels (engine._C via engine.cpu) against the plain-torch references.
 
-Every case runs on both instruction-set paths (AVX2+FMA and the portable C++ fallback). The oracle
+Every case runs on each instruction-set path this CPU has (AVX-512 micro-kernels, AVX2+FMA, and
+the portable C++ fallback). The oracle
 is the reference evaluated in float64 on the very values the kernel reads (16-bit weights upcast),
 so the tolerance only has to cover fp32 accumulation; a separate test bounds the error that 16-bit
 storage adds against the fp32 weight.
@@ -26,7 +27,11 @@ WDTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BATCHES = (1, 3, 4, 11, 70)
 BLOCKS = ((1, 1), (1, 8), (8, 1), (4, 1), (2, 4), (3, 2), (8, 8), (16, 8), (16, 16), (32, 32))
 
-ISAS = ["avx2", "portable"]
+ISAS = ["avx512", "avx2", "portable"]
+
+
+def _supported(name):
+    return {"avx512": cpu._C.cpu_has_avx512, "avx2": cpu._C.cpu_has_avx2}.get(name, lambda: True)()
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +42,8 @@ def _extension_built():
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    if request.param == "avx2" and not cpu._C.cpu_has_avx2():
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    if not _supported(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
     before = cpu.isa()
     cpu.set_isa(request.param)
     assert cpu.isa() == request.param
@@ -308,7 +313,7 @@ def test_concurrent_python_threads_match_serial(isa):
        isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31 - 1))
 def test_fuzz_against_reference(n, o_blocks, i_blocks, r, c, sparsity, fmt, wdtype, act, with_bias,
                                 isa, seed):
-    if isa == "avx2" and not cpu._C.cpu_has_avx2():
+    if not _supported(isa):
         isa = "portable"
     g = torch.Generator().manual_seed(seed)
     o, i = o_blocks * r, i_blocks * c

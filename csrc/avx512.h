@@ -1,0 +1,28 @@
+// AVX-512 register micro-kernels for the batched (packed-X) paths. The drivers in avx2.cpp call
+// them for the 16-column-aligned part of each 64-column chunk when the CPU has AVX-512F and the
+// ISA is "avx512"; everything else (packing, epilogue, SpMV) stays AVX2.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace se {
+
+// One CSR row, V16 (1..4) vectors of 16 batch columns:
+// out[0 : 16·V16] = Σ_{k in [k0,k1)} val[k] · xt[col[k] · np + (0 : 16·V16)].
+// col: (nnz,) int32; val: (nnz,) WT; xt: packed X panel (I, np) fp32, pre-offset to the chunk;
+// out: 64-byte aligned fp32.
+template <typename WT>
+void csr_row_chunk_512(int v16, const int32_t* col, const WT* val, int32_t k0, int32_t k1,
+                       const float* xt, int64_t np, float* out);
+
+// Rows [r0, r0 + rb) (rb = 1..4) of one BSR block row, V16 (1..4) vectors of 16 batch columns:
+// out[r][0 : 16·V16] = Σ_blocks Σ_c W[block][r0 + r][c] · xt[(bcol·C + c) · np + ...].
+// val points at the values (nnzb, R, C); out row stride: out_stride floats.
+template <typename WT>
+void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
+                        int64_t R, int64_t C, int64_t r0, const float* xt, int64_t np, float* out,
+                        int64_t out_stride);
+
+}  // namespace se
