@@ -50,11 +50,13 @@ def parse_args(argv=None):
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--block", default="64x64", help="BSR block R×C (R, C powers of two >= 16 for torch's kernel)")
     ap.add_argument("--formats", default="bsr,csr,torch_bsr,semi", help="which columns besides dense")
+    ap.add_argument("--csr-sparsities", default="0.9", help="sparsities that also time the CSR kernel")
     ap.add_argument("--tune", action="store_true", help="time each kernel config per batch class first")
     ap.add_argument("--max-configs", type=int, default=0, help="tune at most this many configs per class")
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)
-    ap.add_argument("--budget-s", type=float, default=0.0, help="start no new cell after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new cell once the script has run this many seconds")
     ap.add_argument("--out", default=None, help="write the full table here (rows appended as they finish)")
     ap.add_argument("--tiny", action="store_true", help="tiny grid that also runs under TRITON_INTERPRET=1")
     a = ap.parse_args(argv)
@@ -64,6 +66,7 @@ def parse_args(argv=None):
     a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     a.batches = [int(v) for v in a.batches.split(",")]
     a.sparsities = [float(v) for v in a.sparsities.split(",")]
+    a.csr_sparsities = [float(v) for v in a.csr_sparsities.split(",")] if not a.tiny else a.sparsities
     a.dtypes = [DT[d] for d in a.dtypes.split(",")]
     a.block = tuple(int(v) for v in a.block.split("x"))
     a.formats = set(a.formats.split(","))
@@ -89,6 +92,16 @@ class Timer:
             fn()
             ts.append(time.perf_counter() - t0)
         return 1e6 * statistics.median(ts)
+
+
+def cycling(fn, *pools):
+    """fn(pool0[i], pool1[i], ...) with i advancing on every call (inputs rotate, caches do not flatter)."""
+    k = itertools.count()
+
+    def call():
+        i = next(k)
+        return fn(*(p[i % len(p)] for p in pools))
+    return call
 
 
 def rotating(make, nbytes_each: int, cuda: bool):
@@ -142,7 +155,7 @@ def tune(args, dev, timer, log):
     """Per batch class: time each candidate config on a representative cell, keep the best."""
     name = tuning.device_name(torch.empty(0, device=dev))
     o, i = args.shapes[0]
-    dtype = args.dtypes[-1]
+    dtype = args.dtypes[0]
     gen = torch.Generator().manual_seed(0)
     s = 0.9 if 0.9 in args.sparsities else args.sparsities[0]
     wd = (torch.randn(o, i, generator=gen) * 0.05).to(dev, dtype)
@@ -185,25 +198,22 @@ def fmt(v, spec):
         int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 0))
 
 
-def run_grid(args, dev, timer, ceil, log, row_out):
+def run_grid(args, dev, timer, ceil, log, row_out, t_start):
     gen = torch.Generator().manual_seed(1234)
     cuda = dev.type == "cuda"
     failures, rows = 0, []
-    t_start = time.time()
-    for (o, i), dtype in itertools.product(args.shapes, args.dtypes):
+    for dtype, (o, i) in itertools.product(args.dtypes, args.shapes):
         el = torch.tensor([], dtype=dtype).element_size()
         w_full = [(torch.randn(o, i, generator=gen) * 0.05).to(dev, dtype) for _ in range(2 if cuda else 1)]
         semi_ws = semi_weights(w_full, dtype, args) if "semi" in args.formats else None
         for n in args.batches:
             xs = rotating(lambda: torch.randn(n, i, generator=gen).to(dev, dtype), n * i * el, cuda)
             dense_ws = w_full * max(1, math.ceil(len(xs) / len(w_full)))
-            k = itertools.count()
-            t_dense = timer(lambda: F.linear(xs[next(k) % len(xs)], dense_ws[next(k) % len(dense_ws)]))
+            t_dense = timer(cycling(F.linear, xs, dense_ws))
             t_semi = float("nan")
             if semi_ws:
                 try:
-                    k2 = itertools.count()
-                    t_semi = timer(lambda: F.linear(xs[next(k2) % len(xs)], semi_ws[next(k2) % len(semi_ws)]))
+                    t_semi = timer(cycling(F.linear, xs, semi_ws))
                 except Exception as e:  # noqa: BLE001
                     log(f"  2:4 F.linear failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
             for s in args.sparsities:
@@ -252,15 +262,14 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
     y2 = engine.sparse_linear(x, bsrs[0], bias, activation="gelu", backend="triton")
     ok = ok and engine.ops.calls[("triton", "bsr")] == before + 1 and torch.equal(y2, y)
 
-    k = itertools.count()
-    t_bsr = timer(lambda: kernels.bsr_linear_triton(xs[next(k) % len(xs)], bsrs[next(k) % len(bsrs)]))
+    t_bsr = timer(cycling(kernels.bsr_linear_triton, xs, bsrs))
 
     t_torch = float("nan")
     if "torch_bsr" in args.formats:
         t_torch = time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log)
 
     t_csr = float("nan")
-    if "csr" in args.formats:
+    if "csr" in args.formats and s in args.csr_sparsities:
         csrs = [CSR.from_dense(w * (torch.rand(o, i, generator=gen) >= s).to(dev)) for w in w_full]
         xc = torch.randn(n, i, generator=gen).to(dev, dtype)
         yc = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
@@ -272,8 +281,7 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
             log(f"  CSR MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errc:.2e}")
         ok, err = ok and okc, max(err, errc)
         csrs = csrs * max(1, math.ceil(len(xs) / len(csrs)))
-        k3 = itertools.count()
-        t_csr = timer(lambda: kernels.csr_linear_triton(xs[next(k3) % len(xs)], csrs[next(k3) % len(csrs)]))
+        t_csr = timer(cycling(kernels.csr_linear_triton, xs, csrs))
 
     gbs = bsr_bytes / (t_bsr * 1e-6) / 1e9
     tfs = 2 * n * nnz / (t_bsr * 1e-6) / 1e12
@@ -297,8 +305,7 @@ def time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log):
         else:
             xts, fn = [x.t().contiguous() for x in xs], torch.sparse.mm
         fn(tb[0], xts[0])
-        k = itertools.count()
-        return timer(lambda: fn(tb[next(k) % len(tb)], xts[next(k) % len(xts)]))
+        return timer(cycling(fn, tb, xts))
     except Exception as e:  # noqa: BLE001 - e.g. dtypes torch's CPU BSR matmul lacks
         log(f"  torch.sparse BSR failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
         return float("nan")
@@ -343,7 +350,7 @@ def main(argv=None) -> int:
         tune(args, dev, timer, log)
         log(f"# tuning took {time.time() - t0:.0f} s")
     log(HEADER)
-    rows, failures = run_grid(args, dev, timer, ceil, log, lambda r: log(format_row(r)))
+    rows, failures = run_grid(args, dev, timer, ceil, log, lambda r: log(format_row(r)), t0)
     if out:
         out.close()
     # the short table last: the reply of a remote run carries only the end of the output

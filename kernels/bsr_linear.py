@@ -94,18 +94,25 @@ def bsr_linear_kernel(
 
 
 def bsr_linear_configs(cls: str) -> list[dict]:
-    """Candidate launch parameters for one batch bucket; `bench/gpu_check.py --tune` times them."""
+    """Candidate launch parameters for one batch bucket; `bench/gpu_check.py --tune` times them.
+
+    Decode (n1): latency-bound, so few dependent steps (large K) and many programs (small ROWS).
+    Prefill (n256, large): tl.dot tiles as wide as the block allows, software-pipelined.
+    """
     if cls == "n1":
-        return [dict(BLOCK_N=1, ROWS=r, K=k, num_warps=w, num_stages=s)
-                for r, k in ((4, 256), (8, 256), (16, 128), (16, 256)) for w, s in ((4, 3),)] + \
-               [dict(BLOCK_N=16, ROWS=16, K=128, num_warps=4, num_stages=4)]
+        return [dict(BLOCK_N=1, ROWS=r, K=k, num_warps=w, num_stages=1)
+                for r, k, w in ((4, 512, 4), (8, 512, 4), (4, 1024, 4), (8, 256, 4), (16, 256, 4), (2, 1024, 2))]
     if cls in ("n16", "n64"):
         bn = 16 if cls == "n16" else 64
         return [dict(BLOCK_N=bn, ROWS=r, K=k, num_warps=4, num_stages=s)
-                for r, k, s in ((16, 128, 3), (16, 256, 3), (32, 128, 4), (64, 64, 4))]
+                for r, k, s in ((16, 256, 3), (16, 512, 2), (32, 256, 3), (16, 128, 4), (64, 128, 3))]
+    if cls == "n256":  # few x tiles: split block rows so that the grid still fills the GPU
+        return [dict(BLOCK_N=bn, ROWS=r, K=k, num_warps=4, num_stages=s)
+                for bn, r, k, s in ((64, 32, 128, 3), (64, 64, 64, 4), (128, 32, 64, 4), (64, 16, 256, 3),
+                                    (128, 64, 64, 3))]
     return [dict(BLOCK_N=bn, ROWS=r, K=k, num_warps=w, num_stages=s)
-            for bn, r, k, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
-                                   (128, 32, 64, 4, 4), (256, 64, 64, 8, 3))]
+            for bn, r, k, w, s in ((128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (256, 64, 64, 8, 3),
+                                   (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3))]
 
 
 def _tile_params(w: BSR, p: dict) -> dict:

@@ -67,9 +67,11 @@ def csr_linear_kernel(
 
 def csr_linear_configs(cls: str) -> list[dict]:
     """Candidate launch parameters for one batch bucket; `bench/gpu_check.py --tune` times them."""
-    bns = {"n1": (1,), "n16": (16,), "n64": (32, 64)}.get(cls, (32, 64))
-    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=2)
-            for bn in bns for bk in ((64, 256) if bn == 1 else (32, 64)) for w in (2, 4)]
+    if cls in ("n1", "n16"):
+        bn = 1 if cls == "n1" else 16
+        return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=2)
+                for bk in ((64, 256) if bn == 1 else (32, 64)) for w in (2, 4)]
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2) for bn, bk in ((32, 32), (32, 64), (64, 32))]
 
 
 def _values_for(w, dtype: torch.dtype) -> torch.Tensor:

@@ -44,10 +44,10 @@ def _cuda_name(index: int) -> str:  # asked once per device: it sits on every la
 # csr_linear parameters:
 #   BLOCK_N  rows of x per program;  BLOCK_K  stored entries per loop step
 DEFAULTS: dict[tuple[str, str], dict] = {
-    ("bsr_linear", "n1"): dict(BLOCK_N=1, ROWS=16, K=256, num_warps=4, num_stages=3),
+    ("bsr_linear", "n1"): dict(BLOCK_N=1, ROWS=8, K=512, num_warps=4, num_stages=1),
     ("bsr_linear", "n16"): dict(BLOCK_N=16, ROWS=16, K=256, num_warps=4, num_stages=3),
-    ("bsr_linear", "n64"): dict(BLOCK_N=64, ROWS=32, K=128, num_warps=4, num_stages=3),
-    ("bsr_linear", "n256"): dict(BLOCK_N=64, ROWS=64, K=64, num_warps=4, num_stages=3),
+    ("bsr_linear", "n64"): dict(BLOCK_N=64, ROWS=32, K=256, num_warps=4, num_stages=3),
+    ("bsr_linear", "n256"): dict(BLOCK_N=64, ROWS=32, K=128, num_warps=4, num_stages=3),
     ("bsr_linear", "large"): dict(BLOCK_N=128, ROWS=64, K=64, num_warps=8, num_stages=3),
     ("csr_linear", "n1"): dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, num_stages=2),
     ("csr_linear", "n16"): dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
