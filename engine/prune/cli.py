@@ -138,10 +138,26 @@ def _layer_overrides(items: list[str]) -> dict[str, float]:
     return out
 
 
-def _own_argv() -> list[str]:
-    """This verb's arguments from sys.argv (after `prune`), for the report's `command`."""
-    argv = sys.argv[1:]
-    return argv[argv.index("prune") + 1:] if "prune" in argv else argv
+def _own_argv(args) -> list[str]:
+    """An equivalent command line for the report: every option whose value is not its default.
+    (Rebuilt from `args` because the verb may be called in-process, where sys.argv is not ours.)"""
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value, flag = getattr(args, action.dest, None), action.option_strings[-1]
+        if value == action.default or value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def run(args, argv: list[str] | None = None) -> dict:
@@ -247,7 +263,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         "mask_keys": "<layer>.weight_mask beside <layer>.weight for every pruned layer",
         "architecture": describe_architecture(final_model, factory=args.model),
         "model": model_name,
-        "command": "sparse-engine prune " + shlex.join(argv if argv is not None else _own_argv()),
+        "command": "sparse-engine prune " + shlex.join(argv if argv is not None else _own_argv(args)),
         "config": {"method": args.method, "granularity": str(gran), "scope": args.scope,
                    "schedule": args.schedule, "when": when, "skip": list(args.skip),
                    "layer_sparsity": prune_cfg.layer_sparsity, "epochs": epochs,
