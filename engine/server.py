@@ -307,6 +307,8 @@ def main(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.timeout_s + 5)
+    # Listen now, so the "serving on" line below is true: early connections wait in the backlog.
+    sock.listen(config.backlog)
     server = _GracefulServer(config, on_signal=app.drain)
     app.on_failure = lambda: setattr(server, "should_exit", True)
     # Tests and scripts read this line to find the port when --port 0 was given.

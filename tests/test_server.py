@@ -29,6 +29,8 @@ from engine.batching import Batcher, QueueFull
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Server processes import this checkout first, and keep whatever else the caller's path holds.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 WORDS = "the cat dog sat on a mat ran fast slow red blue big small house tree bird sky sun moon".split()
 MLP_SIZES = [37, 61, 23, 11]  # odd widths: nothing lines up with a vector or block size by luck
 MAX_SEQ = 24
@@ -102,7 +104,7 @@ class Server:
     def __init__(self, args: list[str], launcher: str | None = None):
         # A launcher (python code) may wrap engine.load for fault injection; it ends by running the CLI.
         code = (launcher or "") + "\nimport sys\nfrom engine.cli import main\nsys.exit(main(sys.argv[1:]))"
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=PYTHONPATH)
         self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0"],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -197,6 +199,10 @@ def test_health_and_metadata(server):
         assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
     r = client.post("/v2/models/nope/infer", json={"inputs": []})
     assert r.status_code == 404 and "'mlp'" in r.json()["error"]
+    r = client.get("/v2/models/mlp/infer")
+    assert r.status_code == 405 and "method GET not allowed" in r.json()["error"]
+    r = client.get("/v3/models")
+    assert r.status_code == 404 and "no route /v3/models" in r.json()["error"]
 
 
 # -- correct answers ---------------------------------------------------------------------------
@@ -500,6 +506,26 @@ def test_model_failure_is_500_and_isolated(artifacts, local):
     assert code == 0, srv.log()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_serves_on_cuda(artifacts, local):
+    srv = Server([str(artifacts / "mlp.spz"), str(artifacts / "bert.spz"), "--device", "cuda"])
+    try:
+        rng = np.random.default_rng(8)
+        x = rng.normal(size=(3, MLP_SIZES[0])).astype(np.float32)
+        r = httpx.post(srv.url + "/v2/models/mlp/infer", json={"inputs": [fp32("input", x)]}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(output(r.json(), "output"), expected_mlp(local, x), rtol=1e-3, atol=1e-3)
+        texts = ["the cat sat", "a big red house by the tree"]
+        r = httpx.post(srv.url + "/v2/models/bert/infer", timeout=60, json={"inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(output(r.json(), "embedding"), local["bert"].encode(texts).numpy(),
+                                   rtol=1e-3, atol=1e-3)
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.log()
+
+
 # -- graceful shutdown -------------------------------------------------------------------------
 
 def test_sigterm_drains_queued_requests_and_exits_0(artifacts, local):
@@ -537,7 +563,7 @@ def _queue_depth(srv) -> float:
 def test_bad_artifact_fails_fast_with_a_clear_error(tmp_path):
     missing = tmp_path / "nope.spz"
     r = subprocess.run([sys.executable, "-m", "engine", "serve", str(missing), "--port", "0"], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+                       env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "sparse-engine serve:" in r.stderr and "nope.spz" in r.stderr
 
@@ -549,7 +575,7 @@ def test_model_that_cannot_warm_up_exits_1(artifacts):
               "    m.forward = fail\n    return m\nengine.load = load\n"
               "import sys\nfrom engine.cli import main\nsys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", broken, "serve", str(artifacts / "mlp.spz"), "--port", "0"],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1, r.stderr
     assert "warm-up failed" in r.stderr and "no kernel for this CPU" in r.stderr
