@@ -126,8 +126,8 @@ void store_tile(float* y, int64_t O, const float* tile, int64_t o0, int64_t g, i
 
 // One output row, one chunk of V*8 batch columns: out[0 : 8V] = Σ_k w_k · Xt[col_k, :].
 // U independent accumulator sets hide FMA latency when V is small.
-template <typename WT, int V>
-inline void csr_row_chunk(const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+template <typename WT, typename IT, int V>
+inline void csr_row_chunk(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                           int64_t np, float* out) {
   constexpr int U = V >= 4 ? 1 : (V >= 2 ? 2 : 4);
   __m256 acc[U][V];
@@ -151,35 +151,38 @@ inline void csr_row_chunk(const int32_t* col, const WT* val, int32_t k0, int32_t
   for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
 }
 
-template <typename WT>
-void csr_row_chunk_v(int V, const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+template <typename WT, typename IT>
+void csr_row_chunk_v(int V, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out) {
   switch (V) {
-    case 1: return csr_row_chunk<WT, 1>(col, val, k0, k1, xt, np, out);
-    case 2: return csr_row_chunk<WT, 2>(col, val, k0, k1, xt, np, out);
-    case 3: return csr_row_chunk<WT, 3>(col, val, k0, k1, xt, np, out);
-    case 4: return csr_row_chunk<WT, 4>(col, val, k0, k1, xt, np, out);
-    case 5: return csr_row_chunk<WT, 5>(col, val, k0, k1, xt, np, out);
-    case 6: return csr_row_chunk<WT, 6>(col, val, k0, k1, xt, np, out);
-    case 7: return csr_row_chunk<WT, 7>(col, val, k0, k1, xt, np, out);
-    default: return csr_row_chunk<WT, 8>(col, val, k0, k1, xt, np, out);
+    case 1: return csr_row_chunk<WT, IT, 1>(col, val, k0, k1, xt, np, out);
+    case 2: return csr_row_chunk<WT, IT, 2>(col, val, k0, k1, xt, np, out);
+    case 3: return csr_row_chunk<WT, IT, 3>(col, val, k0, k1, xt, np, out);
+    case 4: return csr_row_chunk<WT, IT, 4>(col, val, k0, k1, xt, np, out);
+    case 5: return csr_row_chunk<WT, IT, 5>(col, val, k0, k1, xt, np, out);
+    case 6: return csr_row_chunk<WT, IT, 6>(col, val, k0, k1, xt, np, out);
+    case 7: return csr_row_chunk<WT, IT, 7>(col, val, k0, k1, xt, np, out);
+    default: return csr_row_chunk<WT, IT, 8>(col, val, k0, k1, xt, np, out);
   }
 }
 
 // Σ_k w_k · x[col_k] over one row, 16 entries per step with two gathers in flight.
-template <typename WT>
-inline float csr_dot_gather(const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* x) {
+inline __m256i load8_idx(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i load8_idx(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <typename WT, typename IT>
+inline float csr_dot_gather(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* x) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int32_t k = k0;
   for (; k + 16 <= k1; k += 16) {
-    const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
-    const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k + 8));
+    const __m256i i0 = load8_idx(col + k), i1 = load8_idx(col + k + 8);
     a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
     a1 = _mm256_fmadd_ps(load8(val + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
   }
   if (k + 8 <= k1) {
-    const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
-    a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+    a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, load8_idx(col + k), 4), a0);
     k += 8;
   }
   float s = hsum(_mm256_add_ps(a0, a1));
@@ -187,12 +190,15 @@ inline float csr_dot_gather(const int32_t* col, const WT* val, int32_t k0, int32
   return s;
 }
 
-template <typename WT>
-void csr_avx2(const LinearArgs& a) {
+// IT: int32_t column indices, or uint16_t (a prepared copy when I <= 65536: 2 bytes less per entry
+// on the memory-bound small-batch path).
+template <typename WT, typename IT>
+void csr_avx2(const LinearArgs& a, const IT* col) {
   const WT* val = static_cast<const WT*>(a.values);
   const int64_t N = a.n, I = a.in_features, O = a.out_features;
   const int32_t* crow = a.crow;
   const int T = pick_threads(a.nthreads, double(crow[O]) * double(N));
+  const bool w512 = current_isa() == ISA_AVX512;  // batched path only
 
   if (N < kSpmmMinN) {
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -202,14 +208,16 @@ void csr_avx2(const LinearArgs& a) {
       const int64_t o0 = split_begin(crow, O, 16, 4, t, nt), o1 = split_begin(crow, O, 16, 4, t + 1, nt);
       for (int64_t o = o0; o < o1; ++o) {
         const float b = a.bias ? a.bias[o] : 0.f;
-        for (int64_t n = 0; n < N; ++n)
-          a.y[n * O + o] = activate(csr_dot_gather(a.col, val, crow[o], crow[o + 1], a.x + n * I) + b, a.act);
+        for (int64_t n = 0; n < N; ++n) {
+          // vpgatherdd beat both 16-wide AVX-512 gathers and scalar loads here (kernel log, cpu.md).
+          const float d = csr_dot_gather(col, val, crow[o], crow[o + 1], a.x + n * I);
+          a.y[n * O + o] = activate(d + b, a.act);
+        }
       }
     }
     return;
   }
 
-  const bool w512 = current_isa() == ISA_AVX512;
   const int64_t n_pad = (N + 7) / 8 * 8;
   int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
   panel = std::min(panel, n_pad);
@@ -236,10 +244,10 @@ void csr_avx2(const LinearArgs& a) {
             float* out = tile + r * kChunk;
             if (w512) {
               const int v16 = int(nc / 16);
-              if (v16) csr_row_chunk_512<WT>(v16, a.col, val, k0, k1, xt + c0, np, out);
-              if (nc % 16) csr_row_chunk_v<WT>(1, a.col, val, k0, k1, xt + c0 + 16 * v16, np, out + 16 * v16);
+              if (v16) csr_row_chunk_512<WT, IT>(v16, col, val, k0, k1, xt + c0, np, out);
+              if (nc % 16) csr_row_chunk_v<WT, IT>(1, col, val, k0, k1, xt + c0 + 16 * v16, np, out + 16 * v16);
             } else {
-              csr_row_chunk_v<WT>(int(nc / 8), a.col, val, k0, k1, xt + c0, np, out);
+              csr_row_chunk_v<WT, IT>(int(nc / 8), col, val, k0, k1, xt + c0, np, out);
             }
           }
           store_tile(a.y, O, tile, og, g, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
@@ -353,12 +361,13 @@ void bsr_block_row_chunk(const LinearArgs& a, const WT* val, int64_t b, const fl
 template <typename WT, int RB>
 inline void bsr_rows_dot(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t C,
                          int64_t r0, const float* x, float* out) {
+  constexpr int U = RB >= 8 ? 1 : 2;  // 8 rows already give 8 independent FMA chains
   __m256 acc[2][RB];
   for (int u = 0; u < 2; ++u)
     for (int rb = 0; rb < RB; ++rb) acc[u][rb] = _mm256_setzero_ps();
   int32_t k = k0;
-  for (; k + 2 <= k1; k += 2) {
-    for (int u = 0; u < 2; ++u) {
+  for (; k + U <= k1; k += U) {
+    for (int u = 0; u < U; ++u) {
       const WT* w = val + (int64_t(k + u) * R + r0) * C;
       const float* xb = x + int64_t(bcol[k + u]) * C;
       for (int64_t c = 0; c < C; c += 8) {
@@ -407,6 +416,8 @@ void bsr_spmv_block_row(const LinearArgs& a, const WT* val, int64_t b, const flo
   const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
   if (C % 8 == 0) {
     int64_t r0 = 0;
+    // 8 rows per pass read each 8-row block once, front to back (one memory stream).
+    for (; r0 + 8 <= R; r0 += 8) bsr_rows_dot<WT, 8>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 + 4 <= R; r0 += 4) bsr_rows_dot<WT, 4>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 + 2 <= R; r0 += 2) bsr_rows_dot<WT, 2>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 < R; ++r0) bsr_rows_dot<WT, 1>(a.col, val, k0, k1, R, C, r0, x, out + r0);
@@ -490,12 +501,18 @@ void bsr_avx2(const LinearArgs& a) {
 
 }  // namespace
 
-void csr_linear_avx2(const LinearArgs& a) {
+template <typename IT>
+void csr_linear_avx2_idx(const LinearArgs& a, const IT* col) {
   switch (a.wdtype) {
-    case W_BF16: return csr_avx2<bf16_t>(a);
-    case W_F16: return csr_avx2<f16_t>(a);
-    default: return csr_avx2<float>(a);
+    case W_BF16: return csr_avx2<bf16_t, IT>(a, col);
+    case W_F16: return csr_avx2<f16_t, IT>(a, col);
+    default: return csr_avx2<float, IT>(a, col);
   }
+}
+
+void csr_linear_avx2(const LinearArgs& a) {
+  if (a.col16) csr_linear_avx2_idx<uint16_t>(a, a.col16);
+  else csr_linear_avx2_idx<int32_t>(a, a.col);
 }
 
 void bsr_linear_avx2(const LinearArgs& a) {

@@ -18,8 +18,8 @@ inline __m512 bcast16(const float* p) { return _mm512_set1_ps(*p); }
 inline __m512 bcast16(const bf16_t* p) { return _mm512_set1_ps(to_f32(*p)); }
 inline __m512 bcast16(const f16_t* p) { return _mm512_set1_ps(_cvtsh_ss(p->bits)); }
 
-template <typename WT, int V>
-inline void csr_row(const int32_t* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+template <typename WT, typename IT, int V>
+inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                     int64_t np, float* out) {
   // Independent chains: FMA latency 4 x 2 ports wants ~8 accumulators in flight.
   constexpr int U = V >= 4 ? 2 : 4;
@@ -92,14 +92,14 @@ void bsr_rows_v(int v16, const int32_t* bcol, const WT* val, int32_t k0, int32_t
 
 }  // namespace
 
-template <typename WT>
-void csr_row_chunk_512(int v16, const int32_t* col, const WT* val, int32_t k0, int32_t k1,
+template <typename WT, typename IT>
+void csr_row_chunk_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1,
                        const float* xt, int64_t np, float* out) {
   switch (v16) {
-    case 1: return csr_row<WT, 1>(col, val, k0, k1, xt, np, out);
-    case 2: return csr_row<WT, 2>(col, val, k0, k1, xt, np, out);
-    case 3: return csr_row<WT, 3>(col, val, k0, k1, xt, np, out);
-    default: return csr_row<WT, 4>(col, val, k0, k1, xt, np, out);
+    case 1: return csr_row<WT, IT, 1>(col, val, k0, k1, xt, np, out);
+    case 2: return csr_row<WT, IT, 2>(col, val, k0, k1, xt, np, out);
+    case 3: return csr_row<WT, IT, 3>(col, val, k0, k1, xt, np, out);
+    default: return csr_row<WT, IT, 4>(col, val, k0, k1, xt, np, out);
   }
 }
 
@@ -116,8 +116,10 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
 }
 
 #define SE_INSTANTIATE(WT)                                                                         \
-  template void csr_row_chunk_512<WT>(int, const int32_t*, const WT*, int32_t, int32_t,           \
-                                      const float*, int64_t, float*);                              \
+  template void csr_row_chunk_512<WT, int32_t>(int, const int32_t*, const WT*, int32_t, int32_t,  \
+                                               const float*, int64_t, float*);                     \
+  template void csr_row_chunk_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t, \
+                                                const float*, int64_t, float*);                    \
   template void bsr_rows_chunk_512<WT>(int, int, const int32_t*, const WT*, int32_t, int32_t,     \
                                        int64_t, int64_t, int64_t, const float*, int64_t, float*,   \
                                        int64_t);

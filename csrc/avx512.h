@@ -11,10 +11,10 @@ namespace se {
 
 // One CSR row, V16 (1..4) vectors of 16 batch columns:
 // out[0 : 16·V16] = Σ_{k in [k0,k1)} val[k] · xt[col[k] · np + (0 : 16·V16)].
-// col: (nnz,) int32; val: (nnz,) WT; xt: packed X panel (I, np) fp32, pre-offset to the chunk;
+// col: (nnz,) int32 or uint16; val: (nnz,) WT; xt: packed X panel (I, np) fp32, pre-offset to the chunk;
 // out: 64-byte aligned fp32.
-template <typename WT>
-void csr_row_chunk_512(int v16, const int32_t* col, const WT* val, int32_t k0, int32_t k1,
+template <typename WT, typename IT>
+void csr_row_chunk_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1,
                        const float* xt, int64_t np, float* out);
 
 // Rows [r0, r0 + rb) (rb = 1..4) of one BSR block row, V16 (1..4) vectors of 16 batch columns:

@@ -127,17 +127,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("csr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t crow, uintptr_t col,
-           uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads) {
-          const se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
+           uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads, uintptr_t col16) {
+          se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
+          if (col16) {
+            if (i > 65536) throw std::invalid_argument("col16 needs in_features <= 65536");
+            a.col16 = as_ptr<const uint16_t>(col16);
+          }
           py::gil_scoped_release nogil;
           se::csr_linear(a);
         },
         "Y(N,O) = act(X(N,I) · Wᵀ + b), W in CSR. Arguments are data pointers (ints): y, x, N, I, O, "
         "crow, col, values, wdtype (0 fp32, 1 bf16, 2 fp16), bias (0 for none), act (0 none, 1 relu, "
-        "2 gelu, 3 gelu_tanh), nthreads. Inputs are trusted: validate in Python.",
+        "2 gelu, 3 gelu_tanh), nthreads, and optionally col16: a (nnz,) uint16 copy of the column "
+        "indices (0 for none) that the kernels then read instead. Inputs are trusted: validate in Python.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
-        py::arg("act"), py::arg("nthreads"));
+        py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0);
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

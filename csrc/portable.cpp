@@ -20,7 +20,10 @@ void csr_portable(const LinearArgs& a) {
       float* y = a.y + n * O;
       for (int64_t o = o0; o < o1; ++o) {
         float s = 0.f;
-        for (int32_t k = a.crow[o]; k < a.crow[o + 1]; ++k) s += to_f32(val[k]) * x[a.col[k]];
+        if (a.col16)
+          for (int32_t k = a.crow[o]; k < a.crow[o + 1]; ++k) s += to_f32(val[k]) * x[a.col16[k]];
+        else
+          for (int32_t k = a.crow[o]; k < a.crow[o + 1]; ++k) s += to_f32(val[k]) * x[a.col[k]];
         if (a.bias) s += a.bias[o];
         y[o] = activate(s, a.act);
       }

@@ -20,6 +20,8 @@ struct LinearArgs {
   //      input features), increasing within a block row; values (nnzb, R, C) row-major in wdtype.
   const int32_t* crow;
   const int32_t* col;
+  // CSR only, optional: (nnz,) uint16 copy of col (valid when I <= 65536); used instead of col.
+  const uint16_t* col16 = nullptr;
   const void* values;
   int wdtype;            // WDType: 0 fp32, 1 bf16, 2 fp16 (converted to fp32 in registers)
   int64_t block_r = 1;   // R (BSR only): output rows per block, divides O

@@ -53,12 +53,39 @@ def _prepare(fn, x, w, bias):
     return x, b, y, out_dtype, (crow, col, val)
 
 
+def prepare_weight(w: CSR | BSR) -> CSR | BSR:
+    """One-time layout work for the C++ kernels, cached on `w` and reused by every later call.
+
+    CSR with in_features <= 65536: a uint16 copy of the column indices (2 bytes less per stored
+    value on the memory-bound small-batch path). Called lazily by the first csr_linear_cpu call;
+    call it at construction (SparseLinear) to keep that cost out of the first inference.
+    """
+    if isinstance(w, CSR) and w.shape[1] <= 65536 and w.device.type == "cpu":
+        _col16(w)
+    return w
+
+
+def _col16(w: CSR) -> torch.Tensor | None:
+    """uint16 column indices for w, cached on it together with the int32 tensor they mirror."""
+    cached = getattr(w, "_cpu_col16", None)
+    if cached is not None and cached[0] is w.col_indices:
+        return cached[1]
+    if w.shape[1] > 65536:
+        return None
+    # int32 -> int16 keeps the low 16 bits, i.e. the uint16 value for indices < 65536.
+    c16 = w.col_indices.to(torch.int16).contiguous()
+    w._cpu_col16 = (w.col_indices, c16)
+    return c16
+
+
 def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O)."""
     x, b, y, out_dtype, (crow, col, val) = _prepare("csr_linear_cpu", x, w, bias)
+    c16 = _col16(w)
     _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0],
                   crow.data_ptr(), col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype],
-                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
+                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads(),
+                  0 if c16 is None else c16.data_ptr())
     return y.to(out_dtype)
 
 
