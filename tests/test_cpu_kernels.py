@@ -331,3 +331,29 @@ def test_fuzz_against_reference(n, o_blocks, i_blocks, r, c, sparsity, fmt, wdty
     finally:
         cpu.set_isa(before)
     check(y, x, weight, b, act)
+
+
+# ---- prepared weights: uint16 indices, int32 beyond 65536 inputs, cache follows the buffers ---------
+
+@pytest.mark.parametrize("n", (1, 9))
+def test_csr_wide_input_uses_int32_indices(isa, n):
+    # I > 65536: uint16 indices cannot address it, so the kernels read the int32 ones.
+    w, _ = rand_weight(5, 70_001, 0.999)
+    w[2, 70_000] = 1.5  # an index that uint16 would wrap
+    wc = CSR.from_dense(w)
+    x, b = torch.randn(n, 70_001), torch.randn(5)
+    y = run(x, wc, b, "none")
+    assert cpu._prepared("test", wc).col16 == 0
+    check(y, x, wc, b, "none")
+
+
+def test_prepare_weight_cache_follows_buffer_swaps(isa):
+    w1, _ = rand_weight(16, 32, 0.5)
+    wc = cpu.prepare_weight(CSR.from_dense(w1))
+    assert cpu._prepared("test", wc).col16 != 0
+    x = torch.randn(6, 32)
+    check(run(x, wc), x, wc, None, "none")
+    w2, _ = rand_weight(16, 32, 0.5)
+    other = CSR.from_dense(w2)
+    wc.crow_indices, wc.col_indices, wc.values = other.crow_indices, other.col_indices, other.values
+    check(run(x, wc), x, wc, None, "none")  # a stale cache would compute with w1
