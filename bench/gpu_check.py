@@ -17,6 +17,7 @@ For each (shape O×I, batch N, sparsity s, dtype) it
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import os
@@ -51,8 +52,11 @@ def parse_args(argv=None):
     ap.add_argument("--block", default="64x64", help="BSR block R×C (R, C powers of two >= 16 for torch's kernel)")
     ap.add_argument("--formats", default="bsr,csr,torch_bsr,semi", help="which columns besides dense")
     ap.add_argument("--csr-sparsities", default="0.9", help="sparsities that also time the CSR kernel")
+    ap.add_argument("--csr-max-batch", type=int, default=256, help="largest batch that times the CSR kernel")
     ap.add_argument("--tune", action="store_true", help="time each kernel config per batch class first")
     ap.add_argument("--max-configs", type=int, default=0, help="tune at most this many configs per class")
+    ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
+                    help="graph: GPU time of CUDA-graph replays (default); eager: do_bench with launch overhead")
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)
     ap.add_argument("--budget-s", type=float, default=0.0,
@@ -76,22 +80,79 @@ def parse_args(argv=None):
 # --- timing ---------------------------------------------------------------------------------------
 
 class Timer:
-    """Median time of fn() in microseconds: do_bench on CUDA; a wall clock in the CPU interpreter."""
+    """Median time of one call in microseconds.
 
-    def __init__(self, cuda: bool, warmup_ms: float, rep_ms: float):
-        self.cuda, self.warmup, self.rep = cuda, warmup_ms, rep_ms
+    CUDA, mode "graph" (default): the rotating calls are captured in a CUDA graph and its replays
+    timed with events, so the figure is GPU time alone (no Python launch gaps, which otherwise
+    swamp 5-20 us kernels) while each call still reads weights and inputs that are not in L2.
+    CUDA, mode "eager": triton.testing.do_bench (L2 flushed before each call, launch overhead included).
+    CPU (interpreter): one wall-clock call after a warm-up; it proves the path, not the speed.
+    """
 
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            from triton.testing import do_bench
-            return 1e3 * do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
-        fn()
-        ts = []
-        for _ in range(1):  # the interpreter is slow: one timed call proves the path, not the speed
+    def __init__(self, cuda: bool, warmup_ms: float, rep_ms: float, mode: str = "graph"):
+        self.cuda, self.warmup, self.rep, self.mode = cuda, warmup_ms, rep_ms, mode
+
+    def __call__(self, fn, pool: int = 1) -> float:
+        if not self.cuda:
+            fn()
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(ts)
+            return 1e6 * (time.perf_counter() - t0)
+        from triton.testing import do_bench
+        if self.mode == "eager":
+            return 1e3 * do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
+        try:
+            return self._graph(fn, pool)
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured is timed eagerly
+            print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:80]}; timing eagerly)", flush=True)
+            torch.cuda.synchronize()
+            return 1e3 * do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
+
+    def _graph(self, fn, pool: int) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            fn()  # compile, fill the launch path's caches, warm the allocator
+            t0.record()
+            fn()
+            t1.record()
+        torch.cuda.synchronize()
+        est_us = max(1.0, 1e3 * t0.elapsed_time(t1))
+        # one replay: the whole rotation (capped at ~50 ms for slow ops, where L2 cannot flatter anyway),
+        # and at least ~rep/10 ms of work for fast ones
+        calls = max(min(pool, 1 + int(50e3 / est_us)), min(2000, int(self.rep * 1e3 / 10 / est_us)))
+        with torch.cuda.stream(side):
+            for _ in range(min(calls, pool) - 2):
+                fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            for _ in range(calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(7):
+            t0.record()
+            g.replay()
+            t1.record()
+            torch.cuda.synchronize()
+            times.append(1e3 * t0.elapsed_time(t1) / calls)
+        del g
+        return statistics.median(times)
+
+
+def pool_size(nbytes_each: int, cuda: bool) -> int:
+    """Copies of an operand so that cycling through them streams from memory, not from L2."""
+    return 1 if not cuda else max(2, min(128, math.ceil(3 * l2_bytes() / max(1, nbytes_each))))
+
+
+def clone_weight(w):
+    """A copy with its own buffers (copy.copy skips the O(nnz) validation of the constructor)."""
+    c = copy.copy(w)
+    c.crow_indices, c.col_indices, c.values = (t.clone() for t in (w.crow_indices, w.col_indices, w.values))
+    return c
 
 
 def cycling(fn, *pools):
@@ -102,12 +163,6 @@ def cycling(fn, *pools):
         i = next(k)
         return fn(*(p[i % len(p)] for p in pools))
     return call
-
-
-def rotating(make, nbytes_each: int, cuda: bool):
-    """Enough copies of an input that cycling through them spills L2 (several times its size)."""
-    copies = 1 if not cuda else max(2, min(16, math.ceil(4 * l2_bytes() / max(1, nbytes_each))))
-    return [make() for _ in range(copies)]
 
 
 def l2_bytes() -> int:
@@ -123,12 +178,12 @@ def ceilings(dev, timer) -> tuple[float, float]:
         return float("nan"), float("nan")
     src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
+    t = timer(lambda: dst.copy_(src), 1)
     gbs = 2 * src.numel() * 2 / (t * 1e-6) / 1e9
     del src, dst
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t = timer(lambda: a @ b)
+    t = timer(lambda: a @ b, 1)
     return gbs, 2 * 8192 ** 3 / (t * 1e-6) / 1e12
 
 
@@ -141,6 +196,10 @@ def block_mask(o, i, block, sparsity, gen, dev):
     keep[torch.randperm(nb, generator=gen)[: round((1 - sparsity) * nb)]] = True
     keep = keep.reshape(o // r, i // c).repeat_interleave(r, 0).repeat_interleave(c, 1)
     return keep.to(dev)
+
+
+def x_el(dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
 
 
 def bytes_bsr(w: BSR, n, dtype) -> int:
@@ -169,13 +228,17 @@ def tune(args, dev, timer, log):
         if op.split("_")[0] not in args.formats:
             continue
         for cls, n in classes.items():
-            x = torch.randn(n, i, generator=gen).to(dev, dtype)
+            if op == "csr_linear" and n > args.csr_max_batch:
+                continue
+            npool = pool_size(w.nbytes + n * i * x_el(dtype), dev.type == "cuda")
+            ws = [w] + [clone_weight(w) for _ in range(npool - 1)]
+            xp = [torch.randn(n, i, generator=gen).to(dev, dtype) for _ in range(npool)]
             cands = configs(cls)[: args.max_configs or None]
             best = None
             for p in cands:
                 t0 = time.time()
                 try:
-                    t = timer(lambda: launch(x, w, None, "none", params=p))
+                    t = timer(cycling(lambda x_, w_: launch(x_, w_, None, "none", params=p), xp, ws), npool)
                 except Exception as e:  # noqa: BLE001 - a config the compiler refuses is skipped
                     log(f"  tune {op} {cls} {p}: failed {type(e).__name__}: {str(e)[:120]}")
                     continue
@@ -207,13 +270,15 @@ def run_grid(args, dev, timer, ceil, log, row_out, t_start):
         w_full = [(torch.randn(o, i, generator=gen) * 0.05).to(dev, dtype) for _ in range(2 if cuda else 1)]
         semi_ws = semi_weights(w_full, dtype, args) if "semi" in args.formats else None
         for n in args.batches:
-            xs = rotating(lambda: torch.randn(n, i, generator=gen).to(dev, dtype), n * i * el, cuda)
-            dense_ws = w_full * max(1, math.ceil(len(xs) / len(w_full)))
-            t_dense = timer(cycling(F.linear, xs, dense_ws))
+            xs = [torch.randn(n, i, generator=gen).to(dev, dtype) for _ in range(pool_size(n * i * el, cuda))]
+            nd = pool_size(o * i * el, cuda)
+            dense_ws = w_full + [w_full[j % len(w_full)].clone() for j in range(len(w_full), nd)]
+            t_dense = timer(cycling(F.linear, xs, dense_ws), max(len(xs), nd))
+            del dense_ws
             t_semi = float("nan")
             if semi_ws:
                 try:
-                    t_semi = timer(cycling(F.linear, xs, semi_ws))
+                    t_semi = timer(cycling(F.linear, xs, semi_ws), max(len(xs), len(semi_ws)))
                 except Exception as e:  # noqa: BLE001
                     log(f"  2:4 F.linear failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
             for s in args.sparsities:
@@ -233,11 +298,10 @@ def semi_weights(w_full, dtype, args):
         return None
     try:
         from torch.sparse import to_sparse_semi_structured
-        out = []
-        for w in w_full:
-            m = torch.tensor([1, 1, 0, 0], dtype=w.dtype, device=w.device).repeat(w.shape[0], w.shape[1] // 4)
-            out.append(to_sparse_semi_structured(w * m))
-        return out
+        m = torch.tensor([1, 1, 0, 0], dtype=w_full[0].dtype, device=w_full[0].device)
+        m = m.repeat(w_full[0].shape[0], w_full[0].shape[1] // 4)
+        n = pool_size(w_full[0].numel() * w_full[0].element_size() // 2, True)
+        return [to_sparse_semi_structured(w_full[j % len(w_full)] * m) for j in range(n)]
     except Exception as e:  # noqa: BLE001 - not every card / build has 2:4 kernels
         print(f"  2:4 semi-structured unavailable: {type(e).__name__}: {str(e)[:100]}", flush=True)
         return None
@@ -248,8 +312,9 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
     block = args.block
     bsrs = [BSR.from_dense(w, block_mask(o, i, block, s, gen, dev), block) for w in w_full]
     bsr_bytes = bytes_bsr(bsrs[0], n, dtype)
-    bsrs = bsrs * max(1, math.ceil(len(xs) / len(bsrs)))
     nnz = bsrs[0].nnz
+    nw = pool_size(bsrs[0].nbytes, cuda)
+    bsrs += [clone_weight(bsrs[j % 2]) for j in range(len(bsrs), nw)]
     # correctness first: fresh input, NaN-poisoned output, fp32 reference on the same operands
     x = torch.randn(n, i, generator=gen).to(dev, dtype)
     bias = torch.randn(o, generator=gen).to(dev, dtype)
@@ -262,14 +327,14 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
     y2 = engine.sparse_linear(x, bsrs[0], bias, activation="gelu", backend="triton")
     ok = ok and engine.ops.calls[("triton", "bsr")] == before + 1 and torch.equal(y2, y)
 
-    t_bsr = timer(cycling(kernels.bsr_linear_triton, xs, bsrs))
+    t_bsr = timer(cycling(kernels.bsr_linear_triton, xs, bsrs), max(len(xs), len(bsrs)))
 
     t_torch = float("nan")
     if "torch_bsr" in args.formats:
         t_torch = time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log)
 
     t_csr = float("nan")
-    if "csr" in args.formats and s in args.csr_sparsities:
+    if "csr" in args.formats and s in args.csr_sparsities and n <= args.csr_max_batch:
         csrs = [CSR.from_dense(w * (torch.rand(o, i, generator=gen) >= s).to(dev)) for w in w_full]
         xc = torch.randn(n, i, generator=gen).to(dev, dtype)
         yc = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
@@ -280,8 +345,9 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
         if not okc:
             log(f"  CSR MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errc:.2e}")
         ok, err = ok and okc, max(err, errc)
-        csrs = csrs * max(1, math.ceil(len(xs) / len(csrs)))
-        t_csr = timer(cycling(kernels.csr_linear_triton, xs, csrs))
+        csrs += [clone_weight(csrs[j % 2]) for j in range(len(csrs), pool_size(csrs[0].nbytes, cuda))]
+        t_csr = timer(cycling(kernels.csr_linear_triton, xs, csrs), max(len(xs), len(csrs)))
+        del csrs
 
     gbs = bsr_bytes / (t_bsr * 1e-6) / 1e9
     tfs = 2 * n * nnz / (t_bsr * 1e-6) / 1e12
@@ -305,7 +371,7 @@ def time_torch_bsr(dev, timer, w_full, bsrs, xs, n, block, log):
         else:
             xts, fn = [x.t().contiguous() for x in xs], torch.sparse.mm
         fn(tb[0], xts[0])
-        return timer(cycling(fn, tb, xts))
+        return timer(cycling(fn, tb, xts), max(len(tb), len(xts)))
     except Exception as e:  # noqa: BLE001 - e.g. dtypes torch's CPU BSR matmul lacks
         log(f"  torch.sparse BSR failed at N={n}: {type(e).__name__}: {str(e)[:100]}")
         return float("nan")
@@ -336,13 +402,15 @@ def main(argv=None) -> int:
             out.write(line + "\n")
             out.flush()
 
-    timer = Timer(cuda, args.warmup_ms, args.rep_ms)
+    timer = Timer(cuda, args.warmup_ms, args.rep_ms, args.timing)
     name = tuning.device_name(torch.empty(0, device=dev))
     import triton
     log(f"# gpu_check  device: {name}  torch {torch.__version__}  triton {triton.__version__}  "
         f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     log(f"# command: {' '.join(sys.argv)}")
-    log(f"# block {args.block[0]}x{args.block[1]}; times are do_bench medians in us; S = dense / ours")
+    log(f"# block {args.block[0]}x{args.block[1]}; times in us: medians of "
+        + ("CUDA-graph replays (GPU time; weights and inputs rotated past L2)" if args.timing == "graph"
+           else "do_bench (L2 flushed, launch overhead included)") + "; S = dense / ours")
     t0 = time.time()
     ceil = ceilings(dev, timer)
     log(f"# ceilings: device copy {ceil[0]:.0f} GB/s (read + write), dense bf16 matmul {ceil[1]:.0f} TFLOP/s")
