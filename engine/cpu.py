@@ -5,12 +5,14 @@ The kernels pick their instruction set at import: AVX-512F micro-kernels where t
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
 `set_isa(...)` forces a narrower one (tests run every path).
 
-Per call the only Python work is the launch: a weight's buffer addresses (and, for CSR, a uint16
-copy of its column indices) are prepared once and cached on the weight object (`prepare_weight`).
+Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
+weight's column indices) is made once per index tensor and cached (`prepare_weight`).
 """
 from __future__ import annotations
 
 import torch
+
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .formats import BSR, CSR
 
@@ -44,49 +46,44 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
-class _Prepared:
-    """Kernel-ready view of one weight: contiguous buffers kept alive, and their addresses."""
-
-    __slots__ = ("src", "keep", "crow", "col", "val", "col16", "wdtype")
-
-    def __init__(self, fn: str, w: CSR | BSR):
-        if w.device.type != "cpu":
-            raise ValueError(f"{fn}: weight is on {w.device}, the C++ kernels need CPU tensors")
-        if w.values.dtype not in _WDTYPE:
-            raise TypeError(f"{fn}: weight values must be float32/bfloat16/float16, got {w.values.dtype}")
-        self.src = (w.crow_indices, w.col_indices, w.values)
-        crow, col, val = (t.contiguous() for t in self.src)
-        keep = [crow, col, val]
-        self.col16 = 0
-        if isinstance(w, CSR) and w.shape[1] <= _U16_MAX_COLS:
-            # 2 bytes less per stored value on the memory-bound small-batch path. int32 -> int16
-            # keeps the low 16 bits: the uint16 value of every index < 65536.
-            c16 = col.to(torch.int16)
-            keep.append(c16)
-            self.col16 = c16.data_ptr()
-        self.keep = keep
-        self.crow, self.col, self.val = crow.data_ptr(), col.data_ptr(), val.data_ptr()
-        self.wdtype = _WDTYPE[val.dtype]
-
-    def fresh(self, w) -> bool:
-        s = self.src
-        return s[0] is w.crow_indices and s[1] is w.col_indices and s[2] is w.values
+# col_indices tensor -> (its _version when converted, uint16 copy). Keyed by the tensor itself, so
+# the copy outlives the short-lived CSR views SparseLinear builds per call, and an in-place update
+# of the indices (load_state_dict copies into buffers) bumps _version and triggers a fresh copy.
+_COL16 = WeakIdKeyDictionary()
 
 
-def _prepared(fn: str, w: CSR | BSR) -> _Prepared:
-    p = getattr(w, "_cpu_prepared", None)
-    if p is None or not p.fresh(w):
-        p = _Prepared(fn, w)
-        w._cpu_prepared = p
-    return p
+def _col16(w: CSR) -> torch.Tensor | None:
+    """uint16 copy of w's column indices (None when I > 65536), made once per index tensor."""
+    if w.shape[1] > _U16_MAX_COLS:
+        return None
+    col = w.col_indices
+    hit = _COL16.get(col)
+    if hit is None or hit[0] != col._version:
+        # int32 -> int16 keeps the low 16 bits: the uint16 value of every index < 65536.
+        hit = (col._version, col.contiguous().to(torch.int16))
+        _COL16[col] = hit
+    return hit[1]
 
 
 def prepare_weight(w: CSR | BSR) -> CSR | BSR:
-    """Prepare `w` for the C++ kernels once (cached on it; later calls reuse it). The first
-    kernel call does this lazily; SparseLinear calls it at construction to keep that cost out of
-    the first inference. Extra memory: 2 bytes per stored value for CSR (uint16 indices)."""
-    _prepared("prepare_weight", w)
+    """One-time layout work for the C++ kernels, cached and reused by every later call on the same
+    buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
+    per stored value on the memory-bound small-batch path; 2 bytes/value extra memory). The first
+    kernel call does it lazily; SparseLinear calls this at construction to keep the cost out of
+    the first inference."""
+    if isinstance(w, CSR) and w.device.type == "cpu":
+        _col16(w)
     return w
+
+
+def _weight(fn: str, w: CSR | BSR):
+    if w.device.type != "cpu":
+        raise ValueError(f"{fn}: weight is on {w.device}, the C++ kernels need CPU tensors")
+    val = w.values
+    if val.dtype not in _WDTYPE:
+        raise TypeError(f"{fn}: weight values must be float32/bfloat16/float16, got {val.dtype}")
+    # No-ops for layouts built by engine.formats; they guard hand-made views.
+    return w.crow_indices.contiguous(), w.col_indices.contiguous(), val.contiguous()
 
 
 def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
@@ -99,22 +96,22 @@ def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
 
 def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype."""
-    p = _prepared("csr_linear_cpu", w)
+    crow, col, val = _weight("csr_linear_cpu", w)
+    c16 = _col16(w)
     out_dtype = x.dtype
     x, b, y = _io(x, bias, w.shape[0])
-    _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], p.crow, p.col,
-                  p.val, p.wdtype, 0 if b is None else b.data_ptr(), _ACT[activation],
-                  torch.get_num_threads(), p.col16)
+    _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], crow.data_ptr(),
+                  col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype], 0 if b is None else b.data_ptr(),
+                  _ACT[activation], torch.get_num_threads(), 0 if c16 is None else c16.data_ptr())
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks."""
-    p = _prepared("bsr_linear_cpu", w)
+    crow, col, val = _weight("bsr_linear_cpu", w)
     out_dtype = x.dtype
     x, b, y = _io(x, bias, w.shape[0])
-    r, c = w.values.shape[1], w.values.shape[2]
-    _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], r, c, p.crow,
-                  p.col, p.val, p.wdtype, 0 if b is None else b.data_ptr(), _ACT[activation],
-                  torch.get_num_threads())
+    _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], val.shape[1],
+                  val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype],
+                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
     return y if out_dtype is torch.float32 else y.to(out_dtype)

@@ -343,17 +343,28 @@ def test_csr_wide_input_uses_int32_indices(isa, n):
     wc = CSR.from_dense(w)
     x, b = torch.randn(n, 70_001), torch.randn(5)
     y = run(x, wc, b, "none")
-    assert cpu._prepared("test", wc).col16 == 0
+    assert cpu._col16(wc) is None
     check(y, x, wc, b, "none")
 
 
-def test_prepare_weight_cache_follows_buffer_swaps(isa):
+def test_prepare_weight_cache_follows_buffers(isa):
     w1, _ = rand_weight(16, 32, 0.5)
     wc = cpu.prepare_weight(CSR.from_dense(w1))
-    assert cpu._prepared("test", wc).col16 != 0
+    c16 = cpu._col16(wc)
+    assert c16 is not None and torch.equal(c16.long(), wc.col_indices.long())
+    # A fresh view over the same buffers (what SparseLinear builds per call) reuses the copy.
+    assert cpu._col16(CSR.trusted(wc.crow_indices, wc.col_indices, wc.values, wc.shape)) is c16
     x = torch.randn(6, 32)
     check(run(x, wc), x, wc, None, "none")
-    w2, _ = rand_weight(16, 32, 0.5)
-    other = CSR.from_dense(w2)
-    wc.crow_indices, wc.col_indices, wc.values = other.crow_indices, other.col_indices, other.values
-    check(run(x, wc), x, wc, None, "none")  # a stale cache would compute with w1
+    # In-place update of the buffers (load_state_dict) must not leave a stale copy behind.
+    w2, _ = rand_weight(16, 32, 0.0)
+    full = CSR.from_dense(w2, mask=torch.ones(16, 32, dtype=torch.bool))
+    w1_full = CSR.from_dense(w1, mask=torch.ones(16, 32, dtype=torch.bool))
+    cpu.prepare_weight(w1_full)
+    for mine, new in ((w1_full.crow_indices, full.crow_indices), (w1_full.col_indices, full.col_indices),
+                      (w1_full.values, full.values)):
+        mine.copy_(new)
+    w1_full.col_indices[:16].copy_(torch.arange(16, 32, dtype=torch.int32))  # row 0 now reads cols 16..31
+    w1_full.col_indices[16:32].copy_(torch.arange(0, 16, dtype=torch.int32))
+    w1_full.values[:32] = torch.randn(32)
+    check(run(x, w1_full), x, w1_full, None, "none")
