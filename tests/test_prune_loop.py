@@ -9,6 +9,15 @@ from engine.prune import (PruneConfig, PruneError, Task, TrainConfig, evaluate, 
                           search_sparsity)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny layers: with 2+ threads on a busy machine, OpenMP spinning makes each step ~50x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits():
     data = examples.digits_data(seed=0)

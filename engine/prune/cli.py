@@ -68,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-trials", type=int, default=10)
 
     t = parser.add_argument_group("training")
-    t.add_argument("--epochs", type=int, help="epochs after pruning (default 20 post, --dense-epochs pre)")
+    t.add_argument("--epochs", type=int, help="epochs after pruning (default 40 post, --dense-epochs pre)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=1e-4)
     t.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
@@ -76,6 +76,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--distill", default="none", choices=DISTILL, help="distil from the dense model")
     t.add_argument("--distill-alpha", type=float, default=0.5)
     t.add_argument("--temperature", type=float, default=2.0)
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: small layers gain nothing from more, and on a busy "
+                        "machine extra threads mostly spin); 0 keeps torch's default")
     t.add_argument("--seed", type=int, default=0, help="seeds the data split, init, shuffling and random scores")
 
     o = parser.add_argument_group("output")
@@ -189,7 +192,7 @@ def run(args, argv: list[str] | None = None) -> dict:
     task, model_name = build_task(args)
     prune_cfg = PruneConfig(args.method, str(gran), args.scope, tuple(args.skip),
                             _layer_overrides(args.layer_sparsity), args.calib_batches, args.seed)
-    epochs = args.epochs if args.epochs is not None else (20 if when == "post" else args.dense_epochs)
+    epochs = args.epochs if args.epochs is not None else (40 if when == "post" else args.dense_epochs)
     train_cfg = TrainConfig(epochs, args.lr, args.weight_decay, args.optimizer, args.batch_size, args.distill,
                             args.distill_alpha, args.temperature, args.seed, progress)
     train_cfg.validate()
@@ -293,13 +296,19 @@ def run(args, argv: list[str] | None = None) -> dict:
 
 
 def main(args) -> int:
+    threads = torch.get_num_threads()
     try:
+        if args.threads < 0:
+            raise PruneError(f"--threads must be >= 0, got {args.threads}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         report = run(args)
         main_rank = distributed.is_main()
     except PruneError as e:
         print(f"sparse-engine prune: error: {e}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests, scripts) keep theirs
         distributed.shutdown()
     if not args.quiet and main_rank:
         f, d = report["final"], report["dense"]

@@ -90,9 +90,15 @@ def _train_loader(train_loader, cfg: TrainConfig):
     dataset = train_loader.dataset
     if distributed.active():
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler), sampler
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen), None
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        # Index a whole batch at once: per-sample fetch + collate costs more than a small MLP's step.
+        batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=False)
+        loader = torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    return loader, sampler if distributed.active() else None
 
 
 def finetune(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, *, masks: MaskSet | None = None,
