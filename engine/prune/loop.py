@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from . import distributed
 from .finetune import TrainConfig, evaluate, finetune
 from .granularity import PruneError, check_sparsity, parse_granularity
 from .masks import MaskSet
@@ -67,7 +68,8 @@ def run_trial(task: Task, dense: nn.Module, sparsity: float, prune_cfg: PruneCon
         return compute_masks(model, target, prune_cfg, batches=calib, loss_fn=task.loss_fn,
                              previous=previous, progress=progress)
 
-    steps = train_cfg.epochs * max(len(task.train_loader.dataset) // train_cfg.batch_size, 1)
+    per_rank = math.ceil(len(task.train_loader.dataset) / distributed.world_size())
+    steps = train_cfg.epochs * math.ceil(per_rank / train_cfg.batch_size)
     plan = pruning_plan(schedule, sparsity, steps)
     masks, history = finetune(model, task.train_loader, task.val_loader, train_cfg, plan=plan,
                               reprune=reprune, teacher=teacher, loss_fn=task.loss_fn)
