@@ -10,7 +10,8 @@ For each (shape O×I, batch N, sparsity s, dtype) it
   3. reports speedup over dense, the DESIGN §5 target, and achieved GB/s and TFLOP/s against
      ceilings measured at start (a large device copy, a large dense bf16 matmul).
 
-    PYTHONPATH=. python3 bench/gpu_check.py --tune --out gpu.txt          # full grid on a GPU
+    PYTHONPATH=. python3 bench/gpu_check.py --tune --out gpu.txt          # full grid on a GPU (~2 min on an H200)
+    PYTHONPATH=. python3 bench/gpu_check.py --tune --timing graph         # GPU time alone (CUDA graphs)
     PYTHONPATH=. python3 bench/gpu_check.py --shapes 4096x4096 --batches 1,256 --sparsities 0.9
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/gpu_check.py --tiny      # CPU, interpreter, end to end
 """
@@ -55,8 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--csr-max-batch", type=int, default=256, help="largest batch that times the CSR kernel")
     ap.add_argument("--tune", action="store_true", help="time each kernel config per batch class first")
     ap.add_argument("--max-configs", type=int, default=0, help="tune at most this many configs per class")
-    ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
-                    help="graph: GPU time of CUDA-graph replays (default); eager: do_bench with launch overhead")
+    ap.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                    help="eager (default, the mode bench/results/gpu.md used): do_bench, L2 flushed, launch "
+                         "overhead included; graph: GPU time of CUDA-graph replays (not yet run on a GPU)")
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)
     ap.add_argument("--budget-s", type=float, default=0.0,
@@ -82,14 +84,15 @@ def parse_args(argv=None):
 class Timer:
     """Median time of one call in microseconds.
 
-    CUDA, mode "graph" (default): the rotating calls are captured in a CUDA graph and its replays
+    CUDA, mode "graph": the rotating calls are captured in a CUDA graph and its replays
     timed with events, so the figure is GPU time alone (no Python launch gaps, which otherwise
     swamp 5-20 us kernels) while each call still reads weights and inputs that are not in L2.
-    CUDA, mode "eager": triton.testing.do_bench (L2 flushed before each call, launch overhead included).
+    CUDA, mode "eager" (default): triton.testing.do_bench (L2 flushed before each call, launch overhead
+    included: 5-20 us kernels then read high and noisy, by whether Python launched before the flush ended).
     CPU (interpreter): one wall-clock call after a warm-up; it proves the path, not the speed.
     """
 
-    def __init__(self, cuda: bool, warmup_ms: float, rep_ms: float, mode: str = "graph"):
+    def __init__(self, cuda: bool, warmup_ms: float, rep_ms: float, mode: str = "eager"):
         self.cuda, self.warmup, self.rep, self.mode = cuda, warmup_ms, rep_ms, mode
 
     def __call__(self, fn, pool: int = 1) -> float:
