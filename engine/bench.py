@@ -1,0 +1,269 @@
+"""`sparse-engine bench`: one linear layer, dense torch vs torch.sparse vs this engine, as a table.
+
+Every provider runs the same x (N, I) @ Wᵀ in one process, interleaved round by round so load
+drifts hit all alike; the table reports median milliseconds of dense `F.linear` and each provider's
+speedup over it, plus the engine's best against the best of torch.sparse. The providers and the
+timer are shared with the pytest-benchmark suite (bench/test_bench_kernels.py).
+
+    sparse-engine bench                      # --quick: 2 shapes x 2 batches x 2 sparsities, ~1 min
+    sparse-engine bench --full               # the issue-7 grid (4 shapes x 4 batches x 5 sparsities)
+    sparse-engine bench --shapes 4096x4096 --batch 1,128 --sparsity 0.9 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .formats import BSR, CSR
+
+SHAPES = ((4096, 4096), (3072, 768), (768, 3072), (1536, 384))  # (O, I)
+BATCHES = (1, 8, 32, 128)
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+BLOCKS = ((1, 8), (8, 8), (16, 16), (32, 32))
+QUICK = dict(shapes=((4096, 4096), (1536, 384)), batches=(1, 32), sparsities=(0.7, 0.9),
+             blocks=((8, 8), (16, 16)))
+
+
+# ---- weights and inputs -------------------------------------------------------------------------
+
+def random_weight(shape, sparsity: float, block=(1, 1), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 W (O, I) with a fraction `sparsity` of its R×C blocks zero, and the keep mask."""
+    g = torch.Generator().manual_seed(seed)
+    o, i = shape
+    r, c = block
+    keep = torch.rand(o // r, i // c, generator=g) >= sparsity
+    keep = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return torch.randn(o, i, generator=g) * keep, keep
+
+
+def _onnx_dense(w: torch.Tensor, threads: int):
+    """ONNX Runtime session for y = x @ Wᵀ (Gemm, transB) or None when onnxruntime is missing."""
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    o, i = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", i])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", o])],
+        [numpy_helper.from_array(w.numpy().astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # ORT's pool busy-waits between runs by default; in an interleaved benchmark that spinning
+    # would steal the cores from the next provider.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def providers(shape, sparsity: float, batch: int, *, blocks=BLOCKS, threads: int | None = None,
+              torch_sparse: bool = True, onnx: bool = True, half: bool = True, seed: int = 0,
+              only: set[str] | None = None) -> dict[str, dict]:
+    """name -> {"fn": zero-arg callable, "stored": values kept, "fmt", "block", "value_bytes"}.
+
+    Dense providers run the unstructured weight (their speed does not depend on the pattern);
+    each BSR provider gets its own block-structured weight at the same sparsity.
+    """
+    from . import cpu
+    threads = threads or torch.get_num_threads()
+    o, i = shape
+    x = torch.randn(batch, i, generator=torch.Generator().manual_seed(seed + 1))
+    w, keep = random_weight(shape, sparsity, seed=seed)
+    out: dict[str, dict] = {}
+
+    def add(name, fn, fmt, stored, block=None, value_bytes=4):
+        if only is None or name in only or name == "dense":
+            out[name] = dict(fn=fn, fmt=fmt, stored=stored, block=block, value_bytes=value_bytes)
+
+    add("dense", lambda: F.linear(x, w), "dense", o * i)
+    nnz = int(keep.sum())
+    xt = x.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.sparse "beta" notices
+        if torch_sparse:
+            w_csr = w.to_sparse_csr()
+            add("torch.sparse csr", lambda: (w_csr @ xt).T, "csr", nnz)
+    if onnx and (only is None or "onnxruntime dense" in only):
+        sess = _onnx_dense(w, threads)
+        if sess is not None:
+            xn = x.numpy()
+            add("onnxruntime dense", lambda: sess.run(None, {"x": xn}), "dense", o * i)
+    wc = CSR.from_dense(w, mask=keep)
+    cpu.prepare_weight(wc)
+    add("engine csr", lambda: cpu.csr_linear_cpu(x, wc, None, "none"), "csr", nnz)
+    if half:
+        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            w16 = cpu.prepare_weight(CSR.from_dense(w.to(dt), mask=keep))
+            add(f"engine csr {tag}", (lambda w16=w16: cpu.csr_linear_cpu(x, w16, None, "none")), "csr",
+                nnz, value_bytes=2)
+    for r, c in blocks:
+        if o % r or i % c:
+            continue
+        wb_dense, bkeep = random_weight(shape, sparsity, (r, c), seed=seed)
+        wb = BSR.from_dense(wb_dense, mask=bkeep, blocksize=(r, c))
+        stored = wb.nnz
+        add(f"engine bsr {r}x{c}", (lambda wb=wb: cpu.bsr_linear_cpu(x, wb, None, "none")), "bsr", stored, (r, c))
+        if torch_sparse and (only is None or f"torch.sparse bsr {r}x{c}" in only):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tb = wb_dense.to_sparse_bsr((r, c))
+            add(f"torch.sparse bsr {r}x{c}", (lambda tb=tb: (tb @ xt).T), "bsr", stored, (r, c))
+        if half and (r, c) == (16, 16):
+            wb16 = BSR.from_dense(wb_dense.to(torch.bfloat16), mask=bkeep, blocksize=(r, c))
+            add(f"engine bsr {r}x{c} bf16", (lambda wb16=wb16: cpu.bsr_linear_cpu(x, wb16, None, "none")),
+                "bsr", stored, (r, c), value_bytes=2)
+    return out
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7) -> dict[str, float]:
+    """Median seconds per call of each fn. Each round runs every fn back to back (enough calls to
+    fill min_time/rounds), so a burst of load from other processes lands on all providers alike."""
+    with torch.inference_mode():
+        reps = {}
+        for name, fn in fns.items():
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            dt = max(time.perf_counter() - t0, 1e-6)
+            reps[name] = max(1, min(2000, int(min_time / rounds / dt)))
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                n = reps[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / n)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bound_seconds(p: dict, shape, batch: int, bandwidth: float, peak: float) -> float:
+    """Roofline lower bound for one provider: bytes that must move (values + indices + X + Y) over
+    memory bandwidth, or FLOPs over FMA peak, whichever is larger."""
+    o, i = shape
+    stored, vb = p["stored"], p["value_bytes"]
+    if p["fmt"] == "dense":
+        w_bytes = stored * vb
+    elif p["fmt"] == "csr":
+        w_bytes = stored * (vb + (2 if i <= 65536 else 4)) + (o + 1) * 4
+    else:
+        r, c = p["block"]
+        w_bytes = stored * vb + stored // (r * c) * 4 + (o // r + 1) * 4
+    act_bytes = 4 * batch * (i + o)
+    return max((w_bytes + act_bytes) / bandwidth, 2.0 * batch * stored / peak)
+
+
+def measure_machine(threads: int, seconds: float = 1.0) -> dict[str, float]:
+    """Streaming read bandwidth (B/s: sum over a 256 MiB fp32 tensor) and FMA peak (FLOP/s: the
+    best of torch's sgemm at 2048³), both with `threads` threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big = torch.ones(64 * 1024 * 1024)
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        t = time_interleaved({"bw": lambda: big.sum(), "mm": lambda: a @ b}, min_time=seconds, rounds=5)
+        return {"bandwidth": big.numel() * 4 / t["bw"], "peak": 2.0 * 2048 ** 3 / t["mm"]}
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s)
+
+
+def _nums(text: str, kind=int):
+    return tuple(kind(v) for v in text.split(",") if v)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full", action="store_true",
+                        help="the whole issue-7 grid: 4 shapes x batch 1,8,32,128 x sparsity 0.5..0.95 "
+                             "(tens of minutes); the default is a ~1 minute --quick subset")
+    parser.add_argument("--quick", action="store_true", help="the short default grid (explicit)")
+    parser.add_argument("--shapes", type=_pairs, help="weights O×I, e.g. 4096x4096,3072x768")
+    parser.add_argument("--batch", type=_nums, help="batch sizes, e.g. 1,8,32,128")
+    parser.add_argument("--sparsity", type=lambda s: _nums(s, float), help="e.g. 0.7,0.9,0.95")
+    parser.add_argument("--blocks", type=_pairs, help="engine/torch BSR block sizes, e.g. 1x8,8x8,16x16")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every provider (default 2)")
+    parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 weight variants")
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider per cell")
+    parser.add_argument("--bound", action="store_true",
+                        help="measure bandwidth and FMA peak first and print each cell's roofline bound")
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.3f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import cpu
+    if not cpu.available():
+        print(f"sparse-engine bench: the C++ extension is not built ({cpu.import_error()})")
+        return 1
+    grid = dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES, blocks=BLOCKS) if args.full else dict(QUICK)
+    for key, val in (("shapes", args.shapes), ("batches", args.batch), ("sparsities", args.sparsity),
+                     ("blocks", args.blocks)):
+        if val:
+            grid[key] = val
+    torch.set_num_threads(args.threads)
+    machine = measure_machine(args.threads) if args.bound else None
+    print(f"# sparse-engine bench: {args.threads} threads, fp32 x, kernels isa={cpu.isa()}, "
+          f"torch {torch.__version__}; median ms of dense F.linear, speedup = t(dense)/t(provider)")
+    if machine:
+        print(f"# measured: read bandwidth {machine['bandwidth'] / 1e9:.1f} GB/s, "
+              f"sgemm peak {machine['peak'] / 1e9:.0f} GFLOP/s")
+    header = None
+    for shape in grid["shapes"]:
+        for batch in grid["batches"]:
+            for s in grid["sparsities"]:
+                ps = providers(shape, s, batch, blocks=grid["blocks"], threads=args.threads,
+                               onnx=not args.no_onnx, half=not args.no_half)
+                t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=args.min_time)
+                names = [k for k in ps if k != "dense"]
+                if header is None:
+                    header = names
+                    cols = ["shape O×I", "batch", "sparsity", "dense ms"] + [f"{n}" for n in names] + [
+                        "best engine", "vs dense", "vs torch.sparse"]
+                    print("| " + " | ".join(cols) + " |")
+                    print("|" + "---|" * len(cols))
+                engine_best = min((k for k in ps if k.startswith("engine") and not k.endswith(("bf16", "fp16"))),
+                                  key=lambda k: t[k])
+                ts_names = [k for k in ps if k.startswith("torch.sparse")]
+                torch_best = min((t[k] for k in ts_names), default=float("nan"))
+                row = [f"{shape[0]}x{shape[1]}", str(batch), f"{s:.2f}", _fmt_ms(t["dense"])]
+                for n in header:
+                    row.append(f"{t['dense'] / t[n]:.2f}x" if n in t else "-")
+                row += [engine_best, f"{t['dense'] / t[engine_best]:.2f}x",
+                        f"{torch_best / t[engine_best]:.2f}x" if ts_names else "-"]
+                print("| " + " | ".join(row) + " |", flush=True)
+                if machine:
+                    b = {k: bound_seconds(ps[k], shape, batch, machine["bandwidth"], machine["peak"]) for k in ps}
+                    print(f"|   bound (ms) | | | {_fmt_ms(b['dense'])} | "
+                          + " | ".join(_fmt_ms(b[n]) if n in b else "-" for n in header) + " | | | |")
+    print("# bsr speedups use a block-structured weight at the same sparsity; 'best engine' excludes "
+          "16-bit variants (fp32 weights only)")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="sparse-engine bench")
+    configure(p)
+    raise SystemExit(main(p.parse_args()))
