@@ -204,7 +204,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         dense.load_state_dict(state)
     else:
         dense_cfg = TrainConfig(args.dense_epochs, args.lr, args.weight_decay, args.optimizer, args.batch_size,
-                                seed=args.seed, progress=progress)
+                                seed=args.seed, progress=progress, desc="dense")
         finetune(dense, task.train_loader, task.val_loader, dense_cfg, loss_fn=task.loss_fn)
     dense_val, dense_test = evaluate(dense, task.val_loader), evaluate(dense, task.test_loader)
     teacher = dense if args.distill != "none" else None

@@ -30,6 +30,7 @@ class TrainConfig:
     temperature: float = 2.0
     seed: int = 0
     progress: bool = False
+    desc: str = "fine-tune"      # progress bar label
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -140,7 +141,7 @@ def finetune(model: nn.Module, train_loader, val_loader, cfg: TrainConfig, *, ma
     epochs = range(cfg.epochs)
     if cfg.progress and distributed.is_main():
         from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc="fine-tune", unit="epoch", leave=False)
+        epochs = tqdm(epochs, desc=cfg.desc, unit="epoch", leave=False)
     try:
         for epoch in epochs:
             if sampler is not None:
