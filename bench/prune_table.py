@@ -66,7 +66,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-wide", action="store_true", help="skip the wide-MLP rows (minutes each)")
     ap.add_argument("-o", "--output", default=str(ROOT / "bench/results/pruning.md"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-render the table from the saved raw results (<output>.json) without training")
     args = ap.parse_args()
+    raw_path = Path(args.output).with_suffix(".json")
+    if args.render_only:
+        results = [(r["section"], r["argv"], r["report"], r["seconds"]) for r in json.loads(raw_path.read_text())]
+        Path(args.output).write_text(render(results))
+        print(f"wrote {args.output}")
+        return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (section, argv) in enumerate(rows(not args.no_wide)):
@@ -81,9 +89,40 @@ def main() -> int:
             print(f"[{i + 1}] {section}: {shlex.join(argv)} -> sparsity {f['sparsity']:.4f} test "
                   f"{f['test_accuracy']:.4f} (dense {report['dense']['test_accuracy']:.4f})", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    for _, _, report, _ in results:  # keep the raw file small: per-epoch curves are in each run's own report
+        for step in report["steps"]:
+            step.pop("epochs", None)
+    raw_path.write_text(json.dumps([{"section": sec, "argv": argv, "report": rep, "seconds": round(sec_s, 1)}
+                                    for sec, argv, rep, sec_s in results], indent=1) + "\n")
     Path(args.output).write_text(render(results))
     print(f"wrote {args.output}")
     return 0
+
+
+def acceptance(results) -> list[str]:
+    """The issue's three acceptance checks, computed from the rows (not typed in by hand)."""
+    def drop(report):
+        return 100 * (report["dense"]["test_accuracy"] - report["final"]["test_accuracy"])
+
+    out = ["## Acceptance", "", "| check | bar | result | verdict |", "|---|---|---|---|"]
+    mag90 = [r for sec, argv, r, _ in results if sec.startswith("acceptance") and r["config"]["method"] == "magnitude"]
+    if mag90:
+        worst = max(drop(r) for r in mag90)
+        seeds = ", ".join(f"seed {r['config']['seed']}: {drop(r):+.2f}" for r in mag90)
+        out.append(f"| 90 % unstructured magnitude + fine-tune (global, gradual) | drop <= 1 point | {seeds} | "
+                   f"{'pass' if worst <= 1.0 else 'FAIL'} |")
+    blk = [r for sec, argv, r, _ in results if r["config"]["granularity"] == "block:4x4"]
+    for r in blk:
+        where = "wide MLP, head skipped" if "wide" in r["model"] else "small MLP, layers 2 and 4 skipped"
+        out.append(f"| 4x4 blocks at 80 % ({where}; sparsity {r['final']['sparsity']:.4f}) | drop <= 2 points | "
+                   f"{drop(r):+.2f} | {'pass' if drop(r) <= 2.0 else 'FAIL'} |")
+    for sec, argv, r, _ in results:
+        if r["search"]:
+            s = r["search"]
+            out.append(f"| `--max-drop 0.01` reports the sparsity it found | a sparsity | **{s['sparsity_found']:.4f}** "
+                       f"(val {r['final']['val_accuracy']:.4f} >= {s['threshold']:.4f}; test drop {drop(r):+.2f}) | "
+                       f"{'pass' if s['sparsity_found'] > 0 else 'FAIL'} |")
+    return out + [""]
 
 
 def render(results) -> str:
@@ -98,6 +137,7 @@ def render(results) -> str:
         "`sparse-engine prune <command> -o pruned.pt` (or `python -m engine prune ...`).",
         "",
     ]
+    lines += acceptance(results)
     section = None
     for sec, argv, report, seconds in results:
         if sec != section:
