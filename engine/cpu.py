@@ -10,9 +10,9 @@ weight's column indices) is made once per index tensor and cached (`prepare_weig
 """
 from __future__ import annotations
 
-import torch
+import weakref
 
-from torch.utils.weak import WeakIdKeyDictionary
+import torch
 
 from .formats import BSR, CSR
 
@@ -46,10 +46,12 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
-# col_indices tensor -> (its _version when converted, uint16 copy). Keyed by the tensor itself, so
-# the copy outlives the short-lived CSR views SparseLinear builds per call, and an in-place update
-# of the indices (load_state_dict copies into buffers) bumps _version and triggers a fresh copy.
-_COL16 = WeakIdKeyDictionary()
+# id(col_indices) -> (weakref to it, its _version when converted, uint16 copy). Keyed by the index
+# tensor itself, so the copy outlives the short-lived CSR views SparseLinear builds per call; an
+# in-place update of the indices (load_state_dict copies into buffers) bumps _version and triggers
+# a fresh copy; the entry goes when the tensor does. (A plain dict: WeakIdKeyDictionary lookups
+# cost microseconds, which matters on a 10 µs layer.)
+_COL16: dict[int, tuple] = {}
 
 
 def _col16(w: CSR) -> torch.Tensor | None:
@@ -57,12 +59,14 @@ def _col16(w: CSR) -> torch.Tensor | None:
     if w.shape[1] > _U16_MAX_COLS:
         return None
     col = w.col_indices
-    hit = _COL16.get(col)
-    if hit is None or hit[0] != col._version:
+    key = id(col)
+    hit = _COL16.get(key)
+    if hit is None or hit[0]() is not col or hit[1] != col._version:
         # int32 -> int16 keeps the low 16 bits: the uint16 value of every index < 65536.
-        hit = (col._version, col.contiguous().to(torch.int16))
-        _COL16[col] = hit
-    return hit[1]
+        ref = weakref.ref(col, lambda _r, key=key: _COL16.pop(key, None))
+        hit = (ref, col._version, col.contiguous().to(torch.int16))
+        _COL16[key] = hit
+    return hit[2]
 
 
 def prepare_weight(w: CSR | BSR) -> CSR | BSR:
@@ -77,13 +81,14 @@ def prepare_weight(w: CSR | BSR) -> CSR | BSR:
 
 
 def _weight(fn: str, w: CSR | BSR):
-    if w.device.type != "cpu":
-        raise ValueError(f"{fn}: weight is on {w.device}, the C++ kernels need CPU tensors")
     val = w.values
-    if val.dtype not in _WDTYPE:
+    if not val.is_cpu:
+        raise ValueError(f"{fn}: weight is on {val.device}, the C++ kernels need CPU tensors")
+    wdtype = _WDTYPE.get(val.dtype)
+    if wdtype is None:
         raise TypeError(f"{fn}: weight values must be float32/bfloat16/float16, got {val.dtype}")
     # No-ops for layouts built by engine.formats; they guard hand-made views.
-    return w.crow_indices.contiguous(), w.col_indices.contiguous(), val.contiguous()
+    return w.crow_indices.contiguous(), w.col_indices.contiguous(), val.contiguous(), wdtype
 
 
 def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
@@ -91,27 +96,27 @@ def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
         x = x.to(torch.float32).contiguous()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    return x, bias, torch.empty((x.shape[0], o), dtype=torch.float32)
+    return x, bias, x.new_empty((x.shape[0], o))
 
 
 def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype."""
-    crow, col, val = _weight("csr_linear_cpu", w)
+    crow, col, val, wdtype = _weight("csr_linear_cpu", w)
     c16 = _col16(w)
     out_dtype = x.dtype
     x, b, y = _io(x, bias, w.shape[0])
     _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], crow.data_ptr(),
-                  col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype], 0 if b is None else b.data_ptr(),
+                  col.data_ptr(), val.data_ptr(), wdtype, 0 if b is None else b.data_ptr(),
                   _ACT[activation], torch.get_num_threads(), 0 if c16 is None else c16.data_ptr())
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks."""
-    crow, col, val = _weight("bsr_linear_cpu", w)
+    crow, col, val, wdtype = _weight("bsr_linear_cpu", w)
     out_dtype = x.dtype
     x, b, y = _io(x, bias, w.shape[0])
     _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], val.shape[1],
-                  val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), _WDTYPE[val.dtype],
+                  val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), wdtype,
                   0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
     return y if out_dtype is torch.float32 else y.to(out_dtype)
