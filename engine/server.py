@@ -21,7 +21,8 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -39,11 +40,14 @@ PARSE_IN_THREAD_BYTES = 1 << 20
 
 
 class Settings:
+    """The serve limits, in the units the code uses (seconds, bytes)."""
+
     def __init__(self, *, max_batch=32, max_delay_ms=5.0, max_body_mb=16.0, max_rows=1024,
                  max_queue=1024, timeout_s=30.0, token=None):
         self.max_batch, self.max_delay_s = int(max_batch), float(max_delay_ms) / 1000.0
         self.max_body = int(float(max_body_mb) * (1 << 20))
-        self.max_rows, self.max_queue, self.timeout_s, self.token = int(max_rows), int(max_queue), float(timeout_s), token
+        self.max_rows, self.max_queue = int(max_rows), int(max_queue)
+        self.timeout_s, self.token = float(timeout_s), token
 
 
 class Metrics:
@@ -342,6 +346,10 @@ def _load(args) -> list[ModelRunner]:
     if args.name and len(args.name) != len(args.artifacts):
         raise ValueError(f"--name given {len(args.name)} times for {len(args.artifacts)} artifacts; "
                          f"give it once per artifact or not at all")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
     runners = []
     for i, path in enumerate(args.artifacts):
         # trust_module is passed only when asked, so loading stays refuse-by-default.
