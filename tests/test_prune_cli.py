@@ -118,6 +118,8 @@ def test_start_from_a_given_dense_checkpoint(tmp_path):
     (["--sparsity", "0.8", "--granularity", "nm:2:4"], "means sparsity 0.5, but --sparsity 0.8"),
     (["--sparsity", "0.5", "--skip", "7"], r"cannot skip \['7'\]"),
     (["--sparsity", "0.5", "--layer-sparsity", "0"], "expected LAYER=S"),
+    (["--sparsity", "0.5", "--dense", "/nonexistent/dense.pt"], "--dense '/nonexistent/dense.pt': cannot load"),
+    (["--max-drop", "1.5"], r"--max-drop must be in \[0, 1\)"),
     ([], "give --sparsity S, --max-drop D or --min-accuracy A"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, args, message):

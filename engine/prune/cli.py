@@ -20,7 +20,7 @@ from .criteria import METHODS
 from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
 from .granularity import PruneError, check_sparsity, parse_granularity
 from .loop import WHEN, Task, run_trial, search_sparsity
-from .masks import MaskSet, export_state_dict, prunable_layers
+from .masks import MaskSet, export_state_dict, prunable_layers, split_state_dict
 from .pruner import SCOPES, PruneConfig
 from .report import describe_architecture, plot, report_paths, write_json
 from .schedule import SCHEDULES
@@ -200,8 +200,11 @@ def run(args, argv: list[str] | None = None) -> dict:
     dense = task.make_model(args.seed)
     prune_cfg.validate(dense)  # fail on a bad layer name or block size before any training
     if args.dense:
-        state = torch.load(args.dense, map_location="cpu", weights_only=True)
-        dense.load_state_dict(state)
+        try:
+            state = torch.load(args.dense, map_location="cpu", weights_only=True)
+            dense.load_state_dict(split_state_dict(state)[0])  # also takes an earlier pruned checkpoint
+        except (OSError, RuntimeError, ValueError) as e:
+            raise PruneError(f"--dense {args.dense!r}: cannot load it into the model ({e})") from e
     else:
         dense_cfg = TrainConfig(args.dense_epochs, args.lr, args.weight_decay, args.optimizer, args.batch_size,
                                 seed=args.seed, progress=progress, desc="dense")
