@@ -48,11 +48,14 @@ def parse_arch(arch: str | None, ck) -> tuple[str, dict]:
                                 f"{mtype!r}; the built-in transformer family is 'bert' "
                                 "(use --arch module:pkg.mod:factory for others)")
             return "bert", {}
-        hint = ck.extras.get("arch")
-        if hint and hint.get("family") == "mlp":
+        hint = ck.extras.get("arch") or {}
+        if hint.get("family") == "mlp":
             return "mlp", {"activation": hint.get("activation")}
+        factory = hint.get("factory")
+        # Never import the report's factory on our own: code runs only when the user names it.
+        extra = f" (the pruning report names the model factory {factory!r})" if factory else ""
         raise ArchError("convert: cannot tell the architecture of a bare state_dict; pass --arch "
-                        "mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory")
+                        f"mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory{extra}")
     if arch.startswith("module:"):
         return "custom", {"factory": arch[len("module:"):]}
     name, _, opt = arch.partition(":")
@@ -218,7 +221,7 @@ def configure(parser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES), help="weight storage dtype")
     parser.add_argument("--arch", help="mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory "
                                        "(default: from the checkpoint's config or pruning report)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size auto optimises for (default 8)")
+    parser.add_argument("--batch", type=int, default=8, help="rows per call auto optimises for (default 8; for BERT rows are batch x sequence)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="target device for auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
 

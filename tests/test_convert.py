@@ -326,6 +326,13 @@ def test_truncated_artifact(artifact):
             engine.load(artifact)
 
 
+def test_inspect_reports_a_truncated_artifact(artifact, capsys):
+    data = artifact.read_bytes()
+    artifact.write_bytes(data[:len(data) // 3])
+    assert cli(["inspect", str(artifact)]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
 def test_altered_tensor_bytes(artifact):
     data = bytearray(artifact.read_bytes())
     data[-7] ^= 0x40  # inside the last tensor's data

@@ -39,6 +39,9 @@ def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
     fn = f"convert(--arch module:{option['factory']})"
     with torch.device("meta"):
         model = _factory(option["factory"], fn)()
+    if isinstance(model, nn.Linear):
+        raise ArchError(f"{fn}: the factory returns a bare nn.Linear; wrap it (e.g. nn.Sequential(linear)) "
+                        "so the layer has a name")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ArchError(f"{fn}: the model has no nn.Linear layers to convert")
