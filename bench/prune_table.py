@@ -57,8 +57,8 @@ def rows(wide: bool) -> list[tuple[str, list[str]]]:
                                "--scope", "global", "--schedule", "gradual", *POST]))
     out.append(("structured", ["--example", "mlp-digits", "--granularity", "block:4x4", "--sparsity", "0.8",
                                "--skip", "2", "--skip", "4", "--schedule", "gradual", *POST]))
-    out.append(("structured", ["--example", "mlp-digits", "--granularity", "nm:2:4", *POST]))
-    out.append(("structured", ["--example", "mlp-digits", "--granularity", "nm:2:4", "--method", "taylor", *POST]))
+    out.append(("structured", ["--example", "mlp-digits", "--granularity", "nm:2:4", "--skip", "4", *POST]))
+    out.append(("structured", ["--example", "mlp-digits", "--granularity", "nm:2:4", "--method", "taylor", "--skip", "4", *POST]))
     if wide:
         out.append(("structured", ["--example", "mlp-digits-wide", "--dense-epochs", "20", "--granularity",
                                    "block:4x4", "--sparsity", "0.8", "--skip", "4", "--epochs", "10"]))
