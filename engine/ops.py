@@ -3,6 +3,7 @@ and x's device. Forced backends raise when they cannot run; only "auto" falls ba
 warning) to the plain-torch path."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import Counter
@@ -122,7 +123,7 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
         return apply_activation(F.linear(x, weight.to_dense(x.dtype),
                                          None if bias is None else bias.to(x.dtype)), act)
     lead, in_f = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, in_f)
+    x2 = x.reshape(math.prod(lead), in_f)  # not -1: ambiguous when in_features == 0
     if chosen == "cpu":
         from . import cpu
         y2 = (cpu.csr_linear_cpu if fmt == "csr" else cpu.bsr_linear_cpu)(x2, weight, bias, act)

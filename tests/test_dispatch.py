@@ -100,3 +100,11 @@ def test_auto_on_cpu_uses_the_cpp_kernels_when_built():
     engine.sparse_linear(torch.randn(2, 40), bsr)
     assert ops.calls[("cpu", "csr")] == before[("cpu", "csr")] + 1
     assert ops.calls[("cpu", "bsr")] == before[("cpu", "bsr")] + 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_zero_input_features_gives_bias(backend):
+    w = CSR.from_dense(torch.zeros(5, 0))
+    b = torch.randn(5)
+    y = engine.sparse_linear(torch.randn(3, 0), w, b, backend=backend)
+    torch.testing.assert_close(y, b.expand(3, 5))
