@@ -190,6 +190,29 @@ inline float csr_dot_gather(const IT* col, const WT* val, int32_t k0, int32_t k1
   return s;
 }
 
+// Panelled CSR, one batch chunk of nc (multiple of 16) columns, rows [o0, o1): for each input
+// panel (its Xt rows, panel_width x nc floats, stay in L1), every row adds that panel's entries to
+// its partial sums acc ((o1-o0) x kChunk, L2). The row-at-a-time loop instead pulls 4 bytes of Xt
+// per FMA lane from L2 and is bound by L2 bandwidth at large batch.
+template <typename WT>
+void csr_chunk_panelled(const LinearArgs& a, int64_t o0, int64_t o1, const float* xt, int64_t np,
+                        int64_t nc, float* acc) {
+  const int64_t O = a.out_features, P = (a.in_features + a.panel_width - 1) / a.panel_width;
+  const WT* val = static_cast<const WT*>(a.panel_val);
+  const int v16 = int(nc / 16);
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t* seg = a.panel_seg + p * O;
+    for (int64_t o = o0; o < o1; ++o) {
+      const int32_t k0 = seg[o], k1 = seg[o + 1];
+      float* out = acc + (o - o0) * kChunk;
+      if (k1 > k0) csr_row_acc_512<WT, uint16_t>(v16, a.panel_col, val, k0, k1, xt, np, out, p > 0);
+      else if (p == 0) std::memset(out, 0, size_t(nc) * sizeof(float));
+    }
+  }
+  if (P == 0)
+    for (int64_t o = o0; o < o1; ++o) std::memset(acc + (o - o0) * kChunk, 0, size_t(nc) * sizeof(float));
+}
+
 // IT: int32_t column indices, or uint16_t (a prepared copy when I <= 65536: 2 bytes less per entry
 // on the memory-bound small-batch path).
 template <typename WT, typename IT>
@@ -222,6 +245,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
   panel = std::min(panel, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
+  // The panelled layout needs every chunk 16-aligned (n_pad % 16 == 0) and AVX-512.
+  const bool panelled = w512 && a.panel_seg && n_pad % 16 == 0;
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
@@ -235,6 +260,17 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
       }
       pack_xt(a.x, N, I, p0, np, xt, i0, i1);
 #pragma omp barrier
+      if (panelled) {
+        for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
+          const int64_t nc = std::min<int64_t>(kChunk, np - c0);
+          float* acc = scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
+          csr_chunk_panelled<WT>(a, o0, o1, xt + c0, np, nc, acc);
+          for (int64_t og = o0; og < o1; og += 8)
+            store_tile(a.y, O, acc + (og - o0) * kChunk, og, std::min<int64_t>(8, o1 - og), p0 + c0,
+                       std::min(nc, N - p0 - c0), a.bias, a.act);
+        }
+        continue;
+      }
       for (int64_t og = o0; og < o1; og += 8) {
         const int64_t g = std::min<int64_t>(8, o1 - og);
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {

@@ -44,6 +44,32 @@ inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const 
   }
 }
 
+template <typename WT, typename IT, int V>
+inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                        int64_t np, float* out, bool accumulate) {
+  __m512 a0[V], a1[V];
+  for (int v = 0; v < V; ++v) {
+    a0[v] = accumulate ? _mm512_load_ps(out + 16 * v) : _mm512_setzero_ps();
+    a1[v] = _mm512_setzero_ps();
+  }
+  int32_t k = k0;
+  for (; k + 2 <= k1; k += 2) {  // two entries in flight: 2·V independent FMA chains
+    const __m512 w0 = bcast16(val + k), w1 = bcast16(val + k + 1);
+    const float* p0 = xt + int64_t(col[k]) * np;
+    const float* p1 = xt + int64_t(col[k + 1]) * np;
+    for (int v = 0; v < V; ++v) {
+      a0[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p0 + 16 * v), a0[v]);
+      a1[v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p1 + 16 * v), a1[v]);
+    }
+  }
+  if (k < k1) {
+    const __m512 w0 = bcast16(val + k);
+    const float* p0 = xt + int64_t(col[k]) * np;
+    for (int v = 0; v < V; ++v) a0[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p0 + 16 * v), a0[v]);
+  }
+  for (int v = 0; v < V; ++v) _mm512_store_ps(out + 16 * v, _mm512_add_ps(a0[v], a1[v]));
+}
+
 template <typename WT, int RB, int V>
 inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t C,
                      int64_t r0, const float* xt, int64_t np, float* out, int64_t out_stride) {
@@ -103,6 +129,17 @@ void csr_row_chunk_512(int v16, const IT* col, const WT* val, int32_t k0, int32_
   }
 }
 
+template <typename WT, typename IT>
+void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                     int64_t np, float* out, bool accumulate) {
+  switch (v16) {
+    case 1: return csr_row_acc<WT, IT, 1>(col, val, k0, k1, xt, np, out, accumulate);
+    case 2: return csr_row_acc<WT, IT, 2>(col, val, k0, k1, xt, np, out, accumulate);
+    case 3: return csr_row_acc<WT, IT, 3>(col, val, k0, k1, xt, np, out, accumulate);
+    default: return csr_row_acc<WT, IT, 4>(col, val, k0, k1, xt, np, out, accumulate);
+  }
+}
+
 template <typename WT>
 void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
                         int64_t R, int64_t C, int64_t r0, const float* xt, int64_t np, float* out,
@@ -120,6 +157,8 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
                                                const float*, int64_t, float*);                     \
   template void csr_row_chunk_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t, \
                                                 const float*, int64_t, float*);                    \
+  template void csr_row_acc_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t,   \
+                                              const float*, int64_t, float*, bool);                \
   template void bsr_rows_chunk_512<WT>(int, int, const int32_t*, const WT*, int32_t, int32_t,     \
                                        int64_t, int64_t, int64_t, const float*, int64_t, float*,   \
                                        int64_t);

@@ -17,6 +17,12 @@ template <typename WT, typename IT>
 void csr_row_chunk_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1,
                        const float* xt, int64_t np, float* out);
 
+// One row's entries [k0, k1) of one input panel: out[0 : 16·V16] (+)= Σ val[k] · xt[col[k]·np + ...];
+// adds to out when accumulate (partial sums of earlier panels), else overwrites it.
+template <typename WT, typename IT>
+void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                     int64_t np, float* out, bool accumulate);
+
 // Rows [r0, r0 + rb) (rb = 1..4) of one BSR block row, V16 (1..4) vectors of 16 batch columns:
 // out[r][0 : 16·V16] = Σ_blocks Σ_c W[block][r0 + r][c] · xt[(bcol·C + c) · np + ...].
 // val points at the values (nnzb, R, C); out row stride: out_stride floats.

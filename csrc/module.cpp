@@ -127,11 +127,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("csr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t crow, uintptr_t col,
-           uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads, uintptr_t col16) {
+           uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads, uintptr_t col16,
+           uintptr_t panel_seg, uintptr_t panel_col, uintptr_t panel_val, int64_t panel_width) {
           se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
-          if (col16) {
-            if (i > 65536) throw std::invalid_argument("col16 needs in_features <= 65536");
-            a.col16 = as_ptr<const uint16_t>(col16);
+          if ((col16 || panel_seg) && i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
+          if (col16) a.col16 = as_ptr<const uint16_t>(col16);
+          if (panel_seg) {
+            if (panel_width <= 0 || !panel_col || !panel_val) throw std::invalid_argument("panel layout incomplete");
+            a.panel_seg = as_ptr<const int32_t>(panel_seg);
+            a.panel_col = as_ptr<const uint16_t>(panel_col);
+            a.panel_val = as_ptr<const void>(panel_val);
+            a.panel_width = panel_width;
           }
           py::gil_scoped_release nogil;
           se::csr_linear(a);
@@ -139,10 +145,13 @@ PYBIND11_MODULE(_C, m) {
         "Y(N,O) = act(X(N,I) · Wᵀ + b), W in CSR. Arguments are data pointers (ints): y, x, N, I, O, "
         "crow, col, values, wdtype (0 fp32, 1 bf16, 2 fp16), bias (0 for none), act (0 none, 1 relu, "
         "2 gelu, 3 gelu_tanh), nthreads, and optionally col16: a (nnz,) uint16 copy of the column "
-        "indices (0 for none) that the kernels then read instead. Inputs are trusted: validate in Python.",
+        "indices (0 for none) that the kernels then read instead; optionally the panelled layout "
+        "(panel_seg (P·O+1,) int32, panel_col (nnz,) uint16, panel_val (nnz,), panel_width) for the "
+        "batched AVX-512 path. Inputs are trusted: validate in Python.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
-        py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0);
+        py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0, py::arg("panel_seg") = 0,
+        py::arg("panel_col") = 0, py::arg("panel_val") = 0, py::arg("panel_width") = 0);
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

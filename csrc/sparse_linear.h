@@ -23,6 +23,15 @@ struct LinearArgs {
   // CSR only, optional: (nnz,) uint16 copy of col (valid when I <= 65536); used instead of col.
   const uint16_t* col16 = nullptr;
   const void* values;
+  // CSR only, optional "panelled" copy for the batched AVX-512 path (prepared once in Python):
+  // entries regrouped by input panel of panel_width features, then by row, so a panel of packed X
+  // stays in L1 while every row adds that panel's entries.
+  //   panel_seg: (P·O + 1,) int32, entries of row o in panel p are [seg[p·O + o], seg[p·O + o + 1])
+  //   panel_col: (nnz,) uint16 input-feature index; panel_val: (nnz,) in wdtype
+  const int32_t* panel_seg = nullptr;
+  const uint16_t* panel_col = nullptr;
+  const void* panel_val = nullptr;
+  int64_t panel_width = 0;
   int wdtype;            // WDType: 0 fp32, 1 bf16, 2 fp16 (converted to fp32 in registers)
   int64_t block_r = 1;   // R (BSR only): output rows per block, divides O
   int64_t block_c = 1;   // C (BSR only): input columns per block, divides I

@@ -368,3 +368,21 @@ def test_prepare_weight_cache_follows_buffers(isa):
     w1_full.col_indices[16:32].copy_(torch.arange(0, 16, dtype=torch.int32))
     w1_full.values[:32] = torch.randn(32)
     check(run(x, w1_full), x, w1_full, None, "none")
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", (16, 33, 130))
+def test_csr_panelled_batched_path(isa, wdtype, n):
+    # Dense enough and wide enough for the panel-major copy (AVX-512 only); I = 600 leaves a
+    # partial last panel, and some rows are empty in every panel.
+    w, keep = rand_weight(40, 600, 0.5)
+    keep[5:9] = False
+    w = (w * keep).to(wdtype)
+    wc = CSR.from_dense(w, mask=keep)
+    assert cpu._panels_pay(wc, n) == (isa == "avx512")
+    x, b = torch.randn(n, 600), torch.randn(40)
+    check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
+    # The copy follows in-place updates of the values.
+    with torch.no_grad():
+        wc.values.mul_(-0.5)
+    check(run(x, wc, b, "relu"), x, wc, b, "relu")
