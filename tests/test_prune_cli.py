@@ -120,6 +120,7 @@ def test_start_from_a_given_dense_checkpoint(tmp_path):
     (["--sparsity", "0.5", "--layer-sparsity", "0"], "expected LAYER=S"),
     (["--sparsity", "0.5", "--dense", "/nonexistent/dense.pt"], "--dense '/nonexistent/dense.pt': cannot load"),
     (["--max-drop", "1.5"], r"--max-drop must be in \[0, 1\)"),
+    (["--min-accuracy", "0.99"], r"the dense model's validation accuracy 0\.\d+ is already below the target 0.9900"),
     ([], "give --sparsity S, --max-drop D or --min-accuracy A"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(tmp_path, capsys, args, message):
