@@ -213,6 +213,26 @@ void csr_chunk_panelled(const LinearArgs& a, int64_t o0, int64_t o1, const float
     for (int64_t o = o0; o < o1; ++o) std::memset(acc + (o - o0) * kChunk, 0, size_t(nc) * sizeof(float));
 }
 
+// Grouped panels (SELL-4), one batch chunk, 64-row windows [w0, w1): acc (O_pad x kChunk, shared,
+// each thread touching only its windows' rows) starts at zero and every group of every panel adds
+// its 4 rows at once: one loop exit per ~4 rows' entries instead of per row.
+template <typename WT>
+void csr_chunk_grouped(const LinearArgs& a, int64_t w0, int64_t w1, const float* xt, int64_t np,
+                       int64_t nc, float* acc) {
+  const int64_t P = (a.in_features + a.panel_width - 1) / a.panel_width;
+  const int64_t G = (a.out_features + 63) / 64 * 16;
+  const WT* val = static_cast<const WT*>(a.grp_val);
+  const int v16 = int(nc / 16);
+  for (int64_t r = w0 * 64; r < w1 * 64; ++r) std::memset(acc + r * kChunk, 0, size_t(nc) * sizeof(float));
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t g = p * G + w0 * 16; g < p * G + w1 * 16; ++g) {
+      const int32_t len = a.grp_len[g];
+      if (len == 0) continue;
+      const int32_t off = a.grp_off[g];
+      csr_group_acc_512<WT>(v16, a.grp_col + off, val + off, len, a.grp_rows + 4 * g, xt, np, acc, kChunk);
+    }
+}
+
 // IT: int32_t column indices, or uint16_t (a prepared copy when I <= 65536: 2 bytes less per entry
 // on the memory-bound small-batch path).
 template <typename WT, typename IT>
@@ -247,11 +267,14 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
   // The panelled layout needs every chunk 16-aligned (n_pad % 16 == 0) and AVX-512.
   const bool panelled = w512 && a.panel_seg && n_pad % 16 == 0;
+  const bool grouped = w512 && a.grp_off && n_pad % 16 == 0;
+  float* acc_shared = grouped ? scratch(2, size_t((O + 63) / 64 * 64 * kChunk)) : nullptr;
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
     float* tile = scratch(1, 8 * kChunk);
-    const int64_t o0 = split_begin(crow, O, 8, 4, t, nt), o1 = split_begin(crow, O, 8, 4, t + 1, nt);
+    const int64_t align = grouped ? 64 : 8;  // grouped: whole 64-row windows per thread
+    const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
     const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
@@ -260,6 +283,17 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
       }
       pack_xt(a.x, N, I, p0, np, xt, i0, i1);
 #pragma omp barrier
+      if (grouped) {
+        const int64_t w0 = o0 / 64, w1 = (o1 + 63) / 64;  // o0, o1: multiples of 64 (or O)
+        for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
+          const int64_t nc = std::min<int64_t>(kChunk, np - c0);
+          csr_chunk_grouped<WT>(a, w0, w1, xt + c0, np, nc, acc_shared);
+          for (int64_t og = o0; og < o1; og += 8)
+            store_tile(a.y, O, acc_shared + og * kChunk, og, std::min<int64_t>(8, o1 - og), p0 + c0,
+                       std::min(nc, N - p0 - c0), a.bias, a.act);
+        }
+        continue;
+      }
       if (panelled) {
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);

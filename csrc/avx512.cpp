@@ -70,6 +70,22 @@ inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, co
   for (int v = 0; v < V; ++v) _mm512_store_ps(out + 16 * v, _mm512_add_ps(a0[v], a1[v]));
 }
 
+template <typename WT, int V>
+inline void csr_group_acc(const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
+                          const float* xt, int64_t np, float* acc, int64_t stride) {
+  __m512 a[4][V];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_load_ps(acc + rows[r] * stride + 16 * v);
+  for (int32_t j = 0; j < len; ++j, col += 4, val += 4)
+    for (int r = 0; r < 4; ++r) {
+      const __m512 w = bcast16(val + r);
+      const float* p = xt + int64_t(col[r]) * np;
+      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * v), a[r][v]);
+    }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < V; ++v) _mm512_store_ps(acc + rows[r] * stride + 16 * v, a[r][v]);
+}
+
 template <typename WT, int RB, int V>
 inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t C,
                      int64_t r0, const float* xt, int64_t np, float* out, int64_t out_stride) {
@@ -141,6 +157,17 @@ void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t 
 }
 
 template <typename WT>
+void csr_group_acc_512(int v16, const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
+                       const float* xt, int64_t np, float* acc, int64_t stride) {
+  switch (v16) {
+    case 1: return csr_group_acc<WT, 1>(col, val, len, rows, xt, np, acc, stride);
+    case 2: return csr_group_acc<WT, 2>(col, val, len, rows, xt, np, acc, stride);
+    case 3: return csr_group_acc<WT, 3>(col, val, len, rows, xt, np, acc, stride);
+    default: return csr_group_acc<WT, 4>(col, val, len, rows, xt, np, acc, stride);
+  }
+}
+
+template <typename WT>
 void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
                         int64_t R, int64_t C, int64_t r0, const float* xt, int64_t np, float* out,
                         int64_t os) {
@@ -157,6 +184,8 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
                                                const float*, int64_t, float*);                     \
   template void csr_row_chunk_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t, \
                                                 const float*, int64_t, float*);                    \
+  template void csr_group_acc_512<WT>(int, const uint16_t*, const WT*, int32_t, const int32_t*,      \
+                                      const float*, int64_t, float*, int64_t);                     \
   template void csr_row_acc_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t,   \
                                               const float*, int64_t, float*, bool);                \
   template void bsr_rows_chunk_512<WT>(int, int, const int32_t*, const WT*, int32_t, int32_t,     \

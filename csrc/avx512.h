@@ -23,6 +23,12 @@ template <typename WT, typename IT>
 void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out, bool accumulate);
 
+// One SELL-4 group of one panel: 4 rows (lanes) with len entries each, slot (j, lane) at
+// col/val[4·j + lane]; acc rows rows[lane] (row stride acc_stride floats) += Σ_j val · xt[col·np].
+template <typename WT>
+void csr_group_acc_512(int v16, const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
+                       const float* xt, int64_t np, float* acc, int64_t acc_stride);
+
 // Rows [r0, r0 + rb) (rb = 1..4) of one BSR block row, V16 (1..4) vectors of 16 batch columns:
 // out[r][0 : 16·V16] = Σ_blocks Σ_c W[block][r0 + r][c] · xt[(bcol·C + c) · np + ...].
 // val points at the values (nnzb, R, C); out row stride: out_stride floats.

@@ -128,7 +128,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("csr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t crow, uintptr_t col,
            uintptr_t val, int wdtype, uintptr_t bias, int act, int nthreads, uintptr_t col16,
-           uintptr_t panel_seg, uintptr_t panel_col, uintptr_t panel_val, int64_t panel_width) {
+           uintptr_t panel_seg, uintptr_t panel_col, uintptr_t panel_val, int64_t panel_width,
+           uintptr_t grp_off, uintptr_t grp_len, uintptr_t grp_rows, uintptr_t grp_col, uintptr_t grp_val) {
           se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
           if ((col16 || panel_seg) && i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
           if (col16) a.col16 = as_ptr<const uint16_t>(col16);
@@ -137,6 +138,17 @@ PYBIND11_MODULE(_C, m) {
             a.panel_seg = as_ptr<const int32_t>(panel_seg);
             a.panel_col = as_ptr<const uint16_t>(panel_col);
             a.panel_val = as_ptr<const void>(panel_val);
+            a.panel_width = panel_width;
+          }
+          if (grp_off) {
+            if (panel_width <= 0 || !grp_len || !grp_rows || !grp_col || !grp_val)
+              throw std::invalid_argument("grouped panel layout incomplete");
+            if (i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
+            a.grp_off = as_ptr<const int32_t>(grp_off);
+            a.grp_len = as_ptr<const int32_t>(grp_len);
+            a.grp_rows = as_ptr<const int32_t>(grp_rows);
+            a.grp_col = as_ptr<const uint16_t>(grp_col);
+            a.grp_val = as_ptr<const void>(grp_val);
             a.panel_width = panel_width;
           }
           py::gil_scoped_release nogil;
@@ -151,7 +163,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
         py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0, py::arg("panel_seg") = 0,
-        py::arg("panel_col") = 0, py::arg("panel_val") = 0, py::arg("panel_width") = 0);
+        py::arg("panel_col") = 0, py::arg("panel_val") = 0, py::arg("panel_width") = 0,
+        py::arg("grp_off") = 0, py::arg("grp_len") = 0, py::arg("grp_rows") = 0, py::arg("grp_col") = 0,
+        py::arg("grp_val") = 0);
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

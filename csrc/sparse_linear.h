@@ -32,6 +32,17 @@ struct LinearArgs {
   const uint16_t* panel_col = nullptr;
   const void* panel_val = nullptr;
   int64_t panel_width = 0;
+  // CSR only, optional "grouped panels" (SELL-4 within each panel, rows sorted by length inside
+  // 64-row windows): the batched AVX-512 kernel runs 4 rows at once, one loop per group.
+  //   grp_off (P·G,) int32 first slot of group; grp_len (P·G,) int32 slots per row of the group;
+  //   grp_rows (P·G·4,) int32 output row of each lane (rows >= O are padding);
+  //   grp_col (slots,) uint16, grp_val (slots,) wdtype, slot (j, lane) at grp_off + 4·j + lane
+  //   (padding slots hold value 0, column 0). G = O_pad / 4 groups per panel, O_pad = 64·ceil(O/64).
+  const int32_t* grp_off = nullptr;
+  const int32_t* grp_len = nullptr;
+  const int32_t* grp_rows = nullptr;
+  const uint16_t* grp_col = nullptr;
+  const void* grp_val = nullptr;
   int wdtype;            // WDType: 0 fp32, 1 bf16, 2 fp16 (converted to fp32 in registers)
   int64_t block_r = 1;   // R (BSR only): output rows per block, divides O
   int64_t block_c = 1;   // C (BSR only): input columns per block, divides I

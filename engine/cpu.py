@@ -77,17 +77,30 @@ def _col16(w: CSR) -> torch.Tensor | None:
 # _PANEL_WIDTH features (128 x 64 batch columns of packed X = 32 KiB, an L1's worth), then by row.
 _PANEL_WIDTH = 128
 _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time loop is as fast
-# Entries per row per panel that amortise each row-panel's fixed cost (partial sums in and out,
-# loop exit); measured break-even ~13 (density 0.1), clear win from ~20 (density >= 0.16).
+# Entries per row per 128-input panel (= 128 x density) that decide the batched layout, from the
+# kernel log in bench/results/cpu.md (4096x4096, batch 32/128):
+#   >= 20 (density >= 0.16): panel-major rows, one row at a time (1.6x the row loop at s = 0.5-0.7)
+#   >= 9  (density >= 0.07): grouped panels, 4 rows at a time (1.2x the row loop at s = 0.9)
+#   below: the row-at-a-time loop over L2-resident packed X is as fast.
 _PANEL_MIN_PER_ROW = 20.0
+_GROUP_MIN_PER_ROW = 9.0
 # id(values) -> (weakref(values), values._version, weakref(col), col._version, seg, col16, val)
 _PANELS: dict[int, tuple] = {}
 
 
-def _panels_pay(w: CSR, batch: int) -> bool:
+def _batched_layout(w: CSR, batch: int) -> str:
+    """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads."""
     o, i = w.shape
-    return (batch >= _PANEL_MIN_BATCH and _ISA[0] == "avx512" and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS
-            and w.values.numel() * _PANEL_WIDTH >= _PANEL_MIN_PER_ROW * o * i)
+    if not (batch >= _PANEL_MIN_BATCH and _ISA[0] == "avx512" and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
+        return "rows"
+    per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
+    if per_row_panel >= _PANEL_MIN_PER_ROW:
+        return "panels"
+    return "groups" if per_row_panel >= _GROUP_MIN_PER_ROW else "rows"
+
+
+def _panels_pay(w: CSR, batch: int) -> bool:
+    return _batched_layout(w, batch) != "rows"
 
 
 def _panels(w: CSR):
@@ -112,17 +125,71 @@ def _panels(w: CSR):
     return built
 
 
+_GROUPS: dict[int, tuple] = {}
+
+
+def _groups(w: CSR):
+    """Grouped panels (SELL-4 per input panel): (off, len, rows, col, val), see csrc/sparse_linear.h."""
+    val, col = w.values, w.col_indices
+    key = id(val)
+    hit = _GROUPS.get(key)
+    if (hit is not None and hit[0]() is val and hit[1] == val._version and hit[2]() is col
+            and hit[3] == col._version):
+        return hit[4:]
+    o, i = w.shape
+    n_panels = -(-i // _PANEL_WIDTH)
+    o_pad = -(-o // 64) * 64
+    n_win = o_pad // 64
+    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(o), counts)
+    panel = col.long() // _PANEL_WIDTH
+    slot = panel * o_pad + rows                                        # (panel, row)
+    length = torch.bincount(slot, minlength=n_panels * o_pad).reshape(n_panels, n_win, 64)
+    # Rows sorted by length (longest first) inside each 64-row window of each panel, so the 4 rows
+    # of a group have similar lengths and little padding.
+    perm = torch.argsort(length, dim=2, descending=True, stable=True)  # lane position -> row in window
+    pos = torch.empty_like(perm)
+    pos.scatter_(2, perm, torch.arange(64).expand_as(perm))             # row in window -> position
+    glen = torch.gather(length, 2, perm).reshape(n_panels, n_win, 16, 4)[..., 0]  # group max = lane 0
+    glen = glen.reshape(-1)
+    goff = torch.zeros_like(glen)
+    goff[1:] = torch.cumsum(glen * 4, 0)[:-1]
+    grows = (perm + (torch.arange(n_win) * 64).view(1, n_win, 1)).reshape(-1)
+    # Each entry's slot: group offset + 4 * (its rank inside its (panel, row) segment) + lane.
+    order = torch.argsort(slot, stable=True)
+    seg_start = torch.zeros(n_panels * o_pad + 1, dtype=torch.int64)
+    seg_start[1:] = torch.cumsum(length.reshape(-1), 0)
+    ranked_slot = slot[order]
+    rank = torch.arange(order.numel()) - seg_start[ranked_slot]
+    p_of, r_of = ranked_slot // o_pad, ranked_slot % o_pad
+    lane_pos = pos.reshape(n_panels, o_pad)[p_of, r_of]
+    gid = p_of * (o_pad // 4) + (r_of // 64) * 16 + lane_pos // 4
+    dest = goff[gid] + 4 * rank + lane_pos % 4
+    total = int((glen * 4).sum())
+    gcol = torch.zeros(total, dtype=torch.int16)
+    gval = torch.zeros(total, dtype=val.dtype)
+    gcol[dest] = col[order].to(torch.int16)
+    gval[dest] = val[order]
+    built = (goff.to(torch.int32), glen.to(torch.int32), grows.to(torch.int32), gcol, gval)
+    ref = weakref.ref(val, lambda _r, key=key: _GROUPS.pop(key, None))
+    _GROUPS[key] = (ref, val._version, weakref.ref(col), col._version) + built
+    return built
+
+
 def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     """One-time layout work for the C++ kernels, cached and reused by every later call on the same
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
-    a `batch` >= 16 on an AVX-512 CPU, the panel-major copy the batched kernel reads (another
-    value + 2 bytes per stored value). The first kernel call does it lazily; SparseLinear calls
+    a `batch` >= 16 on an AVX-512 CPU and density >= 0.07, the panel-major or grouped copy the
+    batched kernel reads (another value + 2 bytes per stored value, plus padding). The first kernel call does it lazily; SparseLinear calls
     this at construction to keep the cost out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":
         _col16(w)
-        if batch is not None and _panels_pay(w, batch):
+        layout = "rows" if batch is None else _batched_layout(w, batch)
+        if layout == "panels":
             _panels(w)
+        elif layout == "groups":
+            _groups(w)
     return w
 
 
@@ -151,14 +218,17 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
     c16 = _col16(w)
     out_dtype = x.dtype
     x, b, y = _io(x, bias, w.shape[0])
-    seg = pcol = pval = None
-    if _panels_pay(w, x.shape[0]):
+    extra = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+    layout = _batched_layout(w, x.shape[0])
+    if layout == "groups":
+        extra = (0, 0, 0, _PANEL_WIDTH) + tuple(t.data_ptr() for t in _groups(w))
+    elif layout == "panels":
         seg, pcol, pval = _panels(w)
+        extra = (seg.data_ptr(), pcol.data_ptr(), pval.data_ptr(), _PANEL_WIDTH, 0, 0, 0, 0, 0)
     _C.csr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], crow.data_ptr(),
                   col.data_ptr(), val.data_ptr(), wdtype, 0 if b is None else b.data_ptr(),
                   _ACT[activation], torch.get_num_threads(), 0 if c16 is None else c16.data_ptr(),
-                  *((seg.data_ptr(), pcol.data_ptr(), pval.data_ptr(), _PANEL_WIDTH) if seg is not None
-                    else (0, 0, 0, 0)))
+                  *extra)
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 

@@ -370,17 +370,19 @@ def test_prepare_weight_cache_follows_buffers(isa):
     check(run(x, w1_full), x, w1_full, None, "none")
 
 
+@pytest.mark.parametrize("layout,sparsity,o", [("panels", 0.5, 40), ("groups", 0.88, 40),
+                                                ("groups", 0.88, 130)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", (16, 33, 130))
-def test_csr_panelled_batched_path(isa, wdtype, n):
-    # Dense enough and wide enough for the panel-major copy (AVX-512 only); I = 600 leaves a
-    # partial last panel, and some rows are empty in every panel.
-    w, keep = rand_weight(40, 600, 0.5)
+def test_csr_panelled_and_grouped_batched_paths(isa, layout, sparsity, o, wdtype, n):
+    # Dense enough and wide enough for the panel-major / grouped copies (AVX-512 only); I = 600
+    # leaves a partial last panel, O = 130 a partial 64-row window, and some rows are empty.
+    w, keep = rand_weight(o, 600, sparsity)
     keep[5:9] = False
     w = (w * keep).to(wdtype)
     wc = CSR.from_dense(w, mask=keep)
-    assert cpu._panels_pay(wc, n) == (isa == "avx512")
-    x, b = torch.randn(n, 600), torch.randn(40)
+    assert cpu._batched_layout(wc, n) == (layout if isa == "avx512" else "rows")
+    x, b = torch.randn(n, 600), torch.randn(o)
     check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
     # The copy follows in-place updates of the values.
     with torch.no_grad():
