@@ -14,6 +14,19 @@ import json
 from collections import defaultdict
 
 
+MODELS: dict = defaultdict(dict)
+
+
+def model_table() -> str:
+    rows = ["| model | batch | sparsity | dense ms | engine ms | speedup |", "|---|---|---|---|---|---|"]
+    for (model, n, s), t in sorted(MODELS.items()):
+        eng = next((k for k in t if k.startswith("engine")), None)
+        if "dense" in t and eng:
+            rows.append(f"| {model} ({eng}) | {n} | {s:.2f} | {t['dense'] * 1e3:.2f} | {t[eng] * 1e3:.2f} | "
+                        f"{t['dense'] / t[eng]:.2f}x |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def load(paths):
     """-> {(O, I, batch, sparsity): {provider: median seconds}}, plus the threads/isa seen."""
     cells: dict = defaultdict(dict)
@@ -23,6 +36,9 @@ def load(paths):
             data = json.load(f)
         for b in data["benchmarks"]:
             e = b["extra_info"]
+            if "model" in e:  # whole-model rows: kept apart
+                MODELS[(e["model"], e["batch"], e["sparsity"])][e["provider"]] = b["stats"]["median"]
+                continue
             key = (e["out_features"], e["in_features"], e["batch"], e["sparsity"])
             cells[key][e["provider"]] = b["stats"]["median"]
             meta.add((e["threads"], e["isa"]))
@@ -119,6 +135,8 @@ def main(argv=None) -> int:
     cells, meta = load(args.json)
     text = (f"threads/isa: {', '.join(f'{t} threads, {isa}' for t, isa in sorted(meta))}; "
             "cells: speedup t(dense F.linear)/t(provider), medians\n\n" + table(cells) + "\n")
+    if MODELS:
+        text += "\n" + model_table() + "\n"
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

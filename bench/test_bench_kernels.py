@@ -71,3 +71,26 @@ def test_linear(benchmark, cell, provider):
         provider=provider, out_features=o, in_features=i, batch=batch, sparsity=s, threads=THREADS,
         isa=cpu.isa(), stored=p["stored"], block=p["block"], value_bytes=p["value_bytes"],
         gflops=2.0 * batch * p["stored"] / t / 1e9, weight_gbps=w_bytes / t / 1e9)
+
+
+# ---- whole model: the pruned 784-4096-4096-10 MLP (ReLU), unstructured, batch 64 -----------------
+
+_mlp_cache: dict = {}
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.95])
+@pytest.mark.parametrize("provider", ["dense", "engine csr"])
+def test_mlp_784_4096_4096_10(benchmark, sparsity, provider):
+    if sparsity not in _mlp_cache:
+        _mlp_cache.clear()
+        torch.set_num_threads(THREADS)
+        _mlp_cache[sparsity] = bench.mlp_providers(sparsity, 64)
+    p = _mlp_cache[sparsity][provider]
+    torch.set_num_threads(THREADS)
+    benchmark.group = f"mlp 784-4096-4096-10 N=64 s={sparsity}"
+    with torch.inference_mode():
+        benchmark(p["fn"])
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update(provider=provider, model="mlp 784-4096-4096-10", batch=64,
+                                sparsity=sparsity, threads=THREADS, isa=cpu.isa(), stored=p["stored"],
+                                gflops=2.0 * 64 * p["stored"] / t / 1e9)

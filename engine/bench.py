@@ -128,6 +128,40 @@ def providers(shape, sparsity: float, batch: int, *, blocks=BLOCKS, threads: int
     return out
 
 
+def pruned_mlp(sparsity: float, sizes=(784, 4096, 4096, 10), seed: int = 0) -> torch.nn.Sequential:
+    """The issue-7 whole-model case: an MLP (ReLU) with every layer magnitude-pruned, unstructured,
+    to `sparsity` (random weights: the speed does not depend on training)."""
+    from torch import nn
+    g = torch.Generator().manual_seed(seed)
+    layers: list = []
+    for a, b in zip(sizes, sizes[1:]):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g) / a ** 0.5)
+            k = int(sparsity * lin.weight.numel())
+            if k:
+                thr = lin.weight.abs().flatten().kthvalue(k).values
+                lin.weight.mul_(lin.weight.abs() > thr)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def mlp_providers(sparsity: float, batch: int, fmt: str = "csr", seed: int = 0) -> dict[str, dict]:
+    """dense torch vs engine.sparsify(model, format=fmt) on the pruned 784-4096-4096-10 MLP."""
+    import copy
+
+    from .modules import sparsify
+    dense = pruned_mlp(sparsity, seed=seed)
+    sparse = sparsify(copy.deepcopy(dense), format=fmt)
+    x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
+    stored = sum(int((m.weight != 0).sum()) for m in dense if isinstance(m, torch.nn.Linear))
+    full = sum(m.weight.numel() for m in dense if isinstance(m, torch.nn.Linear))
+    return {"dense": dict(fn=lambda: dense(x), fmt="dense", stored=full, block=None, value_bytes=4),
+            f"engine {fmt}": dict(fn=lambda: sparse(x), fmt=fmt, stored=stored, block=None, value_bytes=4)}
+
+
 # ---- timing -------------------------------------------------------------------------------------
 
 def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7) -> dict[str, float]:
@@ -205,6 +239,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 weight variants")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider per cell")
+    parser.add_argument("--mlp", action="store_true",
+                        help="also time the whole pruned 784-4096-4096-10 MLP (ReLU, unstructured "
+                             "90 %% and 95 %%) at batch 64: dense torch vs engine.sparsify(format='csr')")
     parser.add_argument("--bound", action="store_true",
                         help="measure bandwidth and FMA peak first and print each cell's roofline bound")
 
@@ -260,6 +297,14 @@ def main(args: argparse.Namespace) -> int:
                           + " | ".join(_fmt_ms(b[n]) if n in b else "-" for n in header) + " | | | |")
     print("# bsr speedups use a block-structured weight at the same sparsity; 'best engine' excludes "
           "16-bit variants (fp32 weights only)")
+    if args.mlp:
+        print("\n| whole model (784-4096-4096-10 MLP, ReLU) | batch | sparsity | dense ms | engine ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        for s in (0.9, 0.95):
+            ps = mlp_providers(s, 64)
+            t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=max(1.0, args.min_time))
+            print(f"| unstructured, engine csr | 64 | {s:.2f} | {_fmt_ms(t['dense'])} | "
+                  f"{_fmt_ms(t['engine csr'])} | {t['dense'] / t['engine csr']:.2f}x |", flush=True)
     return 0
 
 
