@@ -1,7 +1,9 @@
 """Builds every csrc/*.cpp into one pybind11 extension, engine._C, with OpenMP and -O3.
 
-The AVX2/FMA paths are compiled per function (target attributes) and chosen at run time, so the
-module imports and runs on CPUs without them. SPARSE_ENGINE_CFLAGS replaces the default compile
+The AVX2+FMA+F16C and AVX-512F kernels (csrc/avx2.cpp, csrc/avx512.cpp) are compiled with
+function-level target options (`#pragma GCC target`), not -mavx2, and chosen at run time from the
+CPU's features, so the module imports and runs on CPUs without them (portable C++ fallback; on
+non-x86 hosts the intrinsic files compile to nothing). SPARSE_ENGINE_CFLAGS replaces the default compile
 flags (e.g. SPARSE_ENGINE_CFLAGS="-O0 -g" for debugging); SPARSE_ENGINE_NO_OPENMP=1 drops OpenMP.
 """
 import glob

@@ -10,11 +10,20 @@
 //    stored weight is broadcast and FMA'd against 8 batch columns at a time: no gathers, and up to
 //    64 batch columns stay in registers per output row. Results go through a small (rows x 64) tile
 //    that is transposed 8x8 in registers into Y (N, O) with the bias + activation epilogue fused.
+#include "common.h"
+#include "sparse_linear.h"
+
+#if !(defined(__x86_64__) || defined(__i386__))
+// Not x86: no intrinsics to compile; cpu_has_avx2() is false, so these are never chosen.
+namespace se {
+void csr_linear_avx2(const LinearArgs& a) { csr_linear_portable(a); }
+void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
+}  // namespace se
+#else
+
 #include <immintrin.h>
 
 #include "avx512.h"
-#include "common.h"
-#include "sparse_linear.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
@@ -600,3 +609,5 @@ void bsr_linear_avx2(const LinearArgs& a) {
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
+
+#endif  // x86

@@ -1,5 +1,6 @@
 // AVX-512F micro-kernels (see avx512.h). Same algorithms as the AVX2 ones in avx2.cpp, with 16-wide
 // vectors and the 32 zmm registers spent on a 4 rows x 64 columns accumulator block.
+#if defined(__x86_64__) || defined(__i386__)  // elsewhere the AVX-512 path is never selected
 #include <immintrin.h>
 
 #include "avx512.h"
@@ -203,3 +204,5 @@ SE_INSTANTIATE(f16_t)
 #elif defined(__GNUC__)
 #pragma GCC pop_options
 #endif
+
+#endif  // x86
