@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 
 # ---- CPU: rates for 2 threads ------------------------------------------------------------------
-CPU_BANDWIDTH = {"dense": 35e9, "csr": 25e9, "bsr": 35e9}  # B/s of weight + activation traffic
+# B/s of weight + activation traffic; layers up to 64 MiB are partly cache-resident here (a 64 MiB
+# GEMV streams at ~50 GB/s on 2 threads, a 256 MiB one at ~30 GB/s).
+CPU_BANDWIDTH = {"dense": 48e9, "csr": 40e9, "bsr": 48e9}
 # FLOP/s reached on stored values, by batch (log-interpolated between the measured batches).
 CPU_RATE = {
     "dense": {1: 250e9, 8: 100e9, 32: 145e9, 128: 250e9},
-    "csr": {1: 11e9, 3: 11e9, 4: 30e9, 8: 45e9, 32: 90e9, 128: 90e9},
+    "csr": {1: 11e9, 3: 11e9, 4: 30e9, 8: 50e9, 32: 120e9, 128: 120e9},
     "bsr": {1: 60e9, 3: 60e9, 4: 60e9, 8: 86e9, 32: 200e9, 128: 200e9},
 }
 # Without AVX-512 the batched sparse micro-kernels run 8-wide (measured: ~0.55x at batch >= 32).
