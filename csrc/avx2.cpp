@@ -255,7 +255,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   const WT* val = static_cast<const WT*>(a.values);
   const int64_t N = a.n, I = a.in_features, O = a.out_features;
   const int32_t* crow = a.crow;
-  const int T = pick_threads(a.nthreads, double(crow[O]) * double(N));
+  const double work = double(crow[O]) * double(N);
+  const int T = pick_threads(a.nthreads, N < kSpmmMinN ? est_spmv_csr(work) : est_spmm(work));
   const bool w512 = current_isa() == ISA_AVX512;  // batched path only
 
   if (N < kSpmmMinN) {
@@ -529,7 +530,8 @@ void bsr_avx2(const LinearArgs& a) {
   const int64_t N = a.n, I = a.in_features, O = a.out_features, R = a.block_r, C = a.block_c;
   const int64_t BR = O / R;
   const int32_t* crow = a.crow;
-  const int T = pick_threads(a.nthreads, double(crow[BR]) * double(R * C) * double(N));
+  const double work = double(crow[BR]) * double(R * C) * double(N);
+  const int T = pick_threads(a.nthreads, N < kSpmmMinN ? est_spmv_bsr(work) : est_spmm(work));
   // Block rows handled together so the tile covers >= 8 output rows (one 8x8 transpose).
   const int64_t gb = R >= 8 ? 1 : 8 / R;
   const bool w512 = current_isa() == ISA_AVX512;

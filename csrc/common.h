@@ -79,13 +79,18 @@ inline int team_size() {
 #endif
 }
 
-// Threads worth using for `fmas` multiply-adds: a team costs a few microseconds to wake, so tiny
-// layers run on the calling thread.
-inline int pick_threads(int requested, double fmas) {
+// Threads worth using for a call whose single-thread time is about `seconds`: waking a team costs
+// a few microseconds, so a layer of a few microseconds runs on the calling thread.
+inline int pick_threads(int requested, double seconds) {
   if (requested < 1) requested = 1;
-  if (fmas < 6.0e4) return 1;
-  return requested;
+  return seconds < 4e-6 ? 1 : requested;
 }
+// Single-thread cost estimates (measured on the development machine, kernel log in
+// bench/results/cpu.md): a gathered CSR entry ~0.3 ns; a streamed BSR value ~0.06 ns; a batched
+// multiply-add lane ~0.02 ns (about 50 GFLOP/s).
+inline double est_spmv_csr(double entries) { return entries * 0.3e-9; }
+inline double est_spmv_bsr(double values) { return values * 0.06e-9; }
+inline double est_spmm(double lanes) { return lanes * 0.02e-9; }
 
 // Split rows [0, rows) into `parts` contiguous ranges of about equal cost, cost(row) = its stored
 // entries + a fixed per-row overhead, with every boundary a multiple of `align` rows.

@@ -10,7 +10,7 @@ template <typename WT>
 void csr_portable(const LinearArgs& a) {
   const WT* val = static_cast<const WT*>(a.values);
   const int64_t N = a.n, I = a.in_features, O = a.out_features;
-  const int T = pick_threads(a.nthreads, double(a.crow[O]) * double(N));
+  const int T = pick_threads(a.nthreads, est_spmv_csr(double(a.crow[O]) * double(N)));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
@@ -36,7 +36,7 @@ void bsr_portable(const LinearArgs& a) {
   const WT* val = static_cast<const WT*>(a.values);
   const int64_t N = a.n, I = a.in_features, O = a.out_features, R = a.block_r, C = a.block_c;
   const int64_t BR = O / R;
-  const int T = pick_threads(a.nthreads, double(a.crow[BR]) * double(R * C) * double(N));
+  const int T = pick_threads(a.nthreads, est_spmv_csr(double(a.crow[BR]) * double(R * C) * double(N)));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
