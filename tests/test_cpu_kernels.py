@@ -390,3 +390,26 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layout, sparsity, o, wdtype
     with torch.no_grad():
         wc.values.mul_(-0.5)
     check(run(x, wc, b, "relu"), x, wc, b, "relu")
+
+
+# ---- the `sparse-engine bench` verb runs end to end (tiny grid; timings are not asserted) -----------
+
+def test_bench_verb_prints_the_comparison_table(capsys):
+    import argparse
+
+    from engine import bench
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    args = parser.parse_args(["--shapes", "64x96", "--batch", "1,9", "--sparsity", "0.9",
+                              "--blocks", "8x8,1x8", "--threads", "1", "--min-time", "0.01", "--no-onnx"])
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the benchmark's thread count process-wide
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 64x96 |")]
+    assert len(rows) == 2
+    header = next(line for line in out.splitlines() if line.startswith("| shape"))
+    for name in ("torch.sparse csr", "engine csr", "engine bsr 8x8", "engine bsr 1x8", "torch.sparse bsr 8x8"):
+        assert name in header
