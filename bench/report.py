@@ -121,8 +121,9 @@ def plot(cells, path: str) -> None:
             if c == 0:
                 ax.set_ylabel("speedup vs dense F.linear")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    ncol = max(2, min(len(labels), int(4.2 * len(batches) / 2.3)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * (-(-len(labels) // ncol)), 1, 1))
     fig.savefig(path, dpi=110)
 
 
