@@ -1,0 +1,90 @@
+"""`sparse-engine bench --model ARTIFACT`: a converted model against its own dense twin.
+
+The twin is the same loaded module with every SparseLinear swapped for a dense torch linear layer
+holding the same (pruned) weights, so the two differ only in the kernels that run.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import SparseLinear
+from .reference import apply_activation
+
+
+class DenseLinear(nn.Module):
+    """torch's own dense layer for one SparseLinear (same weights, bias, fused activation)."""
+
+    def __init__(self, layer: SparseLinear):
+        super().__init__()
+        w = layer.sparse_weight
+        self.weight = w if isinstance(w, torch.Tensor) else w.to_dense(torch.float32)
+        self.bias = None if layer.bias is None else layer.bias.float()
+        self.activation = layer.activation
+
+    def forward(self, x):
+        return apply_activation(F.linear(x, self.weight, self.bias), self.activation)
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, SparseLinear):
+                setattr(module, child_name, DenseLinear(child))
+    return twin
+
+
+def example_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
+    spec = getattr(model, "spec", {})
+    if spec.get("family") == "bert":
+        vocab = model.config["vocab_size"] if hasattr(model, "config") else 1000
+        ids = torch.randint(0, vocab, (batch, seq))
+        return ids, torch.ones(batch, seq, dtype=torch.int64)
+    shape = spec["inputs"][0]["shape"]
+    return (torch.randn(batch, *shape[1:]),)
+
+
+def median_seconds(fns: dict, args: tuple, rounds: int = 11, min_time: float = 0.05) -> dict:
+    """Median time per call; rounds alternate the candidates so machine noise hits both alike."""
+    with torch.inference_mode():
+        reps = {}
+        for name, fn in fns.items():
+            fn(*args)
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < min_time:
+                fn(*args)
+                n += 1
+            reps[name] = max(1, n)
+        samples = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(reps[name]):
+                    fn(*args)
+                samples[name].append((time.perf_counter() - t0) / reps[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(path: str, batches: list[int], threads: int, seq: int = 128) -> int:
+    from .runtime import load
+    torch.set_num_threads(threads)
+    model = load(path, device="cpu")
+    twin = dense_twin(model)
+    n_sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
+    print(f"model {path}: family {model.spec.get('family')}, {n_sparse} SparseLinear layers, "
+          f"{threads} threads, torch {torch.__version__}")
+    print(f"{'batch':>6} {'dense ms':>10} {'engine ms':>10} {'speedup':>8} {'max |diff|':>11}")
+    for batch in batches:
+        args = example_inputs(model, batch, seq)
+        with torch.inference_mode():
+            diff = (model(*args).float() - twin(*args).float()).abs().max().item()
+        t = median_seconds({"dense": twin, "engine": model}, args)
+        print(f"{batch:>6} {1e3 * t['dense']:>10.3f} {1e3 * t['engine']:>10.3f} "
+              f"{t['dense'] / t['engine']:>7.2f}x {diff:>11.2e}")
+    return 0
