@@ -165,9 +165,12 @@ def mlp_providers(sparsity: float, batch: int, fmt: str = "csr", seed: int = 0) 
 
 # ---- timing -------------------------------------------------------------------------------------
 
-def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7) -> dict[str, float]:
+def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each fn. Each round runs every fn back to back (enough calls to
-    fill min_time/rounds), so a burst of load from other processes lands on all providers alike."""
+    fill min_time/rounds), so a burst of load from other processes lands on all providers alike.
+    clock=time.thread_time counts only this thread's CPU time: immune to time slices lost to
+    other processes, but valid for single-threaded runs only (--cpu-time)."""
     with torch.inference_mode():
         reps = {}
         for name, fn in fns.items():
@@ -180,10 +183,10 @@ def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: in
         for _ in range(rounds):
             for name, fn in fns.items():
                 n = reps[name]
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(n):
                     fn()
-                samples[name].append((time.perf_counter() - t0) / n)
+                samples[name].append((clock() - t0) / n)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -203,7 +206,8 @@ def bound_seconds(p: dict, shape, batch: int, bandwidth: float, peak: float) -> 
     return max((w_bytes + act_bytes) / bandwidth, 2.0 * batch * stored / peak)
 
 
-def measure_machine(threads: int, seconds: float = 1.0) -> dict[str, float]:
+def measure_machine(threads: int, seconds: float = 1.0, clock: Callable[[], float] = time.perf_counter
+                    ) -> dict[str, float]:
     """Streaming read bandwidth (B/s) and FMA peak (FLOP/s), both with `threads` threads.
 
     Bandwidth: the faster of a sum over a 256 MiB fp32 vector and a GEMV over a 64 MiB fp32
@@ -217,7 +221,7 @@ def measure_machine(threads: int, seconds: float = 1.0) -> dict[str, float]:
         mat, vec = torch.ones(4096, 4096), torch.ones(4096)
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         t = time_interleaved({"sum": lambda: big.sum(), "mv": lambda: torch.mv(mat, vec), "mm": lambda: a @ b},
-                             min_time=seconds, rounds=5)
+                             min_time=seconds, rounds=5, clock=clock)
         bw = max(big.numel() * 4 / t["sum"], mat.numel() * 4 / t["mv"])
         return {"bandwidth": bw, "peak": 2.0 * 2048 ** 3 / t["mm"]}
     finally:
@@ -247,6 +251,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 weight variants")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider per cell")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with this thread's CPU time (needs --threads 1): steady on a shared, "
+                             "loaded machine where wall-clock 2-thread runs are not")
     parser.add_argument("--mlp", action="store_true",
                         help="also time the whole pruned 784-4096-4096-10 MLP (ReLU, unstructured "
                              "90 %% and 95 %%) at batch 64: dense torch vs engine.sparsify(format='csr')")
@@ -268,10 +275,15 @@ def main(args: argparse.Namespace) -> int:
                      ("blocks", args.blocks)):
         if val:
             grid[key] = val
+    if args.cpu_time and args.threads != 1:
+        print("sparse-engine bench: --cpu-time counts the calling thread only; use it with --threads 1")
+        return 2
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
-    machine = measure_machine(args.threads) if args.bound else None
+    machine = measure_machine(args.threads, clock=clock) if args.bound else None
     print(f"# sparse-engine bench: {args.threads} threads, fp32 x, kernels isa={cpu.isa()}, "
-          f"torch {torch.__version__}; median ms of dense F.linear, speedup = t(dense)/t(provider)")
+          f"torch {torch.__version__}, {'CPU' if args.cpu_time else 'wall'} time; median ms of dense "
+          "F.linear, speedup = t(dense)/t(provider)")
     if machine:
         print(f"# measured: read bandwidth {machine['bandwidth'] / 1e9:.1f} GB/s, "
               f"sgemm peak {machine['peak'] / 1e9:.0f} GFLOP/s")
@@ -281,7 +293,7 @@ def main(args: argparse.Namespace) -> int:
             for s in grid["sparsities"]:
                 ps = providers(shape, s, batch, blocks=grid["blocks"], threads=args.threads,
                                onnx=not args.no_onnx, half=not args.no_half)
-                t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=args.min_time)
+                t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=args.min_time, clock=clock)
                 names = [k for k in ps if k != "dense"]
                 if header is None:
                     header = names
@@ -310,7 +322,8 @@ def main(args: argparse.Namespace) -> int:
         print("|---|---|---|---|---|---|")
         for s in (0.9, 0.95):
             ps = mlp_providers(s, 64)
-            t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=max(1.0, args.min_time))
+            t = time_interleaved({k: v["fn"] for k, v in ps.items()}, min_time=max(1.0, args.min_time),
+                                 clock=clock)
             print(f"| unstructured, engine csr | 64 | {s:.2f} | {_fmt_ms(t['dense'])} | "
                   f"{_fmt_ms(t['engine csr'])} | {t['dense'] / t['engine csr']:.2f}x |", flush=True)
     return 0
