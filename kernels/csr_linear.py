@@ -12,10 +12,10 @@ import triton
 import triton.language as tl
 
 from engine.formats import CSR
-from engine.reference import apply_activation
 
 from . import tuning
 from .epilogue import activate
+from .launch import prepare_output, values_for
 
 
 @triton.jit
@@ -74,15 +74,6 @@ def csr_linear_configs(cls: str) -> list[dict]:
     return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2) for bn, bk in ((32, 32), (32, 64), (64, 32))]
 
 
-def _values_for(w, dtype: torch.dtype) -> torch.Tensor:
-    """Stored values the kernel can cast to x's dtype exactly: 16-bit -> fp32 widens in registers;
-    a narrowing cast (fp32 -> 16-bit, fp16 <-> bf16) is done here once, rounding to nearest even."""
-    v = w.values
-    if v.dtype != dtype and dtype != torch.float32:
-        v = v.to(dtype)
-    return v.contiguous()
-
-
 def csr_linear_triton(x: torch.Tensor, w: CSR, bias: torch.Tensor | None = None,
                       activation: str = "none", *, params: dict | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,24 +82,14 @@ def csr_linear_triton(x: torch.Tensor, w: CSR, bias: torch.Tensor | None = None,
     params: launch parameters (see kernels.tuning); default: the tuning table for this device.
     out: optional (N, O) contiguous tensor of x's dtype to write into (checks poison it first).
     """
-    n, i = x.shape
-    o = w.shape[0]
-    if i != w.shape[1]:
-        raise ValueError(f"csr_linear_triton: x has {i} features, weight shape is {tuple(w.shape)}")
-    if out is not None and (out.shape != (n, o) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"csr_linear_triton: out must be a contiguous ({n}, {o}) {x.dtype} tensor, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    if n == 0 or o == 0 or w.nnz == 0:  # degenerate: no products to sum
-        y = torch.zeros(n, o, dtype=x.dtype, device=x.device)
-        if bias is not None:
-            y += bias.to(x.dtype)
-        y = apply_activation(y, activation)
-        return y if out is None else out.copy_(y)
-    y = out if out is not None else torch.empty(n, o, dtype=x.dtype, device=x.device)
+    y, done = prepare_output("csr_linear_triton", x, w, bias, activation, out, w.nnz)
+    if done:
+        return y
+    n, o = y.shape
     p = params or tuning.launch_params("csr_linear", tuning.device_name(x), tuning.shape_class(n))
     grid = (o, triton.cdiv(n, p["BLOCK_N"]))
     csr_linear_kernel[grid](
-        x, w.crow_indices, w.col_indices, _values_for(w, x.dtype), bias if bias is not None else y, y,
+        x, w.crow_indices, w.col_indices, values_for(w, x.dtype), bias if bias is not None else y, y,
         n,
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
