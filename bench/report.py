@@ -103,6 +103,7 @@ def plot(cells, path: str) -> None:
     for r, (o, i) in enumerate(shapes):
         for c, n in enumerate(batches):
             ax = axes[r][c]
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)  # > 10 providers: distinct colours
             keys = sorted(k for k in cells if k[:3] == (o, i, n))
             for p in providers:
                 xs = [k[3] for k in keys if p in cells[k] and "dense" in cells[k]]
@@ -124,7 +125,7 @@ def plot(cells, path: str) -> None:
     ncol = max(2, min(len(labels), int(4.2 * len(batches) / 2.3)))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.tight_layout(rect=(0, 0.04 + 0.025 * (-(-len(labels) // ncol)), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
 
 
 def main(argv=None) -> int:
