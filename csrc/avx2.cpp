@@ -104,32 +104,39 @@ void pack_xt(const float* x, int64_t N, int64_t I, int64_t n0, int64_t np, float
 }
 
 // ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
+// Batch column outer, 8-row blocks inner: a 16-row tile writes each Y row's 64-byte segment with two
+// back-to-back stores. (8-row tiles wrote half lines; with Y rows 12-16 KiB apart they alias in L1
+// and every line was fetched twice — the per-call floor at batch 128 was ~2 cycles per output.)
 void store_tile(float* y, int64_t O, const float* tile, int64_t o0, int64_t g, int64_t n0, int64_t nn,
                 const float* bias, int act) {
-  int64_t r0 = 0;
-  for (; r0 + 8 <= g; r0 += 8) {
-    const __m256 b = bias ? _mm256_loadu_ps(bias + o0 + r0) : _mm256_setzero_ps();
-    for (int64_t j0 = 0; j0 < nn; j0 += 8) {
+  const int64_t g8 = g / 8 * 8;
+  for (int64_t j0 = 0; j0 < nn; j0 += 8) {
+    const int64_t m = std::min<int64_t>(8, nn - j0);
+    for (int64_t r0 = 0; r0 < g8; r0 += 8) {
+      const __m256 b = bias ? _mm256_loadu_ps(bias + o0 + r0) : _mm256_setzero_ps();
       __m256 r[8];
       for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(tile + (r0 + q) * kChunk + j0);
       transpose8(r);
-      const int64_t m = std::min<int64_t>(8, nn - j0);
       for (int64_t q = 0; q < m; ++q) {
         __m256 v = _mm256_add_ps(r[q], b);
         if (act == ACT_RELU) v = _mm256_max_ps(v, _mm256_setzero_ps());
-        float* dst = y + (n0 + j0 + q) * O + o0 + r0;
-        _mm256_storeu_ps(dst, v);
-        if (act >= ACT_GELU)
-          for (int e = 0; e < 8; ++e) dst[e] = activate(dst[e], act);
+        _mm256_storeu_ps(y + (n0 + j0 + q) * O + o0 + r0, v);
       }
     }
   }
-  for (; r0 < g; ++r0) {
+  if (act >= ACT_GELU && g8)
+    for (int64_t j = 0; j < nn; ++j) {
+      float* dst = y + (n0 + j) * O + o0;
+      for (int64_t r = 0; r < g8; ++r) dst[r] = activate(dst[r], act);
+    }
+  for (int64_t r0 = g8; r0 < g; ++r0) {
     const float b = bias ? bias[o0 + r0] : 0.f;
     for (int64_t j = 0; j < nn; ++j)
       y[(n0 + j) * O + o0 + r0] = activate(tile[r0 * kChunk + j] + b, act);
   }
 }
+
+constexpr int64_t kTileRows = 16;  // output rows per epilogue tile: one 64-byte line of Y per row
 
 // =================================== CSR =========================================================
 
@@ -288,8 +295,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
-    float* tile = scratch(1, 8 * kChunk);
-    const int64_t align = grouped ? 64 : 8;  // grouped: whole 64-row windows per thread
+    float* tile = scratch(1, kTileRows * kChunk);
+    const int64_t align = grouped ? 64 : kTileRows;  // grouped: whole 64-row windows per thread
     const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
     const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
@@ -304,8 +311,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
           csr_chunk_grouped<WT>(a, w0, w1, xt + c0, np, nc, acc_shared);
-          for (int64_t og = o0; og < o1; og += 8)
-            store_tile(a.y, O, acc_shared + og * kChunk, og, std::min<int64_t>(8, o1 - og), p0 + c0,
+          for (int64_t og = o0; og < o1; og += kTileRows)
+            store_tile(a.y, O, acc_shared + og * kChunk, og, std::min<int64_t>(kTileRows, o1 - og), p0 + c0,
                        std::min(nc, N - p0 - c0), a.bias, a.act);
         }
         continue;
@@ -315,14 +322,14 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
           float* acc = scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
           csr_chunk_panelled<WT>(a, o0, o1, xt + c0, np, nc, acc);
-          for (int64_t og = o0; og < o1; og += 8)
-            store_tile(a.y, O, acc + (og - o0) * kChunk, og, std::min<int64_t>(8, o1 - og), p0 + c0,
+          for (int64_t og = o0; og < o1; og += kTileRows)
+            store_tile(a.y, O, acc + (og - o0) * kChunk, og, std::min<int64_t>(kTileRows, o1 - og), p0 + c0,
                        std::min(nc, N - p0 - c0), a.bias, a.act);
         }
         continue;
       }
-      for (int64_t og = o0; og < o1; og += 8) {
-        const int64_t g = std::min<int64_t>(8, o1 - og);
+      for (int64_t og = o0; og < o1; og += kTileRows) {
+        const int64_t g = std::min<int64_t>(kTileRows, o1 - og);
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
           for (int64_t r = 0; r < g; ++r) {
@@ -533,7 +540,7 @@ void bsr_avx2(const LinearArgs& a) {
   const double work = double(crow[BR]) * double(R * C) * double(N);
   const int T = pick_threads(a.nthreads, N < kSpmmMinN ? est_spmv_bsr(work) : est_spmm(work));
   // Block rows handled together so the tile covers >= 8 output rows (one 8x8 transpose).
-  const int64_t gb = R >= 8 ? 1 : 8 / R;
+  const int64_t gb = R >= kTileRows ? 1 : kTileRows / R;
   const bool w512 = current_isa() == ISA_AVX512;
   const int row_cost = int(std::max<int64_t>(1, 4 / (R * C)));
 
