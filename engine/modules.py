@@ -91,9 +91,15 @@ class SparseLinear(nn.Module):
         """The weight as a CSR/BSR object (or the dense tensor) over this module's buffers."""
         if self.format == "dense":
             return self.weight
-        cls = CSR if self.format == "csr" else BSR
-        return cls.trusted(self.weight_crow_indices, self.weight_col_indices, self.weight_values,
-                           (self.out_features, self.in_features))
+        b = self._buffers  # direct: nn.Module.__getattr__ is slow on a per-call path
+        buffers = (b["weight_crow_indices"], b["weight_col_indices"], b["weight_values"])
+        key, cached = self.__dict__.get("_sparse_weight", (None, None))
+        # Rebuilt only when .to() / load_state_dict(assign=True) replaced a buffer.
+        if key is None or any(a is not k for a, k in zip(buffers, key)):
+            cls = CSR if self.format == "csr" else BSR
+            cached = cls.trusted(*buffers, (self.out_features, self.in_features))
+            self.__dict__["_sparse_weight"] = (buffers, cached)
+        return cached
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "auto", blocksize=None, *,

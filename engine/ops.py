@@ -11,6 +11,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .formats import BSR, CSR
 from .reference import apply_activation, check_activation
 
@@ -31,8 +32,13 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def _kernels():
+    """The Triton package, imported on first use (importing triton costs about a second)."""
+    import kernels
+    return kernels
+
+
 def cpu_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
-    from . import cpu
     if not cpu.available():
         return f"the C++ extension engine._C is not importable ({cpu.import_error()})"
     if x is not None and x.device.type != "cpu":
@@ -41,7 +47,7 @@ def cpu_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
 
 
 def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
-    import kernels
+    kernels = _kernels()
     if not kernels.available():
         return f"Triton is not importable ({kernels.import_error()})"
     if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,6 +61,8 @@ def _pick_backend(x: torch.Tensor, backend: str) -> str:
         raise ValueError(f"sparse_linear: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "torch":
         return backend
+    if backend == "auto" and x.device.type == "cpu" and cpu.available():
+        return "cpu"  # the common case, decided without building a reason string
     if backend != "auto":
         why = (cpu_unavailable_reason if backend == "cpu" else triton_unavailable_reason)(x)
         if why:
@@ -125,9 +133,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
     lead, in_f = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), in_f)  # not -1: ambiguous when in_features == 0
     if chosen == "cpu":
-        from . import cpu
         y2 = (cpu.csr_linear_cpu if fmt == "csr" else cpu.bsr_linear_cpu)(x2, weight, bias, act)
     else:
-        import kernels
+        kernels = _kernels()
         y2 = (kernels.csr_linear_triton if fmt == "csr" else kernels.bsr_linear_triton)(x2, weight, bias, act)
     return y2.reshape(*lead, weight.shape[0])
