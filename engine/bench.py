@@ -257,6 +257,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp", action="store_true",
                         help="also time the whole pruned 784-4096-4096-10 MLP (ReLU, unstructured "
                              "90 %% and 95 %%) at batch 64: dense torch vs engine.sparsify(format='csr')")
+    parser.add_argument("--model", metavar="ARTIFACT",
+                        help="time a converted model instead: dense torch twin vs engine, at --batch "
+                             "(default 1,32; BERT inputs use sequence --seq)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length for --model on a BERT artifact")
     parser.add_argument("--bound", action="store_true",
                         help="measure bandwidth and FMA peak first and print each cell's roofline bound")
 
@@ -270,6 +274,10 @@ def main(args: argparse.Namespace) -> int:
     if not cpu.available():
         print(f"sparse-engine bench: the C++ extension is not built ({cpu.import_error()})")
         return 1
+    if args.model:
+        from .model_bench import run
+        return run(args.model, args.batch or [1, 32], args.threads, seq=args.seq,
+                   min_time=max(0.5, args.min_time))
     grid = dict(shapes=SHAPES, batches=BATCHES, sparsities=SPARSITIES, blocks=BLOCKS) if args.full else dict(QUICK)
     for key, val in (("shapes", args.shapes), ("batches", args.batch), ("sparsities", args.sparsity),
                      ("blocks", args.blocks)):

@@ -6,8 +6,6 @@ holding the same (pruned) weights, so the two differ only in the kernels that ru
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -43,35 +41,15 @@ def dense_twin(model: nn.Module) -> nn.Module:
 def example_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
     spec = getattr(model, "spec", {})
     if spec.get("family") == "bert":
-        vocab = model.config["vocab_size"] if hasattr(model, "config") else 1000
+        vocab = model.config["vocab_size"]
         ids = torch.randint(0, vocab, (batch, seq))
         return ids, torch.ones(batch, seq, dtype=torch.int64)
     shape = spec["inputs"][0]["shape"]
     return (torch.randn(batch, *shape[1:]),)
 
 
-def median_seconds(fns: dict, args: tuple, rounds: int = 11, min_time: float = 0.05) -> dict:
-    """Median time per call; rounds alternate the candidates so machine noise hits both alike."""
-    with torch.inference_mode():
-        reps = {}
-        for name, fn in fns.items():
-            fn(*args)
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < min_time:
-                fn(*args)
-                n += 1
-            reps[name] = max(1, n)
-        samples = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(reps[name]):
-                    fn(*args)
-                samples[name].append((time.perf_counter() - t0) / reps[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def run(path: str, batches: list[int], threads: int, seq: int = 128) -> int:
+def run(path: str, batches: list[int], threads: int, seq: int = 128, min_time: float = 0.5) -> int:
+    from .bench import time_interleaved
     from .runtime import load
     torch.set_num_threads(threads)
     model = load(path, device="cpu")
@@ -84,7 +62,8 @@ def run(path: str, batches: list[int], threads: int, seq: int = 128) -> int:
         args = example_inputs(model, batch, seq)
         with torch.inference_mode():
             diff = (model(*args).float() - twin(*args).float()).abs().max().item()
-        t = median_seconds({"dense": twin, "engine": model}, args)
+        t = time_interleaved({"dense": lambda: twin(*args), "engine": lambda: model(*args)},
+                             min_time=min_time)
         print(f"{batch:>6} {1e3 * t['dense']:>10.3f} {1e3 * t['engine']:>10.3f} "
               f"{t['dense'] / t['engine']:>7.2f}x {diff:>11.2e}")
     return 0

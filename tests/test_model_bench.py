@@ -1,0 +1,48 @@
+"""`sparse-engine bench --model`: the dense twin computes what the engine computes, and the table
+is printed for an MLP and a BERT artifact."""
+import torch
+from torch import nn
+
+from engine.cli import main as cli
+from engine.convert import convert
+from engine.model_bench import DenseLinear, dense_twin
+from engine.modules import SparseLinear
+from engine.runtime import load
+from tests.test_bert import hf_bert  # noqa: F401  (fixture)
+
+
+def _mlp_artifact(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(64, 32) > 0.8)
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    convert(tmp_path / "mlp.pt", tmp_path / "mlp.spz", arch="mlp:relu", log=lambda *_: None)
+    return tmp_path / "mlp.spz"
+
+
+def test_dense_twin_swaps_every_sparse_layer_and_agrees(tmp_path):
+    model = load(_mlp_artifact(tmp_path))
+    twin = dense_twin(model)
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    assert not any(isinstance(m, SparseLinear) for m in twin.modules())
+    assert any(isinstance(m, DenseLinear) for m in twin.modules())
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_model_prints_a_row_per_batch(tmp_path, capsys):
+    path = _mlp_artifact(tmp_path)
+    assert cli(["bench", "--model", str(path), "--batch", "1,4", "--threads", "1", "--min-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "4"]
+    assert all(float(r[4]) < 1e-4 for r in rows)  # max |diff| engine vs dense twin
+
+
+def test_bench_model_on_bert(hf_bert, tmp_path, capsys):  # noqa: F811
+    folder, _ = hf_bert
+    convert(folder, tmp_path / "bert.spz", log=lambda *_: None)
+    assert cli(["bench", "--model", str(tmp_path / "bert.spz"), "--batch", "2", "--seq", "8",
+                "--threads", "1", "--min-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "family bert" in out and any(line.split()[:1] == ["2"] for line in out.splitlines())
