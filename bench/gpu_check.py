@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--tune", action="store_true", help="time each kernel config per batch class first")
     ap.add_argument("--max-configs", type=int, default=0, help="tune at most this many configs per class")
     ap.add_argument("--timing", choices=("eager", "graph"), default="eager",
-                    help="eager (default, the mode bench/results/gpu.md used): do_bench, L2 flushed, launch "
+                    help="eager (default, the mode bench/RESULTS.md used): do_bench, L2 flushed, launch "
                          "overhead included; graph: GPU time of CUDA-graph replays (not yet run on a GPU)")
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)

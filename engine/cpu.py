@@ -182,7 +182,7 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
     a `batch` >= 16 on an AVX-512 CPU and density >= 0.07, the panel-major or grouped copy the
     batched kernel reads (another value + 2 bytes per stored value, plus padding). The first kernel call does it lazily; SparseLinear calls
-    this at construction to keep the cost out of the first inference."""
+    this (without `batch`) at construction to keep the index copy out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":
         _col16(w)
         layout = "rows" if batch is None else _batched_layout(w, batch)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import costmodel
+from . import costmodel, cpu
 from .formats import BSR, CSR, FormatError
 from .ops import sparse_linear
 from .reference import check_activation
@@ -85,6 +85,8 @@ class SparseLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        if self.format == "csr" and self.weight_values.device.type == "cpu" and cpu.available():
+            cpu.prepare_weight(self.sparse_weight)  # index copy made now, not in the first inference
 
     @property
     def sparse_weight(self):

@@ -59,7 +59,7 @@ DEFAULTS: dict[tuple[str, str], dict] = {
 # (op, device name, shape class) -> parameters measured on that device.
 TUNED: dict[tuple[str, str, str], dict] = {
     # NVIDIA H200, triton 3.6, 2026-11-28: bench/gpu_check.py --tune (eager do_bench, 4096x4096, 90 %,
-    # 64x64 blocks, bf16; see bench/results/gpu.md). The n1/n16 picks were within launch-overhead noise.
+    # 64x64 blocks, bf16; see bench/RESULTS.md). The n1/n16 picks were within launch-overhead noise.
     ("bsr_linear", "NVIDIA H200", "n1"): dict(BLOCK_N=1, ROWS=2, K=1024, num_warps=2, num_stages=1),
     ("bsr_linear", "NVIDIA H200", "n16"): dict(BLOCK_N=16, ROWS=16, K=256, num_warps=4, num_stages=3),
     ("bsr_linear", "NVIDIA H200", "n256"): dict(BLOCK_N=128, ROWS=64, K=64, num_warps=4, num_stages=3),
