@@ -12,6 +12,11 @@ echo "== 1/5 prune + fine-tune: wide digits MLP (64-2048-1024-10), 90 % magnitud
 # The 10-row classifier head does not tile by 8 and is tiny: it stays dense (--skip 4).
 $se prune --example mlp-digits-wide --method magnitude --granularity block:8x8 --sparsity 0.9 \
     --skip 4 --dense-epochs 20 --epochs 10 --quiet -o "$out/pruned.pt"
+$py -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+dense, final = r["dense"]["test_accuracy"], r["final"]["test_accuracy"]
+print("test accuracy: dense %.3f, pruned %.3f at sparsity %.3f" % (dense, final, r["final"]["sparsity"]))' \
+    "$out/pruned.report.json"
 
 echo "== 2/5 convert (verified against the checkpoint before it reports success)"
 $se convert "$out/pruned.pt" -o "$out/digits.spz"
