@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q
+	# Offline: the tests use the bundled all-MiniLM-L6-v2 files and tiny local models, never a hub.
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo: install
 	bash bench/demo.sh $(OUT)
