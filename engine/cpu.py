@@ -50,27 +50,35 @@ def set_isa(name: str) -> None:
     _ISA[0] = _C.get_isa()
 
 
-# id(col_indices) -> (weakref to it, its _version when converted, uint16 copy). Keyed by the index
-# tensor itself, so the copy outlives the short-lived CSR views SparseLinear builds per call; an
-# in-place update of the indices (load_state_dict copies into buffers) bumps _version and triggers
-# a fresh copy; the entry goes when the tensor does. (A plain dict: WeakIdKeyDictionary lookups
-# cost microseconds, which matters on a 10 µs layer.)
-_COL16: dict[int, tuple] = {}
+# Prepared copies of a weight's buffers, built once and keyed by the source tensors themselves, so
+# a copy outlives the short-lived CSR views SparseLinear builds per call; an in-place update
+# (load_state_dict copies into buffers) bumps a source's _version and triggers a fresh copy; the
+# entry goes when the first source tensor does. (A plain dict: WeakIdKeyDictionary lookups cost
+# microseconds, which matters on a 10 µs layer.)
+# (kind, id(sources[0])) -> (weakrefs of sources, their _versions, built copy)
+_CACHE: dict[tuple[str, int], tuple] = {}
+
+
+def _cached(kind: str, sources: tuple[torch.Tensor, ...], build):
+    """build() once per (kind, source tensors, their versions); later calls return the same copy."""
+    key = (kind, id(sources[0]))
+    versions = tuple(t._version for t in sources)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], sources)):
+        return hit[2]
+    built = build()
+    refs = (weakref.ref(sources[0], lambda _r: _CACHE.pop(key, None)),) + tuple(
+        weakref.ref(t) for t in sources[1:])
+    _CACHE[key] = (refs, versions, built)
+    return built
 
 
 def _col16(w: CSR) -> torch.Tensor | None:
     """uint16 copy of w's column indices (None when I > 65536), made once per index tensor."""
     if w.shape[1] > _U16_MAX_COLS:
         return None
-    col = w.col_indices
-    key = id(col)
-    hit = _COL16.get(key)
-    if hit is None or hit[0]() is not col or hit[1] != col._version:
-        # int32 -> int16 keeps the low 16 bits: the uint16 value of every index < 65536.
-        ref = weakref.ref(col, lambda _r, key=key: _COL16.pop(key, None))
-        hit = (ref, col._version, col.contiguous().to(torch.int16))
-        _COL16[key] = hit
-    return hit[2]
+    # int32 -> int16 keeps the low 16 bits: the uint16 value of every index < 65536.
+    return _cached("col16", (w.col_indices,), lambda: w.col_indices.contiguous().to(torch.int16))
 
 
 # Panelled CSR copy for the batched AVX-512 path: entries regrouped by input panel of
@@ -84,8 +92,6 @@ _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time lo
 #   below: the row-at-a-time loop over L2-resident packed X is as fast.
 _PANEL_MIN_PER_ROW = 20.0
 _GROUP_MIN_PER_ROW = 9.0
-# id(values) -> (weakref(values), values._version, weakref(col), col._version, seg, col16, val)
-_PANELS: dict[int, tuple] = {}
 
 
 def _batched_layout(w: CSR, batch: int) -> str:
@@ -99,18 +105,13 @@ def _batched_layout(w: CSR, batch: int) -> str:
     return "groups" if per_row_panel >= _GROUP_MIN_PER_ROW else "rows"
 
 
-def _panels_pay(w: CSR, batch: int) -> bool:
-    return _batched_layout(w, batch) != "rows"
-
-
 def _panels(w: CSR):
     """(seg (P·O+1,) int32, col (nnz,) int16-as-uint16, values (nnz,)) regrouped panel-major."""
+    return _cached("panels", (w.values, w.col_indices), lambda: _build_panels(w))
+
+
+def _build_panels(w: CSR):
     val, col = w.values, w.col_indices
-    key = id(val)
-    hit = _PANELS.get(key)
-    if (hit is not None and hit[0]() is val and hit[1] == val._version and hit[2]() is col
-            and hit[3] == col._version):
-        return hit[4:]
     o, i = w.shape
     n_panels = -(-i // _PANEL_WIDTH)
     counts = (w.crow_indices[1:] - w.crow_indices[:-1]).long()
@@ -120,22 +121,17 @@ def _panels(w: CSR):
     seg = torch.zeros(n_panels * o + 1, dtype=torch.int64)
     seg[1:] = torch.cumsum(torch.bincount(slot, minlength=n_panels * o), 0)
     built = (seg.to(torch.int32), col[order].to(torch.int16).contiguous(), val[order].contiguous())
-    ref = weakref.ref(val, lambda _r, key=key: _PANELS.pop(key, None))
-    _PANELS[key] = (ref, val._version, weakref.ref(col), col._version) + built
     return built
 
-
-_GROUPS: dict[int, tuple] = {}
 
 
 def _groups(w: CSR):
     """Grouped panels (SELL-4 per input panel): (off, len, rows, col, val), see csrc/sparse_linear.h."""
+    return _cached("groups", (w.values, w.col_indices), lambda: _build_groups(w))
+
+
+def _build_groups(w: CSR):
     val, col = w.values, w.col_indices
-    key = id(val)
-    hit = _GROUPS.get(key)
-    if (hit is not None and hit[0]() is val and hit[1] == val._version and hit[2]() is col
-            and hit[3] == col._version):
-        return hit[4:]
     o, i = w.shape
     n_panels = -(-i // _PANEL_WIDTH)
     o_pad = -(-o // 64) * 64
@@ -171,8 +167,6 @@ def _groups(w: CSR):
     gcol[dest] = col[order].to(torch.int16)
     gval[dest] = val[order]
     built = (goff.to(torch.int32), glen.to(torch.int32), grows.to(torch.int32), gcol, gval)
-    ref = weakref.ref(val, lambda _r, key=key: _GROUPS.pop(key, None))
-    _GROUPS[key] = (ref, val._version, weakref.ref(col), col._version) + built
     return built
 
 

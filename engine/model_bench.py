@@ -31,7 +31,7 @@ class DenseLinear(nn.Module):
 
 def dense_twin(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
+    for module in list(twin.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SparseLinear):
                 setattr(module, child_name, DenseLinear(child))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import costmodel, cpu
-from .formats import BSR, CSR, FormatError
+from .formats import BSR, CSR
 from .ops import sparse_linear
 from .reference import check_activation
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.prune import (MaskSet, PruneConfig, PruneError, compute_masks, cubic_sparsity, export_state_dict,
+from engine.prune import (PruneConfig, PruneError, compute_masks, cubic_sparsity, export_state_dict,
                           parse_granularity, pruning_plan, split_state_dict)
 from engine.prune.granularity import global_masks, layer_masks
 
