@@ -12,15 +12,14 @@ timer are shared with the pytest-benchmark suite (bench/test_bench_kernels.py).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .formats import BSR, CSR
+from .timing import measure_machine, time_interleaved
 
 SHAPES = ((4096, 4096), (3072, 768), (768, 3072), (1536, 384))  # (O, I)
 BATCHES = (1, 8, 32, 128)
@@ -163,33 +162,6 @@ def mlp_providers(sparsity: float, batch: int, fmt: str = "csr", seed: int = 0) 
             f"engine {fmt}": dict(fn=lambda: sparse(x), fmt=fmt, stored=stored, block=None, value_bytes=4)}
 
 
-# ---- timing -------------------------------------------------------------------------------------
-
-def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each fn. Each round runs every fn back to back (enough calls to
-    fill min_time/rounds), so a burst of load from other processes lands on all providers alike.
-    clock=time.thread_time counts only this thread's CPU time: immune to time slices lost to
-    other processes, but valid for single-threaded runs only (--cpu-time)."""
-    with torch.inference_mode():
-        reps = {}
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            dt = max(time.perf_counter() - t0, 1e-6)
-            reps[name] = max(1, min(2000, int(min_time / rounds / dt)))
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                n = reps[name]
-                t0 = clock()
-                for _ in range(n):
-                    fn()
-                samples[name].append((clock() - t0) / n)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def bound_seconds(p: dict, shape, batch: int, bandwidth: float, peak: float) -> float:
     """Roofline lower bound for one provider: bytes that must move (values + indices + X + Y) over
     memory bandwidth, or FLOPs over FMA peak, whichever is larger."""
@@ -204,28 +176,6 @@ def bound_seconds(p: dict, shape, batch: int, bandwidth: float, peak: float) -> 
         w_bytes = stored * vb + stored // (r * c) * 4 + (o // r + 1) * 4
     act_bytes = 4 * batch * (i + o)
     return max((w_bytes + act_bytes) / bandwidth, 2.0 * batch * stored / peak)
-
-
-def measure_machine(threads: int, seconds: float = 1.0, clock: Callable[[], float] = time.perf_counter
-                    ) -> dict[str, float]:
-    """Streaming read bandwidth (B/s) and FMA peak (FLOP/s), both with `threads` threads.
-
-    Bandwidth: the faster of a sum over a 256 MiB fp32 vector and a GEMV over a 64 MiB fp32
-    matrix (the largest layer of the grid, re-read every call: whatever cache level holds it helps
-    dense and sparse alike, so this is the rate a bound for these layers must assume). Peak:
-    torch's sgemm at 2048³ (MKL, AVX-512 here), the practical FMA peak of dense torch."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        big = torch.ones(64 * 1024 * 1024)
-        mat, vec = torch.ones(4096, 4096), torch.ones(4096)
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        t = time_interleaved({"sum": lambda: big.sum(), "mv": lambda: torch.mv(mat, vec), "mm": lambda: a @ b},
-                             min_time=seconds, rounds=5, clock=clock)
-        bw = max(big.numel() * 4 / t["sum"], mat.numel() * 4 / t["mv"])
-        return {"bandwidth": bw, "peak": 2.0 * 2048 ** 3 / t["mm"]}
-    finally:
-        torch.set_num_threads(old)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

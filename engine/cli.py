@@ -15,7 +15,7 @@ VERBS = {
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
     "inspect": ("engine.inspect", "per-layer table of an artifact: format, block, sparsity, bytes, speedup"),
     "run": ("engine.runtime", "offline inference: .npy in, .npy or JSON out"),
-    "serve": ("engine.server", "HTTP server (Open Inference Protocol v2) with dynamic batching"),
+    "serve": ("engine.serve.server", "HTTP server (Open Inference Protocol v2) with dynamic batching"),
     "bench": ("engine.bench", "speed comparison against dense torch and torch.sparse"),
 }
 

@@ -49,7 +49,7 @@ def example_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
 
 
 def run(path: str, batches: list[int], threads: int, seq: int = 128, min_time: float = 0.5) -> int:
-    from .bench import time_interleaved
+    from .timing import time_interleaved
     from .runtime import load
     torch.set_num_threads(threads)
     model = load(path, device="cpu")

@@ -8,7 +8,7 @@ from engine.convert import convert
 from engine.model_bench import DenseLinear, dense_twin
 from engine.modules import SparseLinear
 from engine.runtime import load
-from tests.test_bert import hf_bert  # noqa: F401  (fixture)
+from tests.models.test_bert import hf_bert  # noqa: F401  (fixture)
 
 
 def _mlp_artifact(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from engine.formats import BSR, CSR, FormatError
-from tests.conftest import random_sparse
+from tests.fixtures import random_sparse
 
 
 @pytest.mark.parametrize("shape", [(7, 96), (1, 1), (0, 5), (5, 0), (33, 17)])

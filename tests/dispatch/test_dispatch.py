@@ -9,7 +9,7 @@ import engine
 from engine import ops
 from engine.formats import BSR, CSR
 from engine.reference import sparse_linear_ref
-from tests.conftest import random_sparse
+from tests.fixtures import random_sparse
 
 
 def _weights(o=24, i=40, sparsity=0.7):

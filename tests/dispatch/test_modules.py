@@ -7,7 +7,7 @@ import torch.nn.utils.prune as tprune
 
 import engine
 from engine.modules import SparseLinear, choose_layout, detect_blocksize, sparsify
-from tests.conftest import random_sparse
+from tests.fixtures import random_sparse
 
 
 def _pruned_linear(i, o, sparsity, block=(1, 1), bias=True):

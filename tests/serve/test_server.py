@@ -24,9 +24,9 @@ import pytest
 import torch
 
 import engine
-from engine.batching import Batcher, QueueFull
+from engine.serve.batching import Batcher, QueueFull
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Server processes import this checkout first, and keep whatever else the caller's path holds.

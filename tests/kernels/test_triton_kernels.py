@@ -52,7 +52,7 @@ from engine.reference import bsr_linear_ref, csr_linear_ref  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Output rounding dominates: fp32 accumulation vs a float64 oracle, then one rounding to x's dtype
 # (the interpreter rounds bf16 toward zero: up to one bf16 ulp, 2**-7 relative).

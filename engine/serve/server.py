@@ -1,5 +1,5 @@
 """`sparse-engine serve ARTIFACT [ARTIFACT ...]`: the Open Inference Protocol (KServe v2) over HTTP,
-on Starlette + uvicorn, with dynamic batching (engine.batching) and Prometheus metrics.
+on Starlette + uvicorn, with dynamic batching (engine.serve.batching) and Prometheus metrics.
 
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}, /v2/models/{name}/ready,
 POST /v2/models/{name}/infer, GET /metrics. Every error is JSON `{"error": "..."}` naming the problem.
@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .batching import Batcher, QueueFull
-from .model_runner import InferenceError, ModelRunner
+from .runner import InferenceError, ModelRunner
 from .protocol import RequestError, infer_response, model_metadata, parse_infer
 
 log = logging.getLogger("engine.server")
@@ -174,7 +174,7 @@ def build_app(runners: list[ModelRunner], settings: Settings, metrics: Metrics |
         return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
     async def server_metadata(request):
-        from . import __version__
+        from .. import __version__
         return JSONResponse({"name": "sparse-engine", "version": __version__, "extensions": [],
                              "models": list(models)})
 

@@ -11,7 +11,7 @@ import torch
 
 from engine.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--example", "mlp-digits", "--sparsity", "0.75", "--scope", "global", "--schedule", "gradual",
         "--dense-epochs", "4", "--epochs", "2", "--batch-size", "64", "--quiet"]
 

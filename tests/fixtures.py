@@ -1,0 +1,10 @@
+"""Shared builders for the tests: random sparse weights and small pruned models."""
+import torch
+
+
+def random_sparse(o: int, i: int, sparsity: float, dtype=torch.float32, block=(1, 1)) -> torch.Tensor:
+    """Random weight with about `sparsity` of its R×C blocks zeroed (unstructured when block is 1×1)."""
+    r, c = block
+    keep = torch.rand(o // r, i // c) >= sparsity
+    keep = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return (torch.randn(o, i) * keep).to(dtype)
