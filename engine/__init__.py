@@ -7,7 +7,7 @@ from .formats import BSR, CSR
 from .ops import sparse_linear
 
 __all__ = ["formats", "CSR", "BSR", "sparse_linear", "SparseLinear", "sparsify", "load"]
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name):

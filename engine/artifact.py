@@ -61,7 +61,7 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
     per-tensor checksums and the header digest. Returns the metadata as written."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from .version import __version__
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from .version import __version__
 
 VERBS = {
     "prune": ("engine.prune.cli", "prune + fine-tune a built-in example or a model given by import path"),

@@ -174,7 +174,7 @@ def build_app(runners: list[ModelRunner], settings: Settings, metrics: Metrics |
         return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
     async def server_metadata(request):
-        from .. import __version__
+        from ..version import __version__
         return JSONResponse({"name": "sparse-engine", "version": __version__, "extensions": [],
                              "models": list(models)})
 
