@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,31 +20,14 @@ from torch import nn
 import engine
 from engine.convert import convert
 from engine.examples import accuracy, digits_data, mlp_digits, train_dense
+from engine.timing import median_and_min, time_samples
 
 
 def median_latency(fns: dict, x: torch.Tensor, rounds: int = 15, min_time: float = 0.02) -> dict:
-    """Median seconds per call of each fn; rounds interleave the fns so load drifts hit all alike."""
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(3):
-                fn(x)
-        reps = {}
-        for name, fn in fns.items():  # calibrate reps so one timed block lasts >= min_time
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < min_time:
-                fn(x)
-                n += 1
-            reps[name] = max(1, n)
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(reps[name]):
-                    fn(x)
-                times[name].append((time.perf_counter() - t0) / reps[name])
-    # Median and minimum: on a shared machine the minimum is the least disturbed estimate.
-    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
-
+    """(median, minimum) seconds per call of each fn, interleaved round by round (engine.timing)."""
+    samples = time_samples({k: (lambda f=f: f(x)) for k, f in fns.items()},
+                           min_time=min_time * rounds, rounds=rounds)
+    return median_and_min(samples)
 
 
 def cells(v: dict) -> str:

@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 
 
-def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each fn. Each round runs every fn back to back (enough calls to
-    fill min_time/rounds), so a burst of load from other processes lands on all providers alike.
-    clock=time.thread_time counts only this thread's CPU time: immune to time slices lost to
-    other processes, but valid for single-threaded runs only (--cpu-time)."""
+def time_samples(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one sample per round. Each round runs every fn back to back
+    (enough calls to fill min_time/rounds), so a burst of load from other processes lands on all
+    providers alike. clock=time.thread_time counts only this thread's CPU time: immune to time
+    slices lost to other processes, but valid for single-threaded runs only (--cpu-time)."""
     with torch.inference_mode():
         reps = {}
         for name, fn in fns.items():
@@ -34,7 +34,18 @@ def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: in
                 for _ in range(n):
                     fn()
                 samples[name].append((clock() - t0) / n)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each fn (see time_samples)."""
+    return {k: statistics.median(v) for k, v in time_samples(fns, min_time, rounds, clock).items()}
+
+
+def median_and_min(samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """(median, minimum) per fn: on a shared machine the minimum is the least disturbed estimate."""
+    return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
 
 
 def measure_machine(threads: int, seconds: float = 1.0, clock: Callable[[], float] = time.perf_counter
