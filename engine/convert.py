@@ -97,10 +97,20 @@ def _load_dense(fam: Family, config: dict, sd: dict) -> nn.Module:
     return model.eval()
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    num = (y.double() - ref.double()).norm()
-    den = ref.double().norm()
-    return float(num / den) if den > 0 else float(num)
+def _tensors(y) -> list[torch.Tensor]:
+    """A model's output (a tensor, a tuple/list or a dict of tensors) as a flat list."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    return [t for v in (y.values() if isinstance(y, dict) else y) for t in _tensors(v)]
+
+
+def _rel_err(y, ref) -> float:
+    """Largest ‖y − ref‖ / ‖ref‖ over the outputs."""
+    errs = []
+    for a, b in zip(_tensors(y), _tensors(ref), strict=True):
+        num, den = (a.double() - b.double()).norm(), b.double().norm()
+        errs.append(float(num / den) if den > 0 else float(num))
+    return max(errs)
 
 
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format: str = "auto",
