@@ -29,6 +29,8 @@ Serve and `run` (engine.serve.runner, the `run` verb):
         Runs on the server's event loop: cheap checks and tokenizing only.
     run(model, spec, items, device) -> [{output: ndarray}]     one forward pass for a batch of
         items, split back per item (rows in, rows out); on the batch thread, under inference_mode.
+    output_shapes(spec, item, outputs) -> {output: shape|None}   before running: what the answer
+        will hold (None where only running tells), so a server can refuse an oversized answer.
     warmup_requests(model, spec, rows) -> [(inputs, outputs)]  what warm-up sends.
 
 The base class serves the common case: every declared input required, each concatenated along the
@@ -115,6 +117,11 @@ class Family:
                   .to(device) for t in spec["inputs"]]
         result = named_outputs(model(*merged), [t["name"] for t in spec["outputs"]])
         return split_rows(result, [len(next(iter(it.values()))) for it in items])
+
+    def output_shapes(self, spec: dict, item, outputs: list[str]) -> dict:
+        rows = len(next(iter(item.values())))
+        declared = {t["name"]: t["shape"] for t in spec["outputs"]}
+        return {n: None if -1 in declared[n][1:] else [rows, *declared[n][1:]] for n in outputs}
 
     def warmup_requests(self, model: nn.Module, spec: dict, rows: int) -> list[tuple[dict, list | None]]:
         # Ones are valid in every declared tensor (a token id, a mask value, a feature).

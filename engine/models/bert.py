@@ -380,6 +380,10 @@ class BertFamily(Family):
             part["last_hidden_state"] = part["last_hidden_state"][:, :t.ids.shape[1]]
         return parts
 
+    def output_shapes(self, spec: dict, item: Tokens, outputs: list[str]) -> dict:
+        (n, length), h = item.ids.shape, spec["outputs"][0]["shape"][-1]
+        return {name: [n, length, h] if name == "last_hidden_state" else [n, h] for name in outputs}
+
     def warmup_requests(self, model: BertEncoder, spec: dict, rows: int) -> list:
         text = [({"text": ["warm up"] * rows}, None)] if model.tokenizer is not None else []
         return super().warmup_requests(model, spec, rows) + text

@@ -25,7 +25,8 @@ class InferenceError(Exception):
 
 class ModelRunner:
     """`ModelRunner(model, name=None, device="cpu")` for a model from `engine.load` (it reads
-    `model.spec`). The server uses `name`, `spec`, `ready`, `prepare`, `run_batch` and `warmup`."""
+    `model.spec`). The server uses `name`, `spec`, `ready`, `prepare`, `output_shapes`, `run_batch`
+    and `warmup`."""
 
     def __init__(self, model: nn.Module, name: str | None = None, device: str = "cpu"):
         spec = dict(model.spec)
@@ -45,6 +46,10 @@ class ModelRunner:
                 self.model, self.spec, request.inputs, request.outputs)
         except InputError as exc:
             raise RequestError(400, str(exc)) from None
+
+    def output_shapes(self, request: InferRequest) -> dict:
+        """After `prepare`: {output name: shape the answer will have, or None if unknown}."""
+        return self.family.output_shapes(self.spec, request.extra["item"], request.outputs)
 
     # -- on the batch thread ------------------------------------------------------------------
     def run_batch(self, requests: list[InferRequest]) -> list:

@@ -41,6 +41,9 @@ def test_text_limit_is_the_tokenizers_and_ids_limit_the_position_table(limited):
     assert model.tokenizer.truncation["max_length"] == TOKENIZER_LIMIT
     item, outputs = bert.request(model, model.spec, {"text": [_text(TOKENIZER_LIMIT)]}, None)
     assert item.ids.shape == (1, TOKENIZER_LIMIT) and outputs == ["embedding"]
+    h = CONFIG["hidden_size"]
+    assert bert.output_shapes(model.spec, item, ["last_hidden_state", "embedding"]) == {
+        "last_hidden_state": [1, TOKENIZER_LIMIT, h], "embedding": [1, h]}
     with pytest.raises(InputError, match=f"string 1 is longer than the model's {TOKENIZER_LIMIT} tokens"):
         bert.request(model, model.spec, {"text": ["a dog", _text(TOKENIZER_LIMIT + 1)]}, None)
     # Ids are not tokenized: the position table bounds them.

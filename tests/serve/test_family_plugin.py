@@ -23,6 +23,8 @@ from engine.cli import main as cli
 from engine.convert import convert
 from engine.models import ArchError, Family, InputError, get_family, register_family
 from engine.modules import SparseLinear
+from engine.serve.protocol import InferRequest, RequestError
+from engine.serve.runner import ModelRunner
 from tests.serve.test_server import PYTHONPATH, ROOT, Server, fp32, output
 
 FEATURES, HIDDEN, OUT = 29, 53, 7  # odd widths
@@ -131,6 +133,23 @@ def test_converted_and_loaded_like_a_builtin(gated, tmp_path):
     np.savez(tmp_path / "x.npz", features=x, gain=g)
     assert cli(["run", str(path), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), got["scores"], rtol=1e-6, atol=1e-6)
+
+
+def test_runner_maps_requests_through_the_family(gated):
+    path, _ = gated
+    runner = ModelRunner(engine.load(path), "g")
+    x, g = _inputs(3, 1)
+    request = InferRequest(inputs={"features": x, "gain": g}, outputs=None, rows=3)
+    runner.prepare(request)
+    assert request.outputs == ["scores", "norm"]  # the family's default: every output
+    assert runner.output_shapes(request) == {"scores": [3, OUT], "norm": [3, 1]}
+    [result] = runner.run_batch([request])
+    want = _local(runner.model, x, g)
+    for name in ("scores", "norm"):
+        np.testing.assert_array_equal(result[name], want[name])
+    with pytest.raises(RequestError, match="'gain' must be positive") as err:
+        runner.prepare(InferRequest(inputs={"features": x, "gain": -g}, outputs=None, rows=3))
+    assert err.value.status == 400
 
 
 def test_served_end_to_end_by_a_server_that_imported_the_plugin(gated):
