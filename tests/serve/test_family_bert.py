@@ -9,6 +9,7 @@ import shutil
 import httpx
 import numpy as np
 import pytest
+import torch
 
 import engine
 from engine.convert import convert
@@ -77,3 +78,15 @@ def test_server_quotes_the_tokenizers_limit(limited):
             assert r.status_code == 200, r.text
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+def test_tokenizer_limit_never_exceeds_the_position_table(hf_bert, tmp_path):  # noqa: F811
+    folder, _ = hf_bert
+    shutil.copytree(folder, tmp_path / "bert")
+    (tmp_path / "bert" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 100}))
+    convert(tmp_path / "bert", tmp_path / "bert.spz", log=lambda *_: None)
+    model = engine.load(tmp_path / "bert.spz")
+    assert model.tokenizer.truncation["max_length"] == CONFIG["max_position_embeddings"] == 40
+    item, _ = get_family("bert").request(model, model.spec, {"text": [_text(40)]}, None)
+    with torch.inference_mode():
+        assert model(torch.from_numpy(item.ids)).shape == (1, 40, CONFIG["hidden_size"])
