@@ -32,6 +32,7 @@ class Checkpoint:
     hf_config: dict | None = None              # config.json of a Hugging Face folder
     tokenizer_json: str | None = None          # tokenizer.json contents, when present
     extras: dict = field(default_factory=dict)  # pooling / max_seq_length / report arch hints
+    path: Path | None = None                   # where it was read from: a family may read more files
 
 
 def sniff(path: Path) -> str:
@@ -137,7 +138,7 @@ def _read_hf(path: Path) -> Checkpoint:
     modules = path / "modules.json"
     if modules.is_file():
         extras["normalize"] = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
-    return Checkpoint("hf", tensors, masks, config, tok.read_text() if tok.is_file() else None, extras)
+    return Checkpoint("hf", tensors, masks, config, tok.read_text() if tok.is_file() else None, extras, path)
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
@@ -159,4 +160,4 @@ def read(path: str | os.PathLike) -> Checkpoint:
             arch = None
         if isinstance(arch, dict):
             extras["arch"] = arch
-    return Checkpoint(kind, tensors, masks, extras=extras)
+    return Checkpoint(kind, tensors, masks, extras=extras, path=path)

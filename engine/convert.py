@@ -3,7 +3,10 @@ lives in engine.runtime).
 
     sparse-engine convert CKPT -o ARTIFACT [--format auto|csr|bsr|dense] [--block RxC]
                           [--dtype fp32|bf16|fp16] [--arch mlp:relu|mlp:gelu|mlp:tanh|bert|
-                          module:pkg.mod:factory]
+                          module:pkg.mod:factory|any registered family's form]
+
+What the model is (its config, canonical tensor names, example inputs) comes from its family
+(engine.models); this file knows layouts, verification and the artifact, not architectures.
 
 Before the artifact appears at its path, it is loaded back with `engine.load` and run against the
 checkpoint's dense model on random inputs; a mismatch leaves no artifact behind.
@@ -23,7 +26,7 @@ from . import checkpoint as checkpoint_io
 from .artifact import DTYPE_NAMES, ArtifactError
 from .checkpoint import CheckpointError
 from .formats import FormatError
-from .models import ArchError, family
+from .models import ArchError, Family, families, family_for_arch
 from .modules import FORMATS, SparseLinear, choose_layout
 
 # The kernels compute in fp32 whatever the storage: against a reference whose weights were rounded
@@ -38,37 +41,27 @@ class ConvertError(ValueError):
     """The checkpoint cannot be converted as asked (bad values, bad options, failed verification)."""
 
 
-def parse_arch(arch: str | None, ck) -> tuple[str, dict]:
-    """--arch (or what the checkpoint says about itself) -> (family name, option dict)."""
+def parse_arch(arch: str | None, ck) -> tuple[Family, dict]:
+    """--arch (or what the checkpoint says about itself) -> (family, option dict)."""
+    forms = " | ".join(f.arch_help or f.name for f in families())
     if arch is None:
+        for fam in families():
+            option = fam.recognise(ck)
+            if option is not None:
+                return fam, option
         if ck.kind == "hf":
             mtype = (ck.hf_config or {}).get("model_type")
-            if mtype != "bert":
-                raise ArchError(f"convert: unknown architecture: the Hugging Face config has model_type "
-                                f"{mtype!r}; the built-in transformer family is 'bert' "
-                                "(use --arch module:pkg.mod:factory for others)")
-            return "bert", {}
-        hint = ck.extras.get("arch") or {}
-        if hint.get("family") == "mlp":
-            return "mlp", {"activation": hint.get("activation")}
-        factory = hint.get("factory")
+            raise ArchError(f"convert: unknown architecture: the Hugging Face config has model_type "
+                            f"{mtype!r}, which no registered family recognises; pass --arch {forms}")
+        factory = (ck.extras.get("arch") or {}).get("factory")
         # Never import the report's factory on our own: code runs only when the user names it.
         extra = f" (the pruning report names the model factory {factory!r})" if factory else ""
-        raise ArchError("convert: cannot tell the architecture of a bare state_dict; pass --arch "
-                        f"mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory{extra}")
-    if arch.startswith("module:"):
-        return "custom", {"factory": arch[len("module:"):]}
-    name, _, opt = arch.partition(":")
-    if name == "mlp":
-        from .models.mlp import ACTIVATIONS
-        if opt and opt not in ACTIVATIONS:
-            raise ArchError(f"convert: unknown MLP activation {opt!r} in --arch {arch!r}; expected one "
-                            f"of {sorted(ACTIVATIONS)}")
-        return "mlp", {"activation": opt or None}
-    if name == "bert" and not opt:
-        return "bert", {}
-    raise ArchError(f"convert: unknown architecture {arch!r}; expected mlp:relu | mlp:gelu | mlp:tanh | "
-                    "bert | module:pkg.mod:factory")
+        raise ArchError(f"convert: cannot tell the architecture of a bare state_dict; pass --arch {forms}{extra}")
+    prefix, _, option = arch.partition(":")
+    fam = family_for_arch(prefix)
+    if fam is None:
+        raise ArchError(f"convert: unknown architecture {arch!r}; expected {forms}")
+    return fam, fam.parse_option(option, arch)
 
 
 def parse_block(block) -> tuple[int, int] | None:
@@ -92,22 +85,32 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise ConvertError(f"convert: tensor {k!r} holds NaN or Inf values; refusing to convert")
 
 
-def _load_dense(fam_name: str, fam, config: dict, sd: dict) -> nn.Module:
+def _load_dense(fam: Family, config: dict, sd: dict) -> nn.Module:
     model = fam.build(config)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # size mismatches
-        raise ArchError(f"convert: the state_dict does not fit the {fam_name} architecture: {e}") from e
+        raise ArchError(f"convert: the state_dict does not fit the {fam.name} architecture: {e}") from e
     if missing or unexpected:
-        raise ArchError(f"convert: the state_dict does not fit the {fam_name} architecture: "
+        raise ArchError(f"convert: the state_dict does not fit the {fam.name} architecture: "
                         f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     return model.eval()
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    num = (y.double() - ref.double()).norm()
-    den = ref.double().norm()
-    return float(num / den) if den > 0 else float(num)
+def _tensors(y) -> list[torch.Tensor]:
+    """A model's output (a tensor, a tuple/list or a dict of tensors) as a flat list."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    return [t for v in (y.values() if isinstance(y, dict) else y) for t in _tensors(v)]
+
+
+def _rel_err(y, ref) -> float:
+    """Largest ‖y − ref‖ / ‖ref‖ over the outputs."""
+    errs = []
+    for a, b in zip(_tensors(y), _tensors(ref), strict=True):
+        num, den = (a.double() - b.double()).norm(), b.double().norm()
+        errs.append(float(num / den) if den > 0 else float(num))
+    return max(errs)
 
 
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format: str = "auto",
@@ -124,10 +127,9 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
                            f"(got --format {format}; auto detects the block from the mask)")
     ck = checkpoint_io.read(checkpoint)
     _check_finite(ck.tensors)
-    fam_name, option = parse_arch(arch, ck)
-    fam = family(fam_name)
+    fam, option = parse_arch(arch, ck)
     config, sd, masks = fam.from_checkpoint(ck, option)
-    dense = _load_dense(fam_name, fam, config, sd)
+    dense = _load_dense(fam, config, sd)
     wdtype = DTYPE_NAMES[dtype]
     value_bytes = torch.tensor([], dtype=wdtype).element_size()
 
@@ -160,19 +162,19 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
     for k, v in dense.state_dict().items():
         if k not in linear_keys:
             tensors[k] = v
-    meta = {"arch": {"family": fam_name, "config": config}, "layers": layers, "tokenizer": None,
-            "source": {"checkpoint": Path(checkpoint).name, "kind": ck.kind, "format": format,
-                       "batch": batch, "device": device}}
-    if fam_name == "bert" and ck.tokenizer_json is not None:
-        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(ck.tokenizer_json.encode("utf-8")), dtype=torch.uint8)
+    source = {"checkpoint": Path(checkpoint).name, "kind": ck.kind, "format": format, "batch": batch,
+              "device": device}
+    meta = {"arch": {"family": fam.name, "config": config}, "layers": layers, "tokenizer": None, "source": source}
+    tokenizer_json = fam.tokenizer_json(ck)
+    if tokenizer_json is not None:
+        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(tokenizer_json.encode("utf-8")), dtype=torch.uint8)
         meta["tokenizer"] = {"tensor": TOKENIZER_TENSOR}
 
     gen = torch.Generator().manual_seed(seed)
-    inputs = fam.example_inputs(config, 16 if fam_name != "bert" else 2, gen)
+    inputs = fam.example_inputs(config, fam.verify_batch, gen)
     with torch.inference_mode():
         ref = dense(*inputs)
-        if fam_name == "custom":
-            config["out_shape"] = list(ref.shape)
+        meta["arch"]["config"] = config = fam.observe_output(config, ref)
         rounded = dense
         if dtype != "fp32":  # the same model with its linear weights stored as the artifact stores them
             rounded = copy.deepcopy(dense)
@@ -203,8 +205,6 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
                                f"checkpoint's (relative error {err_ckpt:.3e} vs the checkpoint, "
                                f"{err_kernel:.3e} vs rounded weights); no artifact written")
         meta["verification"] = verification
-        if fam_name == "custom":
-            meta["arch"]["config"] = config
         meta = artifact_io.write(out, tensors, meta)
     finally:
         if tmp.exists():
@@ -219,8 +219,9 @@ def configure(parser) -> None:
                         help="layout of every linear layer; auto picks per layer by predicted speed")
     parser.add_argument("--block", help="BSR block RxC (with --format bsr; default: detected from the mask)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_NAMES), help="weight storage dtype")
-    parser.add_argument("--arch", help="mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory "
-                                       "(default: from the checkpoint's config or pruning report)")
+    parser.add_argument("--arch", help="mlp:relu | mlp:gelu | mlp:tanh | bert | module:pkg.mod:factory, or "
+                                       "a registered family's form (default: recognised from the "
+                                       "checkpoint's config or pruning report)")
     parser.add_argument("--batch", type=int, default=8, help="rows per call auto optimises for (default 8; for BERT rows are batch x sequence)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="target device for auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")

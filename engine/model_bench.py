@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import get_family
 from .modules import SparseLinear
 from .reference import apply_activation
 
@@ -39,13 +40,10 @@ def dense_twin(model: nn.Module) -> nn.Module:
 
 
 def example_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
-    spec = getattr(model, "spec", {})
-    if spec.get("family") == "bert":
-        vocab = model.config["vocab_size"]
-        ids = torch.randint(0, vocab, (batch, seq))
-        return ids, torch.ones(batch, seq, dtype=torch.int64)
-    shape = spec["inputs"][0]["shape"]
-    return (torch.randn(batch, *shape[1:]),)
+    """Random inputs from the model's family (`seq` tokens per sequence where it takes sequences)."""
+    arch = model.arch
+    return get_family(arch["family"]).example_inputs(arch["config"], batch, torch.Generator().manual_seed(0),
+                                                     seq=seq)
 
 
 def run(path: str, batches: list[int], threads: int, seq: int = 128, min_time: float = 0.5) -> int:

@@ -1,9 +1,17 @@
 """Loads an artifact into a ready nn.Module (`engine.load`) and runs it offline (the `run` verb).
 
-The model is built on the meta device from the artifact's architecture, its linear layers swapped
-for SparseLinear skeletons in the recorded layouts, and filled with `load_state_dict(assign=True)`:
-no weight is allocated twice and nothing is executed from the file. Sparse buffers are validated
-once here, so the kernels can trust them afterwards.
+The model is built on the meta device by its family (engine.models) from the artifact's
+architecture, its linear layers swapped for SparseLinear skeletons in the recorded layouts, and
+filled with `load_state_dict(assign=True)`: the module takes the tensors `artifact.read` returns as
+they are, without a copy of its own, and nothing is executed from the file. Sparse buffers are
+validated once here, so the kernels can trust them afterwards.
+
+Memory: how many copies of a weight exist while loading is the reader's doing. A reader that
+reads the whole file into memory and builds tensors from those bytes holds both at its peak, about
+twice the artifact's size (the bytes are freed when `read` returns); a reader that memory-maps the
+file (`safe_open`) hands out tensors over the mapped file pages, so the weights exist once. After
+loading, derived layouts the CPU kernels prepare and cache (engine/cpu.py) and a `device=` other
+than the CPU add copies of their own.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from torch import nn
 from . import artifact as artifact_io
 from .artifact import ArtifactError
 from .formats import BSR, CSR, FormatError
-from .models import family
+from .models import InputError, get_family
 from .modules import SparseLinear
 
 
@@ -69,7 +77,8 @@ def _validate_layers(fn: str, model: nn.Module, layers: dict) -> None:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_module: bool = False,
          backend: str = "auto") -> nn.Module:
-    """Artifact -> nn.Module in eval mode, linear layers SparseLinear, with `.spec` (inputs/outputs).
+    """Artifact -> nn.Module in eval mode, linear layers SparseLinear, with `.spec` (the inputs and
+    outputs it serves) and `.arch` (the artifact's {"family", "config"}).
 
     trust_module: a `custom` artifact names a Python factory (`pkg.mod:factory`); importing it runs
     code, so it is refused unless the caller opts in here.
@@ -78,12 +87,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_m
     fn = f"engine.load({str(path)!r})"
     meta, tensors = artifact_io.read(path)
     arch = meta["arch"]
-    if arch["family"] == "custom" and not trust_module:
-        raise ArtifactError(f"{fn}: this artifact is built by the Python factory "
-                            f"{arch['config'].get('factory')!r}; importing it runs that module's code. "
-                            "Pass trust_module=True (CLI: --trust-module) if you trust it")
-    fam = family(arch["family"])
+    fam = get_family(arch["family"])
     config = arch["config"]
+    untrusted = fam.needs_trust(config)
+    if untrusted and not trust_module:
+        raise ArtifactError(f"{fn}: {untrusted}. Pass trust_module=True (CLI: --trust-module) if you trust it")
     tok_meta = meta.get("tokenizer")
     tok_bytes = tensors.pop(tok_meta["tensor"]) if tok_meta else None
     with torch.device("meta"):
@@ -106,10 +114,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_m
     if tok_bytes is not None:
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_str(bytes(tok_bytes.numpy()).decode("utf-8"))
-    if hasattr(fam, "attach_tokenizer"):
-        fam.attach_tokenizer(model, tokenizer, tok_meta)
+    fam.attach_tokenizer(model, config, tokenizer)
     model = model.to(device).eval().requires_grad_(False)
-    model.spec = fam.spec(config, Path(path).stem, tokenizer)
+    model.arch = arch  # {"family", "config"}: what bench and tools need to make inputs
+    model.spec = fam.spec(config, Path(path).stem, model)
     return model
 
 
@@ -119,23 +127,25 @@ def configure(parser) -> None:
     parser.add_argument("artifact", help="artifact written by `sparse-engine convert`")
     parser.add_argument("--input", help=".npy (the model's first input) or .npz (arrays named after "
                                         "the model's inputs, e.g. input_ids and attention_mask)")
-    parser.add_argument("--text", action="append", help="a sentence to embed (BERT artifacts with a "
-                                                        "tokenizer); repeat for a batch")
+    parser.add_argument("--text", action="append", help="a text to run (models with a text input, "
+                                                        "e.g. a BERT artifact with a tokenizer); repeat for a batch")
     parser.add_argument("-o", "--output", help="y.npy, or y.json for JSON; default: JSON on stdout")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     parser.add_argument("--trust-module", action="store_true",
                         help="allow a custom artifact to import its Python factory")
 
 
-def _inputs(args, model) -> tuple[str, tuple]:
+def _inputs(args, spec: dict) -> dict:
+    """The command line's inputs -> {input name: ndarray in the declared dtype, or list[str]}."""
     import numpy as np
-    spec = model.spec
     if args.text:
-        if getattr(model, "tokenizer", None) is None:
-            raise SystemExit("sparse-engine run: --text needs a BERT artifact that carries a tokenizer")
-        return "embedding", ("text", args.text)
+        text = [i["name"] for i in spec["inputs"] if i["datatype"] == "BYTES"]
+        if not text:
+            raise SystemExit(f"sparse-engine run: --text needs a model with a text input; this one takes "
+                             f"{[i['name'] for i in spec['inputs']]}")
+        return {text[0]: list(args.text)}
     if not args.input:
-        raise SystemExit("sparse-engine run: give --input FILE (or --text for a BERT artifact with a tokenizer)")
+        raise SystemExit("sparse-engine run: give --input FILE (or --text for a model with a text input)")
     data = np.load(args.input, allow_pickle=False)  # np.load tells .npy from .npz by their magic bytes
     arrays = dict(data) if hasattr(data, "files") else {spec["inputs"][0]["name"]: data}
     names = [i["name"] for i in spec["inputs"] if i["datatype"] != "BYTES"]
@@ -143,7 +153,7 @@ def _inputs(args, model) -> tuple[str, tuple]:
     if unknown or names[0] not in arrays:
         raise SystemExit(f"sparse-engine run: inputs {sorted(arrays)} do not match the model's "
                          f"{names} (the first is required)")
-    out = []
+    out = {}
     for i in spec["inputs"]:
         if i["name"] not in arrays:
             continue
@@ -151,32 +161,32 @@ def _inputs(args, model) -> tuple[str, tuple]:
         if i["datatype"] == "FP32":
             if a.dtype.kind != "f":
                 raise SystemExit(f"sparse-engine run: input {i['name']!r} must be floating point, got {a.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-            if t.shape[-1:] != tuple(i["shape"][-1:]):
-                raise SystemExit(f"sparse-engine run: input {i['name']!r} has shape {tuple(t.shape)}, "
+            if a.shape[-1:] != tuple(i["shape"][-1:]):
+                raise SystemExit(f"sparse-engine run: input {i['name']!r} has shape {tuple(a.shape)}, "
                                  f"expected last dimension {i['shape'][-1]}")
+            out[i["name"]] = np.ascontiguousarray(a, dtype=np.float32)
         else:
             if a.dtype.kind not in "iu":
                 raise SystemExit(f"sparse-engine run: input {i['name']!r} must be integers, got {a.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-        out.append(t)
-    return spec["outputs"][0]["name"], tuple(out)
+            out[i["name"]] = np.ascontiguousarray(a, dtype=np.int64)
+    return out
 
 
 def main(args) -> int:
     import numpy as np
     model = load(args.artifact, args.device, trust_module=args.trust_module)
-    name, inputs = _inputs(args, model)
+    fam, spec = get_family(model.spec["family"]), model.spec
+    # The same mapping of inputs onto the model as the server's (the family's request + run).
+    try:
+        item, outputs = fam.request(model, spec, _inputs(args, spec), None)
+    except InputError as e:
+        raise SystemExit(f"sparse-engine run: {e}") from None
     with torch.inference_mode():
-        if inputs and inputs[0] == "text":
-            y = model.encode(inputs[1])
-        else:
-            y = model(*(t.to(args.device) for t in inputs))
-    y = y.float().cpu().numpy()
+        y = fam.run(model, spec, [item], torch.device(args.device))[0][outputs[0]]
     if args.output and not args.output.endswith(".json"):
         np.save(args.output, y)
     else:
-        doc = json.dumps({"name": name, "datatype": "FP32", "shape": list(y.shape), "data": y.tolist()})
+        doc = json.dumps({"name": outputs[0], "datatype": "FP32", "shape": list(y.shape), "data": y.tolist()})
         if args.output:
             Path(args.output).write_text(doc)
         else:

@@ -7,12 +7,14 @@ such as all-MiniLM-L6-v2: embeddings, post-LayerNorm self-attention and feed-for
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ArchError
+from . import ArchError, Family, InputError, register_family, split_rows
 
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
            "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
@@ -223,8 +225,10 @@ def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
     if pooling not in POOLINGS:
         raise ArchError(f"{fn}: sentence-transformers pooling {pooling!r} is not supported; expected one of {POOLINGS}")
     config.update(pooling=pooling, normalize=bool(ck.extras.get("normalize", True)))
-    config["max_seq_length"] = int(ck.extras.get("max_seq_length") or config.get("max_position_embeddings", 512))
     check_config(config, fn)
+    # The tokenizer truncates here; never past the position table, which bounds what forward takes.
+    config["max_seq_length"] = min(int(ck.extras.get("max_seq_length") or config["max_position_embeddings"]),
+                                   config["max_position_embeddings"])
     prefix = "bert." if any(k.startswith("bert.") for k in ck.tensors) else ""
 
     def canon(k):
@@ -234,41 +238,155 @@ def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
     return config, sd, masks
 
 
-def prepare_runtime(model: BertEncoder, config: dict) -> BertEncoder:
-    """Fuses the feed-forward activation into the intermediate SparseLinear's kernel epilogue."""
-    from ..modules import SparseLinear
-    act = HIDDEN_ACTS[config["hidden_act"]][0]
-    for layer in model.encoder.layer:
-        inter = layer.intermediate
-        if isinstance(inter.dense, SparseLinear):
-            inter.dense.activation = act
-            inter.act = nn.Identity()
-    return model
+@dataclass
+class Tokens:
+    """One request's work item: (n, L) ids and mask, and whether it wants pooled embeddings."""
+    ids: np.ndarray
+    mask: np.ndarray
+    pooled: bool
 
 
-def attach_tokenizer(model: BertEncoder, tokenizer, tok_meta) -> None:
-    if tokenizer is not None:
-        # Configured once here, never per call, so concurrent encode() calls share no mutable state.
-        tokenizer.enable_truncation(max_length=model.config["max_seq_length"])
-        tokenizer.enable_padding(pad_id=model.config.get("pad_token_id") or 0)
-    model.tokenizer = tokenizer
+def pad(ids: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad (n_i, L_i) arrays to the longest L with id 0 / mask 0 and stack them."""
+    length = max(a.shape[1] for a in ids)
+    merged_ids = np.zeros((sum(a.shape[0] for a in ids), length), dtype=np.int64)
+    merged_mask = np.zeros_like(merged_ids)
+    start = 0
+    for a, m in zip(ids, masks):
+        merged_ids[start:start + a.shape[0], :a.shape[1]] = a
+        merged_mask[start:start + a.shape[0], :a.shape[1]] = m
+        start += a.shape[0]
+    return merged_ids, merged_mask
 
 
-def example_inputs(config: dict, batch: int, generator: torch.Generator) -> tuple:
-    seq = min(16, config["max_position_embeddings"])
-    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=generator)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1:, seq * 2 // 3:] = 0  # padding in every sample but the first
-    return ids, mask
+class BertFamily(Family):
+    """Served as `input_ids` (+ optional `attention_mask`) -> `last_hidden_state`, or, with a
+    tokenizer, raw `text` -> `embedding` (and/or `last_hidden_state`). Requests of different lengths
+    share one batch right-padded with mask 0; each gets its own rows cut back to its own length."""
+
+    name = "bert"
+    arch_help = "bert"
+    verify_batch = 2
+
+    def recognise(self, ck) -> dict | None:
+        return {} if ck.kind == "hf" and (ck.hf_config or {}).get("model_type") == "bert" else None
+
+    def from_checkpoint(self, ck, option: dict) -> tuple[dict, dict, dict]:
+        return from_checkpoint(ck, option)
+
+    def tokenizer_json(self, ck) -> str | None:
+        return ck.tokenizer_json
+
+    def build(self, config: dict) -> BertEncoder:
+        return build(config)
+
+    def prepare_runtime(self, model: BertEncoder, config: dict) -> None:
+        """Fuses the feed-forward activation into the intermediate SparseLinear's kernel epilogue."""
+        from ..modules import SparseLinear
+        act = HIDDEN_ACTS[config["hidden_act"]][0]
+        for layer in model.encoder.layer:
+            inter = layer.intermediate
+            if isinstance(inter.dense, SparseLinear):
+                inter.dense.activation = act
+                inter.act = nn.Identity()
+
+    def attach_tokenizer(self, model: BertEncoder, config: dict, tokenizer) -> None:
+        if tokenizer is not None:
+            # Configured once here, never per call, so concurrent encode() calls share no mutable state.
+            tokenizer.enable_truncation(max_length=config["max_seq_length"])
+            tokenizer.enable_padding(pad_id=config.get("pad_token_id") or 0)
+        model.tokenizer = tokenizer
+
+    def example_inputs(self, config: dict, batch: int, generator: torch.Generator, seq: int = 16) -> tuple:
+        seq = min(seq, config["max_position_embeddings"])
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=generator)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1:, seq * 2 // 3:] = 0  # padding in every sample but the first
+        return ids, mask
+
+    def spec(self, config: dict, name: str, model: BertEncoder) -> dict:
+        h = config["hidden_size"]
+        inputs = [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                  {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
+        outputs = [{"name": "last_hidden_state", "datatype": "FP32", "shape": [-1, -1, h]}]
+        if model.tokenizer is not None:
+            inputs.append({"name": "text", "datatype": "BYTES", "shape": [-1]})
+            outputs.append({"name": "embedding", "datatype": "FP32", "shape": [-1, h]})
+        return {"family": self.name, "name": name, "inputs": inputs, "outputs": outputs,
+                "max_seq_len": config["max_position_embeddings"]}
+
+    def request(self, model: BertEncoder, spec: dict, inputs: dict, outputs: list[str] | None):
+        if "text" in inputs:
+            if len(inputs) > 1:
+                raise InputError(f"input 'text' cannot be combined with "
+                                 f"{', '.join(repr(n) for n in inputs if n != 'text')}")
+            ids, mask = self._tokenize(model, inputs["text"])
+            outputs = outputs or ["embedding"]
+        else:
+            ids, mask = self._check_ids(model, inputs)
+            outputs = outputs or ["last_hidden_state"]
+            if "embedding" in outputs:
+                raise InputError("output 'embedding' needs the 'text' input (send raw text)")
+        return Tokens(ids, mask, "embedding" in outputs), outputs
+
+    @staticmethod
+    def _tokenize(model: BertEncoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # The tokenizer truncates at its own limit (sentence-transformers' max_seq_length, often
+        # below max_position_embeddings): quote that limit, the one the text ran into.
+        limit = model.tokenizer.truncation["max_length"]
+        encodings = model.tokenizer.encode_batch(texts)  # padded to the longest (enable_padding)
+        for i, enc in enumerate(encodings):
+            if enc.overflowing:
+                raise InputError(f"input 'text': string {i} is longer than the model's {limit} tokens "
+                                 "(its tokenizer's limit); split it or shorten it")
+        return (np.asarray([e.ids for e in encodings], dtype=np.int64),
+                np.asarray([e.attention_mask for e in encodings], dtype=np.int64))
+
+    @staticmethod
+    def _check_ids(model: BertEncoder, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        c = model.config
+        if "input_ids" not in inputs:
+            raise InputError("missing input 'input_ids'" + (" (or 'text')" if model.tokenizer else ""))
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")  # missing: attend to every token
+        mask = np.ones_like(ids) if mask is None else mask
+        if mask.shape != ids.shape:
+            raise InputError(f"'attention_mask' shape {list(mask.shape)} differs from 'input_ids' shape "
+                             f"{list(ids.shape)}")
+        if not 1 <= ids.shape[1] <= c["max_position_embeddings"]:
+            raise InputError(f"input 'input_ids': sequence length {ids.shape[1]} is outside "
+                             f"1..{c['max_position_embeddings']} (the model's max_seq_len)")
+        for name, a in (("input_ids", ids), ("attention_mask", mask)):
+            if a.size and a.min() < 0:
+                raise InputError(f"input '{name}': negative value {int(a.min())}; token ids and masks "
+                                 "are non-negative")
+        if mask.size and mask.max() > 1:
+            raise InputError(f"input 'attention_mask': values must be 0 or 1, got {int(mask.max())}")
+        # The word-embedding table, not the tokenizer, bounds the ids the model accepts.
+        if ids.size and ids.max() >= c["vocab_size"]:
+            raise InputError(f"input 'input_ids': token id {int(ids.max())} is outside the vocabulary "
+                             f"(0..{c['vocab_size'] - 1})")
+        return ids, mask
+
+    def run(self, model: BertEncoder, spec: dict, items: list[Tokens], device) -> list[dict]:
+        ids, mask = (torch.from_numpy(a).to(device) for a in pad([t.ids for t in items], [t.mask for t in items]))
+        hidden = model(ids, attention_mask=mask)  # (B, L, H)
+        rows = [t.ids.shape[0] for t in items]
+        outputs = {"last_hidden_state": hidden}
+        if any(t.pooled for t in items):
+            outputs["embedding"] = model.pool(hidden, mask)
+        parts = split_rows(outputs, rows)
+        for part, t in zip(parts, items):
+            part["last_hidden_state"] = part["last_hidden_state"][:, :t.ids.shape[1]]
+        return parts
+
+    def output_shapes(self, spec: dict, item: Tokens, outputs: list[str]) -> dict:
+        (n, length), h = item.ids.shape, spec["outputs"][0]["shape"][-1]
+        return {name: [n, length, h] if name == "last_hidden_state" else [n, h] for name in outputs}
+
+    def warmup_requests(self, model: BertEncoder, spec: dict, rows: int) -> list:
+        text = [({"text": ["warm up"] * rows}, None)] if model.tokenizer is not None else []
+        return super().warmup_requests(model, spec, rows) + text
 
 
-def spec(config: dict, name: str, tokenizer=None) -> dict:
-    h = config["hidden_size"]
-    inputs = [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-              {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
-    outputs = [{"name": "last_hidden_state", "datatype": "FP32", "shape": [-1, -1, h]}]
-    if tokenizer is not None:
-        inputs.append({"name": "text", "datatype": "BYTES", "shape": [-1]})
-        outputs.append({"name": "embedding", "datatype": "FP32", "shape": [-1, h]})
-    return {"family": "bert", "name": name, "inputs": inputs, "outputs": outputs,
-            "max_seq_len": config["max_position_embeddings"]}
+FAMILY = register_family(BertFamily())

@@ -11,7 +11,7 @@ import importlib
 import torch
 from torch import nn
 
-from . import ArchError
+from . import ArchError, Family, register_family
 
 
 def _factory(path: str, fn: str = "custom"):
@@ -28,36 +28,51 @@ def _factory(path: str, fn: str = "custom"):
     return factory
 
 
-def build(config: dict) -> nn.Module:
-    model = _factory(config["factory"])()
-    if not isinstance(model, nn.Module):
-        raise ArchError(f"custom: factory {config['factory']!r} returned {type(model).__name__}, not an nn.Module")
-    return model
+class CustomFamily(Family):
+    name = "custom"
+    arch_prefix = "module"
+    arch_help = "module:pkg.mod:factory"
+    # recognise() stays None: the factory is imported only when the user names it on --arch.
+
+    def parse_option(self, option: str, arch: str) -> dict:
+        return {"factory": option}
+
+    def from_checkpoint(self, ck, option: dict) -> tuple[dict, dict, dict]:
+        fn = f"convert(--arch module:{option['factory']})"
+        with torch.device("meta"):
+            model = _factory(option["factory"], fn)()
+        if isinstance(model, nn.Linear):
+            raise ArchError(f"{fn}: the factory returns a bare nn.Linear; wrap it (e.g. nn.Sequential(linear)) "
+                            "so the layer has a name")
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ArchError(f"{fn}: the model has no nn.Linear layers to convert")
+        config = {"factory": option["factory"], "in_features": linears[0].in_features}
+        return config, dict(ck.tensors), dict(ck.masks)
+
+    def example_inputs(self, config: dict, batch: int, generator: torch.Generator, seq: int = 16) -> tuple:
+        return (torch.randn(batch, config["in_features"], generator=generator),)
+
+    def observe_output(self, config: dict, output) -> dict:
+        # Only running the model tells its output shape; the spec needs it.
+        return dict(config, out_shape=list(output.shape))
+
+    def needs_trust(self, config: dict) -> str | None:
+        return (f"this artifact is built by the Python factory {config.get('factory')!r}; importing it "
+                "runs that module's code")
+
+    def build(self, config: dict) -> nn.Module:
+        model = _factory(config["factory"])()
+        if not isinstance(model, nn.Module):
+            raise ArchError(f"custom: factory {config['factory']!r} returned {type(model).__name__}, "
+                            "not an nn.Module")
+        return model
+
+    def spec(self, config: dict, name: str, model: nn.Module) -> dict:
+        out = config.get("out_shape", [-1])
+        return {"family": self.name, "name": name,
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, config["in_features"]]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, *out[1:]]}]}
 
 
-def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
-    fn = f"convert(--arch module:{option['factory']})"
-    with torch.device("meta"):
-        model = _factory(option["factory"], fn)()
-    if isinstance(model, nn.Linear):
-        raise ArchError(f"{fn}: the factory returns a bare nn.Linear; wrap it (e.g. nn.Sequential(linear)) "
-                        "so the layer has a name")
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ArchError(f"{fn}: the model has no nn.Linear layers to convert")
-    return {"factory": option["factory"], "in_features": linears[0].in_features}, dict(ck.tensors), dict(ck.masks)
-
-
-def prepare_runtime(model: nn.Module, config: dict) -> nn.Module:
-    return model
-
-
-def example_inputs(config: dict, batch: int, generator: torch.Generator) -> tuple:
-    return (torch.randn(batch, config["in_features"], generator=generator),)
-
-
-def spec(config: dict, name: str, tokenizer=None) -> dict:
-    out = config.get("out_shape", [-1])
-    return {"family": "custom", "name": name,
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, config["in_features"]]}],
-            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, *out[1:]]}]}
+FAMILY = register_family(CustomFamily())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ArchError, natural_key
+from . import ArchError, Family, natural_key, register_family
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 # Activations SparseLinear's kernels apply in their epilogue; the others stay separate modules.
@@ -82,22 +82,42 @@ def from_checkpoint(ck, option: dict) -> tuple[dict, dict, dict]:
     return check_config({"sizes": sizes, "activation": act}, fn), sd, masks
 
 
-def prepare_runtime(model: MLP, config: dict) -> MLP:
-    """Fuses each ReLU/GELU into the SparseLinear before it (the activation runs in the kernel)."""
-    from ..modules import SparseLinear
-    for i in range(len(model) - 1):
-        act = FUSABLE.get(type(model[i + 1]))
-        if isinstance(model[i], SparseLinear) and act is not None:
-            model[i].activation = act
-            model[i + 1] = nn.Identity()
-    return model
+class MLPFamily(Family):
+    name = "mlp"
+    arch_help = " | ".join(f"mlp:{a}" for a in ACTIVATIONS)
+
+    def recognise(self, ck) -> dict | None:
+        hint = ck.extras.get("arch") or {}  # the pruning report beside a bare state_dict
+        return {"activation": hint.get("activation")} if hint.get("family") == "mlp" else None
+
+    def parse_option(self, option: str, arch: str) -> dict:
+        if option and option not in ACTIVATIONS:
+            raise ArchError(f"convert: unknown MLP activation {option!r} in --arch {arch!r}; expected one "
+                            f"of {sorted(ACTIVATIONS)}")
+        return {"activation": option or None}
+
+    def from_checkpoint(self, ck, option: dict) -> tuple[dict, dict, dict]:
+        return from_checkpoint(ck, option)
+
+    def build(self, config: dict) -> MLP:
+        return build(config)
+
+    def prepare_runtime(self, model: MLP, config: dict) -> None:
+        """Fuses each ReLU/GELU into the SparseLinear before it (the activation runs in the kernel)."""
+        from ..modules import SparseLinear
+        for i in range(len(model) - 1):
+            act = FUSABLE.get(type(model[i + 1]))
+            if isinstance(model[i], SparseLinear) and act is not None:
+                model[i].activation = act
+                model[i + 1] = nn.Identity()
+
+    def example_inputs(self, config: dict, batch: int, generator: torch.Generator, seq: int = 16) -> tuple:
+        return (torch.randn(batch, config["sizes"][0], generator=generator),)
+
+    def spec(self, config: dict, name: str, model: nn.Module) -> dict:
+        return {"family": self.name, "name": name,
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, config["sizes"][0]]}],
+                "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, config["sizes"][-1]]}]}
 
 
-def example_inputs(config: dict, batch: int, generator: torch.Generator) -> tuple:
-    return (torch.randn(batch, config["sizes"][0], generator=generator),)
-
-
-def spec(config: dict, name: str, tokenizer=None) -> dict:
-    return {"family": "mlp", "name": name,
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, config["sizes"][0]]}],
-            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, config["sizes"][-1]]}]}
+FAMILY = register_family(MLPFamily())

