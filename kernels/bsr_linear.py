@@ -14,11 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.formats import BSR
-
 from . import tuning
 from .epilogue import activate
-from .launch import prepare_output, values_for
+from .launch import check_args, prepare_output, values_for
 
 
 @triton.jit
@@ -115,9 +113,9 @@ def bsr_linear_configs(cls: str) -> list[dict]:
                                    (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3))]
 
 
-def _tile_params(w: BSR, p: dict) -> dict:
+def tile_params(blocksize: tuple[int, int], p: dict) -> dict:
     """Fit requested parameters to the block shape: powers of two, dot tiles at least 16 wide."""
-    r, c = w.blocksize
+    r, c = blocksize
     c_t = triton.next_power_of_2(c)
     rows = min(p["ROWS"], triton.next_power_of_2(r))
     k = max(p["K"], c_t)
@@ -127,28 +125,35 @@ def _tile_params(w: BSR, p: dict) -> dict:
                 num_warps=p["num_warps"], num_stages=p["num_stages"])
 
 
-def bsr_linear_triton(x: torch.Tensor, w: BSR, bias: torch.Tensor | None = None,
+def bsr_linear_triton(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      values: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None,
                       activation: str = "none", *, params: dict | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ Wᵀ + bias) for x (N, I) and W a BSR (O, I) on x's device; returns (N, O) in x's dtype.
+    """act(x @ Wᵀ + bias) for x (N, I) and W (O, I) in BSR; returns (N, O) in x's dtype.
 
+    crow_indices (O/R + 1,) and col_indices (nnzb,) int32, values (nnzb, R, C): a valid BSR layout
+    on x's device (not re-checked here); the block size R×C is values' trailing shape.
     params: launch parameters (see kernels.tuning); default: the tuning table for this device.
     out: optional (N, O) contiguous tensor of x's dtype to write into (checks poison it first).
     """
-    y, done = prepare_output("bsr_linear_triton", x, w, bias, activation, out, w.nnzb)
+    fn = "bsr_linear_triton"
+    o, _ = check_args(fn, x, shape, crow_indices, col_indices, values, 3, bias, activation)
+    y, done = prepare_output(fn, x, o, bias, activation, out, values.shape[0])
     if done:
         return y
-    n, o = y.shape
-    p = _tile_params(w, params or tuning.launch_params("bsr_linear", tuning.device_name(x),
-                                                       tuning.shape_class(n)))
+    n = y.shape[0]
+    block = (int(values.shape[1]), int(values.shape[2]))
+    p = tile_params(block, params or tuning.launch_params(
+        "bsr_linear", tuning.device_name(x), tuning.shape_class(n), tuning.block_key(block),
+        tuning.dtype_key(x.dtype)))
     r = p.pop("R")
     grid = (o // r * triton.cdiv(r, p["ROWS"]), triton.cdiv(n, p["BLOCK_N"]))
     bsr_linear_kernel[grid](
-        x, w.crow_indices, w.col_indices, values_for(w, x.dtype), bias if bias is not None else y, y,
+        x, crow_indices, col_indices, values_for(values, x.dtype), bias if bias is not None else y, y,
         n, o,
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
-        R=r, HAS_BIAS=bias is not None, ACTIVATION=activation or "none",
+        R=r, HAS_BIAS=bias is not None, ACTIVATION=activation,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=(p["BLOCK_N"] >= 16 and x.dtype == torch.bfloat16 and x.device.type == "cpu"),
         **p,
