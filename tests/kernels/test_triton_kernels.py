@@ -381,7 +381,7 @@ def test_launchers_take_plain_tensors_from_torch_sparse_layouts():
 
 
 NONFINITE_PATHS = {
-    "csr_n1": ("csr", dict(BLOCK_N=1, BLOCK_K=16, num_warps=4, num_stages=1)),
+    "csr_n4": ("csr", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, num_stages=1)),
     "csr_n16": ("csr", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)),
     "bsr_fma": ("bsr", dict(BLOCK_N=4, ROWS=8, K=64, num_warps=4, num_stages=1)),
     "bsr_dot": ("bsr", dict(BLOCK_N=16, ROWS=16, K=64, num_warps=4, num_stages=1)),
@@ -399,7 +399,7 @@ def test_nan_and_inf_propagate_through_every_activation(path, act, di):
     fmt, params = NONFINITE_PATHS[path]
     dtype = DTYPES[di]
     gen = torch.Generator().manual_seed(40 + di)
-    o, i, n = 48, 64, 6
+    o, i, n = 32, 64, 6
     w = _csr(o, i, 0.4, dtype, gen) if fmt == "csr" else _bsr(o, i, (16, 16), 0.6, dtype, gen)
     x = torch.randn(n, i, generator=gen)
     x[1, 3], x[2, 17], x[3, 40], x[4, 41] = float("nan"), float("inf"), float("-inf"), float("inf")
