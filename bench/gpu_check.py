@@ -1,9 +1,9 @@
 """GPU check for the Triton sparse-linear kernels: correctness on fresh inputs, then a timing table.
 
 For each (shape O×I, batch N, sparsity s, dtype) it
-  1. checks the Triton kernels (through engine.gpu, the adapter engine.sparse_linear uses: BSR
-     row-split, BSR split-K at N <= 16, CSR) against an fp32 reference on fresh random inputs, into
-     an output poisoned with NaN first (every element must be written);
+  1. checks the Triton kernels (through engine.gpu, the adapter engine.sparse_linear uses: BSR with
+     the tuned parameters, and split-K at N <= 16; CSR) against an fp32 reference on fresh random
+     inputs, into an output poisoned with NaN first (every element must be written);
   2. times, with triton.testing.do_bench medians after warm-up (L2 flushed between calls) and
      inputs and weights rotated among several copies: cuBLAS dense F.linear, our BSR kernel,
      torch.sparse's own BSR Triton kernel (bsr_dense_mm), our CSR kernel on unstructured sparsity,
@@ -39,7 +39,6 @@ from engine import gpu  # noqa: E402
 from engine.formats import BSR, CSR  # noqa: E402
 from kernels import tuning  # noqa: E402
 from kernels.bsr_linear import bsr_linear_configs  # noqa: E402
-from kernels.bsr_linear_splitk import bsr_linear_splitk_configs  # noqa: E402
 from kernels.csr_linear import csr_linear_configs  # noqa: E402
 
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -228,7 +227,7 @@ def tune(args, dev, timer, log):
     classes = {}
     for n in args.batches:
         classes.setdefault(tuning.shape_class(n), n)
-    for op, w, launch, configs in (("bsr_linear", bsr, gpu.bsr_linear_triton, bsr_decode_configs),
+    for op, w, launch, configs in (("bsr_linear", bsr, gpu.bsr_linear_triton, bsr_linear_configs),
                                    ("csr_linear", csr, gpu.csr_linear_triton, csr_linear_configs)):
         if op.split("_")[0] not in args.formats:
             continue
@@ -254,12 +253,6 @@ def tune(args, dev, timer, log):
                 key = (op, name, cls, tuning.block_key(getattr(w, "blocksize", None)), tuning.dtype_key(dtype))
                 tuning.TUNED[key] = dict(best[1])
                 log(f"TUNED[{key!r}] = {best[1]!r}")
-
-
-def bsr_decode_configs(cls: str) -> list[dict]:
-    """Row-split candidates, and at N <= 16 the split-K ones too (engine.gpu runs a winner with
-    SPLIT_K > 1 on the split-K kernel)."""
-    return bsr_linear_configs(cls) + (bsr_linear_splitk_configs(cls) if cls in ("n1", "n16") else [])
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -335,10 +328,11 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
     ref = F.gelu(F.linear(x.float(), bsrs[0].to_dense(torch.float32), bias.float()))
     err = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if y.numel() else 0.0
     ok = bool(torch.isfinite(y).all()) and err <= REL_TOL[dtype]
-    if n <= 16:  # the split-K decode kernel, with its default parameters for this device
+    if n <= 16:  # split-K on top of the tuned parameters (whatever the table picks for speed)
         ys = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
-        p = tuning.launch_params("bsr_linear_splitk", tuning.device_name(x), tuning.shape_class(n))
-        gpu.bsr_linear_triton(x, bsrs[0], bias, "gelu", params=p, out=ys)
+        p = tuning.launch_params("bsr_linear", tuning.device_name(x), tuning.shape_class(n),
+                                 tuning.block_key(block), tuning.dtype_key(dtype))
+        gpu.bsr_linear_triton(x, bsrs[0], bias, "gelu", params={**p, "SPLIT_K": 3}, out=ys)
         errs = ((ys.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ys.numel() else 0.0
         if not (bool(torch.isfinite(ys).all()) and errs <= REL_TOL[dtype]):
             log(f"  SPLIT-K MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errs:.2e}")

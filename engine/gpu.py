@@ -43,14 +43,8 @@ def bsr_linear_triton(x2: torch.Tensor, w: BSR, bias: torch.Tensor | None = None
     """act(x2 @ Wᵀ + bias) for x2 (N, I) and W a BSR (O, I) on x2's device; (N, O) in x2's dtype.
 
     params: launch parameters (kernels.tuning); default: the tuning table entry for this device,
-    batch class, block size and dtype. Parameters with SPLIT_K > 1 (a tuned entry where the split-K
-    decode kernel measured faster) run kernels.bsr_linear_splitk_triton; others the row-split kernel.
+    batch class, block size and dtype (an entry with SPLIT_K > 1 runs split-K).
+    out: optional (N, O) contiguous tensor of x2's dtype to write into.
     """
-    k = _kernels()
-    if params is None:
-        t = k.tuning
-        params = t.launch_params("bsr_linear", t.device_name(x2), t.shape_class(x2.shape[0]),
-                                 t.block_key(w.blocksize), t.dtype_key(x2.dtype))
-    launch = k.bsr_linear_splitk_triton if params.get("SPLIT_K", 1) > 1 else k.bsr_linear_triton
-    return launch(x2, w.crow_indices, w.col_indices, w.values, w.shape, bias, activation or "none",
-                  params=params, out=out)
+    return _kernels().bsr_linear_triton(x2, w.crow_indices, w.col_indices, w.values, w.shape, bias,
+                                        activation or "none", params=params, out=out)

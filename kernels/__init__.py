@@ -25,5 +25,4 @@ def import_error() -> str | None:
 
 if available():
     from .bsr_linear import bsr_linear_triton  # noqa: E402,F401
-    from .bsr_linear_splitk import bsr_linear_splitk_triton  # noqa: E402,F401
     from .csr_linear import csr_linear_triton  # noqa: E402,F401

@@ -33,7 +33,8 @@ def check_args(fn: str, x: torch.Tensor, shape, crow: torch.Tensor, col: torch.T
 
 
 def activate_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
-    """The epilogue's activations in torch, for launchers that have nothing to launch."""
+    """The epilogue's activations in torch, for launchers that have nothing to launch. (The same
+    mapping as engine.reference.apply_activation, kept here on purpose: kernels/ is a leaf.)"""
     if activation == "relu":
         return torch.relu(y)
     if activation == "gelu":

@@ -1,7 +1,8 @@
-"""Second pass of a split-K kernel: Y = act(sum_s P[s] + b), one kernel and its launcher.
+"""Second pass of split-K (bsr_linear with SPLIT_K > 1): Y = act(sum_s P[s] + b), one kernel and
+its launcher.
 
-The fused epilogue of the split-K kernels runs here, after the reduction: bias and activation are
-applied once to the complete sum (never to partial sums), then the result is cast to Y's dtype.
+The fused epilogue runs here, after the reduction: bias and activation are applied once to the
+complete sum (never to partial sums), then the result is cast to Y's dtype.
 """
 from __future__ import annotations
 

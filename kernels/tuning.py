@@ -58,8 +58,8 @@ def _cuda_name(index: int) -> str:  # asked once per device: it sits on every la
 #   BLOCK_N  rows of x per program (< 16: FMA path, >= 16: tl.dot path)
 #   ROWS     rows of a weight block per program (a block row is split among R/ROWS programs)
 #   K        reduction elements per loop step (K // C blocks of one block row at once)
-# bsr_linear_splitk (decode, N <= 16): the same, plus
-#   SPLIT_K  programs that share one block row's blocks (partial sums, then one reduction pass)
+#   SPLIT_K  optional, default 1: programs sharing one block row's blocks (split-K: partial sums,
+#            then one reduction pass); meant for decode, none measured on a GPU yet
 # csr_linear parameters:
 #   BLOCK_N  rows of x per program;  BLOCK_K  stored entries per loop step
 DEFAULTS: dict[tuple[str, str], dict] = {
@@ -68,8 +68,6 @@ DEFAULTS: dict[tuple[str, str], dict] = {
     ("bsr_linear", "n64"): dict(BLOCK_N=64, ROWS=32, K=256, num_warps=4, num_stages=3),
     ("bsr_linear", "n256"): dict(BLOCK_N=64, ROWS=32, K=128, num_warps=4, num_stages=3),
     ("bsr_linear", "large"): dict(BLOCK_N=128, ROWS=64, K=64, num_warps=8, num_stages=3),
-    ("bsr_linear_splitk", "n1"): dict(BLOCK_N=1, ROWS=8, K=256, SPLIT_K=4, num_warps=4, num_stages=1),
-    ("bsr_linear_splitk", "n16"): dict(BLOCK_N=4, ROWS=8, K=128, SPLIT_K=4, num_warps=4, num_stages=1),
     ("csr_linear", "n1"): dict(BLOCK_N=1, BLOCK_K=256, num_warps=4, num_stages=2),
     ("csr_linear", "n16"): dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
     ("csr_linear", "n64"): dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2),
@@ -113,9 +111,6 @@ TUNED: dict[tuple[str, str, str, str, str], dict] = {
         "n64": dict(BLOCK_N=64, ROWS=32, K=64, num_warps=4, num_stages=1),
         "n256": dict(BLOCK_N=64, ROWS=64, K=64, num_warps=4, num_stages=1),
         "large": dict(BLOCK_N=128, ROWS=64, K=64, num_warps=4, num_stages=1)}),
-    **_entries("bsr_linear_splitk", "interpreter", ANY, ANY, {
-        "n1": dict(BLOCK_N=1, ROWS=16, K=64, SPLIT_K=2, num_warps=4, num_stages=1),
-        "n16": dict(BLOCK_N=16, ROWS=16, K=64, SPLIT_K=2, num_warps=4, num_stages=1)}),
     **_entries("csr_linear", "interpreter", ANY, ANY, {
         cls: dict(BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=1)
         for cls, bn in (("n1", 1), ("n16", 16), ("n64", 64), ("n256", 64), ("large", 64))}),

@@ -43,8 +43,7 @@ def _import_kernels_interpreted():
 
 
 kernels = _import_kernels_interpreted()
-from kernels import bsr_linear as bsr_mod, bsr_linear_splitk as splitk_mod  # noqa: E402
-from kernels import csr_linear as csr_mod, tuning  # noqa: E402
+from kernels import bsr_linear as bsr_mod, csr_linear as csr_mod, tuning  # noqa: E402
 
 import engine  # noqa: E402
 import engine.ops  # noqa: E402
@@ -207,13 +206,17 @@ def test_bsr_strided_x_and_leading_dims():
        dtype=st.sampled_from(DTYPES), act=st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]),
        seed=st.integers(0, 2**31 - 1))
 def test_bsr_fuzz(n, rb, cb, block, density, dtype, act, seed):
+    _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params=None)
+
+
+def _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params):
     os.environ["TRITON_INTERPRET"] = "1"  # hypothesis reruns outside the fixture's scope too
     gen = torch.Generator().manual_seed(seed)
     o, i = rb * block[0], cb * block[1]
     w = _bsr(o, i, block, density, dtype, gen)
     x = torch.randn(n, i, generator=gen).to(dtype)
     bias = torch.randn(o, generator=gen)
-    y = gpu.bsr_linear_triton(x, w, bias, act, out=_poisoned(n, o, dtype))
+    y = gpu.bsr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
     _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
 
 
@@ -279,43 +282,45 @@ def _splitk(bn, rows, k, split_k):
 
 
 # Odd shapes: blocks that are not powers of two, more splits than a block row has blocks (empty
-# chunks must still write their zero partials), ragged x tiles, one and several blocks per step.
-@pytest.mark.parametrize("block,split_k,n,params", [
-    ((16, 16), 1, 1, _splitk(1, 16, 32, 1)),
-    ((16, 16), 3, 5, _splitk(4, 8, 16, 3)),
-    ((24, 8), 2, 7, _splitk(2, 8, 32, 2)),
-    ((8, 24), 5, 3, _splitk(1, 8, 64, 5)),
-    ((32, 16), 8, 16, _splitk(16, 16, 32, 8)),
-    ((16, 48), 4, 13, _splitk(4, 16, 64, 4)),
-], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v) if not isinstance(v, dict) else "")
+# chunks must still write their zero partials), ragged x tiles, one and several blocks per step,
+# the FMA and the tl.dot inner products.
+SPLITK_CASES = [((16, 16), 1, _splitk(1, 16, 32, 2)), ((16, 16), 5, _splitk(4, 8, 16, 3)),
+                ((24, 8), 7, _splitk(2, 8, 32, 2)), ((8, 24), 3, _splitk(1, 8, 64, 5)),
+                ((32, 16), 16, _splitk(16, 16, 32, 8)), ((16, 48), 13, _splitk(4, 16, 64, 4)),
+                ((16, 16), 11, _splitk(16, 16, 64, 3))]
+
+
+@pytest.mark.parametrize("ci", range(len(SPLITK_CASES)),
+                         ids=lambda i: "b{0[0]}x{0[1]}_n{1}_n{2[BLOCK_N]}s{2[SPLIT_K]}".format(*SPLITK_CASES[i]))
 @pytest.mark.parametrize("di", range(3), ids=lambda i: str(DTYPES[i]))
-def test_bsr_splitk_odd_shapes(block, split_k, n, params, di):
-    dtype = DTYPES[di]
-    act = ACTS[(split_k + di) % 4]
-    gen = torch.Generator().manual_seed(100 * split_k + n + di)
-    r, c = block
-    o, i = 5 * r, 7 * c
+def test_bsr_splitk_odd_shapes(ci, di):
+    block, n, params = SPLITK_CASES[ci]
+    dtype, act = DTYPES[di], ACTS[(ci + di) % 4]
+    gen = torch.Generator().manual_seed(100 * ci + di)
+    o, i = 5 * block[0], 7 * block[1]
     w = _bsr(o, i, block, 0.6, dtype, gen, empty_rows=(1, 4))
     x = torch.randn(n, i, generator=gen).to(dtype)
     bias = None if act == "none" else torch.randn(o, generator=gen).to(dtype)
-    y = kernels.bsr_linear_splitk_triton(x, w.crow_indices, w.col_indices, w.values, w.shape, bias, act,
-                                         params=params, out=_poisoned(n, o, dtype))
+    y = kernels.bsr_linear_triton(x, w.crow_indices, w.col_indices, w.values, w.shape, bias, act,
+                                  params=params, out=_poisoned(n, o, dtype))
     _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
 
 
-def test_bsr_splitk_size_zero_default_params_and_strided_x():
+def test_bsr_splitk_size_zero_strided_x_and_bad_split():
     gen = torch.Generator().manual_seed(21)
     for n, o, i in ((0, 32, 48), (3, 0, 48), (3, 32, 0)):
         w = _bsr(o, i, (16, 16), 0.5, torch.float32, gen)
         x = torch.randn(n, i, generator=gen)
         bias = torch.randn(o, generator=gen)
-        y = kernels.bsr_linear_splitk_triton(x, w.crow_indices, w.col_indices, w.values, w.shape, bias, "gelu")
+        y = gpu.bsr_linear_triton(x, w, bias, "gelu", params=_splitk(1, 16, 32, 4))
         assert y.shape == (n, o)
         _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu"), torch.float32)
     w = _bsr(48, 64, (16, 32), 0.7, torch.bfloat16, gen)
     x = torch.randn(70, 9, generator=gen).t()[:, 2:66].to(torch.bfloat16)  # (9, 64), column-major
-    y = kernels.bsr_linear_splitk_triton(x, w.crow_indices, w.col_indices, w.values, w.shape)
+    y = gpu.bsr_linear_triton(x, w, params=_splitk(4, 16, 64, 3))
     _check(y, _oracle(bsr_linear_ref, x, w, None, "none"), torch.bfloat16)
+    with pytest.raises(ValueError, match="bsr_linear_triton: SPLIT_K must be >= 1, got 0"):
+        gpu.bsr_linear_triton(x, w, params=_splitk(4, 16, 64, 0))
 
 
 @settings(max_examples=10, deadline=None)
@@ -324,33 +329,26 @@ def test_bsr_splitk_size_zero_default_params_and_strided_x():
        split_k=st.integers(1, 7), dtype=st.sampled_from(DTYPES),
        act=st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]), seed=st.integers(0, 2**31 - 1))
 def test_bsr_splitk_fuzz(n, rb, cb, block, density, split_k, dtype, act, seed):
-    os.environ["TRITON_INTERPRET"] = "1"  # hypothesis reruns outside the fixture's scope too
-    gen = torch.Generator().manual_seed(seed)
-    o, i = rb * block[0], cb * block[1]
-    w = _bsr(o, i, block, density, dtype, gen)
-    x = torch.randn(n, i, generator=gen).to(dtype)
-    bias = torch.randn(o, generator=gen)
-    y = gpu.bsr_linear_triton(x, w, bias, act, params=_splitk(4, 8, 32, split_k), out=_poisoned(n, o, dtype))
-    _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
+    _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params=_splitk(4, 8, 32, split_k))
 
 
-def test_tuned_split_k_entry_routes_sparse_linear_to_the_split_k_kernel(monkeypatch):
-    """A table entry with SPLIT_K > 1 (what --tune writes when split-K wins) runs the split-K kernel."""
-    ran = []
-    real = kernels.bsr_linear_splitk_triton
-    monkeypatch.setattr(kernels, "bsr_linear_splitk_triton", lambda *a, **k: ran.append(k["params"]) or real(*a, **k))
+def test_tuned_split_k_entry_makes_sparse_linear_run_split_k(monkeypatch):
+    """A table entry with SPLIT_K > 1 (what --tune writes when split-K wins) runs split-K: the
+    second pass runs, once, on (SPLIT_K, N, O) partial sums; other keys keep the one-pass kernel."""
+    passes = []
+    real = bsr_mod.reduce_epilogue
+    monkeypatch.setattr(bsr_mod, "reduce_epilogue", lambda part, *a: passes.append(part.shape) or real(part, *a))
     key = ("bsr_linear", "interpreter", "n1", "32x16", "fp32")
     monkeypatch.setitem(tuning.TUNED, key, _splitk(1, 16, 32, 3))
     gen = torch.Generator().manual_seed(22)
     w = _bsr(96, 80, (32, 16), 0.6, torch.float32, gen)
     x, bias = torch.randn(1, 80, generator=gen), torch.randn(96, generator=gen)
     y = engine.sparse_linear(x, w, bias, activation="gelu_tanh", backend="triton")
-    assert ran == [tuning.TUNED[key]]
+    assert passes == [(3, 1, 96)]
     _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu_tanh"), torch.float32)
-    engine.sparse_linear(torch.randn(2, 80, generator=gen), w, backend="triton")  # n16: row-split
-    x16 = torch.randn(1, 80, generator=gen).half()
-    engine.sparse_linear(x16, w.to(dtype=torch.float16), backend="triton")  # other dtype: row-split
-    assert len(ran) == 1
+    engine.sparse_linear(torch.randn(2, 80, generator=gen), w, backend="triton")  # n16: one pass
+    engine.sparse_linear(x.half(), w.to(dtype=torch.float16), backend="triton")  # fp16: one pass
+    assert len(passes) == 1
 
 
 # --- plain tensors in, NaN and ±inf out as torch gives them --------------------------------------
@@ -366,8 +364,8 @@ def test_launchers_take_plain_tensors_from_torch_sparse_layouts():
     b = dense.to_sparse_bsr((8, 16))
     y = kernels.bsr_linear_triton(x, b.crow_indices(), b.col_indices(), b.values(), tuple(b.shape), bias, "gelu")
     _check(y, expect, torch.float32)
-    ys = kernels.bsr_linear_splitk_triton(x, b.crow_indices(), b.col_indices(), b.values(), tuple(b.shape),
-                                          bias, "gelu", params=_splitk(2, 8, 32, 3))
+    ys = kernels.bsr_linear_triton(x, b.crow_indices(), b.col_indices(), b.values(), tuple(b.shape),
+                                   bias, "gelu", params=_splitk(2, 8, 32, 3))
     _check(ys, expect, torch.float32)
     c = dense.to_sparse_csr()
     yc = kernels.csr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), tuple(c.shape), bias, "gelu")
@@ -377,7 +375,7 @@ def test_launchers_take_plain_tensors_from_torch_sparse_layouts():
     with pytest.raises(ValueError, match="csr_linear_triton: unknown activation 'tanh'"):
         kernels.csr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), (48, 80), None, "tanh")
     with pytest.raises(ValueError, match="values must be 3-D"):
-        kernels.bsr_linear_splitk_triton(x, c.crow_indices(), c.col_indices(), c.values(), (48, 80))
+        kernels.bsr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), (48, 80))
 
 
 NONFINITE_PATHS = {
@@ -448,10 +446,8 @@ def test_tuning_table_defaults_warn_once_per_unknown_device():
     assert tuning.launch_params("bsr_linear", "NVIDIA H200", "n16", "64x64", "bf16") != h200
     assert tuning.launch_params("bsr_linear", "NVIDIA H200", "n16", "16x16", "fp16") == \
         tuning.TUNED[("bsr_linear", "NVIDIA H200", "n16", "*", "*")]
-    configs_of = {"bsr_linear": bsr_mod.bsr_linear_configs, "csr_linear": csr_mod.csr_linear_configs,
-                  "bsr_linear_splitk": splitk_mod.bsr_linear_splitk_configs}
     for op, cls in tuning.DEFAULTS:
-        configs = configs_of[op](cls)
+        configs = (bsr_mod.bsr_linear_configs if op == "bsr_linear" else csr_mod.csr_linear_configs)(cls)
         assert configs and all({"BLOCK_N", "num_warps", "num_stages"} <= set(c) for c in configs)
 
 
