@@ -49,7 +49,7 @@ import engine  # noqa: E402
 import engine.ops  # noqa: E402
 from engine import gpu  # noqa: E402
 from engine.formats import BSR, CSR  # noqa: E402
-from engine.reference import bsr_linear_ref, csr_linear_ref  # noqa: E402
+from engine.reference import apply_activation as activate_ref, bsr_linear_ref, csr_linear_ref  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
@@ -330,6 +330,23 @@ def test_bsr_splitk_size_zero_strided_x_and_bad_split():
        act=st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]), seed=st.integers(0, 2**31 - 1))
 def test_bsr_splitk_fuzz(n, rb, cb, block, density, split_k, dtype, act, seed):
     _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params=_splitk(4, 8, 32, split_k))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reduce_epilogue_sums_in_order_then_applies_bias_and_activation(act):
+    """The second pass alone: odd (S, N, O), several programs with a ragged last one, a strided y,
+    NaN and ±inf among the partials; float64 torch is the oracle."""
+    from kernels.reduce_epilogue import reduce_epilogue
+    gen = torch.Generator().manual_seed(50)
+    part = torch.randn(3, 7, 45, generator=gen)
+    part[0, 1, 2], part[2, 3, 4], part[1, 5, 6] = float("nan"), float("inf"), float("-inf")
+    bias = torch.randn(45, generator=gen).half()
+    y = torch.full((45, 7), float("nan"), dtype=torch.bfloat16).t()  # (7, 45) with strides (1, 7)
+    out = reduce_epilogue(part, bias, act, y, block=64)
+    assert out is y
+    expect = activate_ref(part.double().sum(0) + bias.double(), act)
+    torch.testing.assert_close(y.double(), expect, equal_nan=True, **TOL[torch.bfloat16])
+    assert torch.isnan(y[1, 2]) and not torch.isnan(y).all()
 
 
 def test_tuned_split_k_entry_makes_sparse_linear_run_split_k(monkeypatch):
