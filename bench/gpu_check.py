@@ -1,7 +1,8 @@
 """GPU check for the Triton sparse-linear kernels: correctness on fresh inputs, then a timing table.
 
 For each (shape O×I, batch N, sparsity s, dtype) it
-  1. checks kernels.bsr_linear_triton / csr_linear_triton against an fp32 reference on fresh random
+  1. checks the Triton kernels (through engine.gpu, the adapter engine.sparse_linear uses: BSR with
+     the tuned parameters, and split-K at N <= 16; CSR) against an fp32 reference on fresh random
      inputs, into an output poisoned with NaN first (every element must be written);
   2. times, with triton.testing.do_bench medians after warm-up (L2 flushed between calls) and
      inputs and weights rotated among several copies: cuBLAS dense F.linear, our BSR kernel,
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import engine  # noqa: E402
 import engine.ops  # noqa: E402
-import kernels  # noqa: E402
+from engine import gpu  # noqa: E402
 from engine.formats import BSR, CSR  # noqa: E402
 from kernels import tuning  # noqa: E402
 from kernels.bsr_linear import bsr_linear_configs  # noqa: E402
@@ -226,8 +227,8 @@ def tune(args, dev, timer, log):
     classes = {}
     for n in args.batches:
         classes.setdefault(tuning.shape_class(n), n)
-    for op, w, launch, configs in (("bsr_linear", bsr, kernels.bsr_linear_triton, bsr_linear_configs),
-                                   ("csr_linear", csr, kernels.csr_linear_triton, csr_linear_configs)):
+    for op, w, launch, configs in (("bsr_linear", bsr, gpu.bsr_linear_triton, bsr_linear_configs),
+                                   ("csr_linear", csr, gpu.csr_linear_triton, csr_linear_configs)):
         if op.split("_")[0] not in args.formats:
             continue
         for cls, n in classes.items():
@@ -249,8 +250,9 @@ def tune(args, dev, timer, log):
                 if best is None or t < best[0]:
                     best = (t, p)
             if best:
-                tuning.TUNED[(op, name, cls)] = dict(best[1])
-                log(f"TUNED[({op!r}, {name!r}, {cls!r})] = {best[1]!r}")
+                key = (op, name, cls, tuning.block_key(getattr(w, "blocksize", None)), tuning.dtype_key(dtype))
+                tuning.TUNED[key] = dict(best[1])
+                log(f"TUNED[{key!r}] = {best[1]!r}")
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -322,15 +324,25 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
     x = torch.randn(n, i, generator=gen).to(dev, dtype)
     bias = torch.randn(o, generator=gen).to(dev, dtype)
     y = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
-    kernels.bsr_linear_triton(x, bsrs[0], bias, "gelu", out=y)
+    gpu.bsr_linear_triton(x, bsrs[0], bias, "gelu", out=y)
     ref = F.gelu(F.linear(x.float(), bsrs[0].to_dense(torch.float32), bias.float()))
     err = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if y.numel() else 0.0
     ok = bool(torch.isfinite(y).all()) and err <= REL_TOL[dtype]
+    if n <= 16:  # split-K on top of the tuned parameters (whatever the table picks for speed)
+        ys = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
+        p = tuning.launch_params("bsr_linear", tuning.device_name(x), tuning.shape_class(n),
+                                 tuning.block_key(block), tuning.dtype_key(dtype))
+        gpu.bsr_linear_triton(x, bsrs[0], bias, "gelu", params={**p, "SPLIT_K": 3}, out=ys)
+        errs = ((ys.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ys.numel() else 0.0
+        if not (bool(torch.isfinite(ys).all()) and errs <= REL_TOL[dtype]):
+            log(f"  SPLIT-K MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errs:.2e}")
+            ok = False
+        err = max(err, errs)
     before = engine.ops.calls[("triton", "bsr")]
     y2 = engine.sparse_linear(x, bsrs[0], bias, activation="gelu", backend="triton")
     ok = ok and engine.ops.calls[("triton", "bsr")] == before + 1 and torch.equal(y2, y)
 
-    t_bsr = timer(cycling(kernels.bsr_linear_triton, xs, bsrs), max(len(xs), len(bsrs)))
+    t_bsr = timer(cycling(gpu.bsr_linear_triton, xs, bsrs), max(len(xs), len(bsrs)))
 
     t_torch = float("nan")
     if "torch_bsr" in args.formats:
@@ -341,7 +353,7 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
         csrs = [CSR.from_dense(w * (torch.rand(o, i, generator=gen) >= s).to(dev)) for w in w_full]
         xc = torch.randn(n, i, generator=gen).to(dev, dtype)
         yc = torch.full((n, o), float("nan"), dtype=dtype, device=dev)
-        kernels.csr_linear_triton(xc, csrs[0], None, "relu", out=yc)
+        gpu.csr_linear_triton(xc, csrs[0], None, "relu", out=yc)
         refc = F.relu(F.linear(xc.float(), csrs[0].to_dense(torch.float32)))
         errc = ((yc.float() - refc).norm() / refc.norm().clamp_min(1e-30)).item()
         okc = bool(torch.isfinite(yc).all()) and errc <= REL_TOL[dtype]
@@ -349,7 +361,7 @@ def one_cell(args, dev, timer, ceil, gen, o, i, n, s, dtype, xs, w_full, t_dense
             log(f"  CSR MISMATCH {o}x{i} N={n} s={s} {dtype}: rel err {errc:.2e}")
         ok, err = ok and okc, max(err, errc)
         csrs += [clone_weight(csrs[j % 2]) for j in range(len(csrs), pool_size(csrs[0].nbytes, cuda))]
-        t_csr = timer(cycling(kernels.csr_linear_triton, xs, csrs), max(len(xs), len(csrs)))
+        t_csr = timer(cycling(gpu.csr_linear_triton, xs, csrs), max(len(xs), len(csrs)))
         del csrs
 
     gbs = bsr_bytes / (t_bsr * 1e-6) / 1e9

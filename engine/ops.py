@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from . import cpu
+from . import cpu, gpu
 from .formats import BSR, CSR
 from .reference import apply_activation, check_activation
 
@@ -32,12 +32,6 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _kernels():
-    """The Triton package, imported on first use (importing triton costs about a second)."""
-    import kernels
-    return kernels
-
-
 def cpu_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
     if not cpu.available():
         return f"the C++ extension engine._C is not importable ({cpu.import_error()})"
@@ -47,9 +41,8 @@ def cpu_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
 
 
 def triton_unavailable_reason(x: torch.Tensor | None = None) -> str | None:
-    kernels = _kernels()
-    if not kernels.available():
-        return f"Triton is not importable ({kernels.import_error()})"
+    if not gpu.available():
+        return f"Triton is not importable ({gpu.import_error()})"
     if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return (f"Triton kernels need a CUDA tensor (x is on {x.device}); set TRITON_INTERPRET=1 "
                 "to run them on CPU tensors in the interpreter")
@@ -135,6 +128,5 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
     if chosen == "cpu":
         y2 = (cpu.csr_linear_cpu if fmt == "csr" else cpu.bsr_linear_cpu)(x2, weight, bias, act)
     else:
-        kernels = _kernels()
-        y2 = (kernels.csr_linear_triton if fmt == "csr" else kernels.bsr_linear_triton)(x2, weight, bias, act)
+        y2 = (gpu.csr_linear_triton if fmt == "csr" else gpu.bsr_linear_triton)(x2, weight, bias, act)
     return y2.reshape(*lead, weight.shape[0])

@@ -1,5 +1,9 @@
 """Triton GPU kernels for sparse linear layers. One kernel and its launcher per file.
 
+A leaf, like csrc/: the launchers take plain tensors (crow indices, col indices, values, shape,
+bias, activation name) and import nothing from `engine`; engine/gpu.py adapts engine's CSR/BSR
+formats to them.
+
 Importing this package never fails: without Triton, `available()` is False and the launchers are
 absent; `engine.sparse_linear` then falls back (auto) or raises (backend="triton")."""
 from __future__ import annotations

@@ -11,11 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.formats import CSR
-
 from . import tuning
 from .epilogue import activate
-from .launch import prepare_output, values_for
+from .launch import check_args, prepare_output, values_for
 
 
 @triton.jit
@@ -74,26 +72,32 @@ def csr_linear_configs(cls: str) -> list[dict]:
     return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=2) for bn, bk in ((32, 32), (32, 64), (64, 32))]
 
 
-def csr_linear_triton(x: torch.Tensor, w: CSR, bias: torch.Tensor | None = None,
+def csr_linear_triton(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                      values: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None,
                       activation: str = "none", *, params: dict | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ Wᵀ + bias) for x (N, I) and W a CSR (O, I) on x's device; returns (N, O) in x's dtype.
+    """act(x @ Wᵀ + bias) for x (N, I) and W (O, I) in CSR; returns (N, O) in x's dtype.
 
+    crow_indices (O + 1,) and col_indices (nnz,) int32, values (nnz,): a valid CSR layout on x's
+    device (not re-checked here).
     params: launch parameters (see kernels.tuning); default: the tuning table for this device.
     out: optional (N, O) contiguous tensor of x's dtype to write into (checks poison it first).
     """
-    y, done = prepare_output("csr_linear_triton", x, w, bias, activation, out, w.nnz)
+    fn = "csr_linear_triton"
+    o, _ = check_args(fn, x, shape, crow_indices, col_indices, values, 1, bias, activation)
+    y, done = prepare_output(fn, x, o, bias, activation, out, values.numel())
     if done:
         return y
-    n, o = y.shape
-    p = params or tuning.launch_params("csr_linear", tuning.device_name(x), tuning.shape_class(n))
+    n = y.shape[0]
+    p = params or tuning.launch_params("csr_linear", tuning.device_name(x), tuning.shape_class(n),
+                                       tuning.block_key(None), tuning.dtype_key(x.dtype))
     grid = (o, triton.cdiv(n, p["BLOCK_N"]))
     csr_linear_kernel[grid](
-        x, w.crow_indices, w.col_indices, values_for(w, x.dtype), bias if bias is not None else y, y,
+        x, crow_indices, col_indices, values_for(values, x.dtype), bias if bias is not None else y, y,
         n,
         x.stride(0), x.stride(1),
         y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, ACTIVATION=activation or "none",
+        HAS_BIAS=bias is not None, ACTIVATION=activation,
         **p,
     )
     return y

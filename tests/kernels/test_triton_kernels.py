@@ -47,8 +47,9 @@ from kernels import bsr_linear as bsr_mod, csr_linear as csr_mod, tuning  # noqa
 
 import engine  # noqa: E402
 import engine.ops  # noqa: E402
+from engine import gpu  # noqa: E402
 from engine.formats import BSR, CSR  # noqa: E402
-from engine.reference import bsr_linear_ref, csr_linear_ref  # noqa: E402
+from engine.reference import apply_activation as activate_ref, bsr_linear_ref, csr_linear_ref  # noqa: E402
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
@@ -145,7 +146,7 @@ def test_bsr_launch_paths(pi, di):
     w = _bsr(o, i, block, 0.6, dtype, gen, empty_rows=(0, 3))
     x = torch.randn(n, i, generator=gen).to(dtype)
     bias = None if act == "none" else torch.randn(o, generator=gen)
-    y = kernels.bsr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
+    y = gpu.bsr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
     _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
 
 
@@ -159,7 +160,7 @@ def test_bsr_mixed_dtypes(xdt, wdt, bn):
     x = torch.randn(19, 96, generator=gen).to(xdt)
     bias = torch.randn(64, generator=gen).to(wdt)
     params = dict(BLOCK_N=bn, ROWS=16, K=64, num_warps=4, num_stages=1)
-    y = kernels.bsr_linear_triton(x, w, bias, "gelu", params=params)
+    y = gpu.bsr_linear_triton(x, w, bias, "gelu", params=params)
     _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu"), xdt)
 
 
@@ -180,7 +181,7 @@ def test_bsr_size_zero(n, o, i):
     w = _bsr(o, i, (16, 16), 0.5, torch.float16, gen)
     x = torch.randn(n, i, generator=gen).half()
     for bias in (None, torch.randn(o, generator=gen).half()):
-        y = kernels.bsr_linear_triton(x, w, bias, "gelu")
+        y = gpu.bsr_linear_triton(x, w, bias, "gelu")
         assert y.shape == (n, o)
         _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu"), torch.float16)
 
@@ -190,7 +191,7 @@ def test_bsr_strided_x_and_leading_dims():
     w = _bsr(64, 64, (32, 32), 0.5, torch.float32, gen)
     x = torch.randn(70, 6, generator=gen).t()[:, 3:67]  # (6, 64) with stride (1, 6)
     assert x.stride() == (1, 6)
-    y = kernels.bsr_linear_triton(x, w, None, "none",
+    y = gpu.bsr_linear_triton(x, w, None, "none",
                                   params=dict(BLOCK_N=16, ROWS=32, K=64, num_warps=4, num_stages=1))
     _check(y, _oracle(bsr_linear_ref, x, w, None, "none"), torch.float32)
     x3 = torch.randn(2, 3, 64, generator=gen)
@@ -205,13 +206,17 @@ def test_bsr_strided_x_and_leading_dims():
        dtype=st.sampled_from(DTYPES), act=st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]),
        seed=st.integers(0, 2**31 - 1))
 def test_bsr_fuzz(n, rb, cb, block, density, dtype, act, seed):
+    _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params=None)
+
+
+def _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params):
     os.environ["TRITON_INTERPRET"] = "1"  # hypothesis reruns outside the fixture's scope too
     gen = torch.Generator().manual_seed(seed)
     o, i = rb * block[0], cb * block[1]
     w = _bsr(o, i, block, density, dtype, gen)
     x = torch.randn(n, i, generator=gen).to(dtype)
     bias = torch.randn(o, generator=gen)
-    y = kernels.bsr_linear_triton(x, w, bias, act, out=_poisoned(n, o, dtype))
+    y = gpu.bsr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
     _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
 
 
@@ -232,7 +237,7 @@ def test_csr_launch_paths(pi, di, shift):
     w = _csr(o, i, 0.3, dtype, gen, empty_rows=(0, 5, 36))
     x = torch.randn(n, i, generator=gen).to(dtype)
     bias = None if act == "none" else torch.randn(o, generator=gen).to(dtype)
-    y = kernels.csr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
+    y = gpu.csr_linear_triton(x, w, bias, act, params=params, out=_poisoned(n, o, dtype))
     _check(y, _oracle(csr_linear_ref, x, w, bias, act), dtype)
 
 
@@ -254,7 +259,7 @@ def test_csr_mixed_dtypes(xdt, wdt):
     gen = torch.Generator().manual_seed(8)
     w = _csr(23, 31, 0.4, wdt, gen)
     x = torch.randn(6, 31, generator=gen).to(xdt)
-    y = kernels.csr_linear_triton(x, w, None, "relu")
+    y = gpu.csr_linear_triton(x, w, None, "relu")
     _check(y, _oracle(csr_linear_ref, x, w, None, "relu"), xdt)
 
 
@@ -265,9 +270,166 @@ def test_csr_degenerate_empty_and_dense(n, o, i, density):
     w = _csr(o, i, density, torch.float32, gen)
     x = torch.randn(n, i, generator=gen)
     bias = torch.randn(o, generator=gen)
-    y = kernels.csr_linear_triton(x, w, bias, "gelu_tanh")
+    y = gpu.csr_linear_triton(x, w, bias, "gelu_tanh")
     assert y.shape == (n, o)
     _check(y, _oracle(csr_linear_ref, x, w, bias, "gelu_tanh"), torch.float32)
+
+
+# --- BSR split-K (decode) -------------------------------------------------------------------------
+
+def _splitk(bn, rows, k, split_k):
+    return dict(BLOCK_N=bn, ROWS=rows, K=k, SPLIT_K=split_k, num_warps=4, num_stages=1)
+
+
+# Odd shapes: blocks that are not powers of two, more splits than a block row has blocks (empty
+# chunks must still write their zero partials), ragged x tiles, one and several blocks per step,
+# the FMA and the tl.dot inner products.
+SPLITK_CASES = [((16, 16), 1, _splitk(1, 16, 32, 2)), ((16, 16), 5, _splitk(4, 8, 16, 3)),
+                ((24, 8), 7, _splitk(2, 8, 32, 2)), ((8, 24), 3, _splitk(1, 8, 64, 5)),
+                ((32, 16), 16, _splitk(16, 16, 32, 8)), ((16, 48), 13, _splitk(4, 16, 64, 4)),
+                ((16, 16), 11, _splitk(16, 16, 64, 3))]
+
+
+@pytest.mark.parametrize("ci", range(len(SPLITK_CASES)),
+                         ids=lambda i: "b{0[0]}x{0[1]}_n{1}_n{2[BLOCK_N]}s{2[SPLIT_K]}".format(*SPLITK_CASES[i]))
+@pytest.mark.parametrize("di", range(3), ids=lambda i: str(DTYPES[i]))
+def test_bsr_splitk_odd_shapes(ci, di):
+    block, n, params = SPLITK_CASES[ci]
+    dtype, act = DTYPES[di], ACTS[(ci + di) % 4]
+    gen = torch.Generator().manual_seed(100 * ci + di)
+    o, i = 5 * block[0], 7 * block[1]
+    w = _bsr(o, i, block, 0.6, dtype, gen, empty_rows=(1, 4))
+    x = torch.randn(n, i, generator=gen).to(dtype)
+    bias = None if act == "none" else torch.randn(o, generator=gen).to(dtype)
+    y = kernels.bsr_linear_triton(x, w.crow_indices, w.col_indices, w.values, w.shape, bias, act,
+                                  params=params, out=_poisoned(n, o, dtype))
+    _check(y, _oracle(bsr_linear_ref, x, w, bias, act), dtype)
+
+
+def test_bsr_splitk_size_zero_strided_x_and_bad_split():
+    gen = torch.Generator().manual_seed(21)
+    for n, o, i in ((0, 32, 48), (3, 0, 48), (3, 32, 0)):
+        w = _bsr(o, i, (16, 16), 0.5, torch.float32, gen)
+        x = torch.randn(n, i, generator=gen)
+        bias = torch.randn(o, generator=gen)
+        y = gpu.bsr_linear_triton(x, w, bias, "gelu", params=_splitk(1, 16, 32, 4))
+        assert y.shape == (n, o)
+        _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu"), torch.float32)
+    w = _bsr(48, 64, (16, 32), 0.7, torch.bfloat16, gen)
+    x = torch.randn(70, 9, generator=gen).t()[:, 2:66].to(torch.bfloat16)  # (9, 64), column-major
+    y = gpu.bsr_linear_triton(x, w, params=_splitk(4, 16, 64, 3))
+    _check(y, _oracle(bsr_linear_ref, x, w, None, "none"), torch.bfloat16)
+    with pytest.raises(ValueError, match="bsr_linear_triton: SPLIT_K must be >= 1, got 0"):
+        gpu.bsr_linear_triton(x, w, params=_splitk(4, 16, 64, 0))
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 16), rb=st.integers(1, 4), cb=st.integers(1, 6),
+       block=st.sampled_from([(16, 16), (8, 24), (24, 16)]), density=st.floats(0.0, 1.0),
+       split_k=st.integers(1, 7), dtype=st.sampled_from(DTYPES),
+       act=st.sampled_from(["none", "relu", "gelu", "gelu_tanh"]), seed=st.integers(0, 2**31 - 1))
+def test_bsr_splitk_fuzz(n, rb, cb, block, density, split_k, dtype, act, seed):
+    _bsr_fuzz_case(n, rb, cb, block, density, dtype, act, seed, params=_splitk(4, 8, 32, split_k))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reduce_epilogue_sums_in_order_then_applies_bias_and_activation(act):
+    """The second pass alone: odd (S, N, O), several programs with a ragged last one, a strided y,
+    NaN and ±inf among the partials; float64 torch is the oracle."""
+    from kernels.reduce_epilogue import reduce_epilogue
+    gen = torch.Generator().manual_seed(50)
+    part = torch.randn(3, 7, 45, generator=gen)
+    part[0, 1, 2], part[2, 3, 4], part[1, 5, 6] = float("nan"), float("inf"), float("-inf")
+    bias = torch.randn(45, generator=gen).half()
+    y = torch.full((45, 7), float("nan"), dtype=torch.bfloat16).t()  # (7, 45) with strides (1, 7)
+    out = reduce_epilogue(part, bias, act, y, block=64)
+    assert out is y
+    expect = activate_ref(part.double().sum(0) + bias.double(), act)
+    torch.testing.assert_close(y.double(), expect, equal_nan=True, **TOL[torch.bfloat16])
+    assert torch.isnan(y[1, 2]) and not torch.isnan(y).all()
+
+
+def test_tuned_split_k_entry_makes_sparse_linear_run_split_k(monkeypatch):
+    """A table entry with SPLIT_K > 1 (what --tune writes when split-K wins) runs split-K: the
+    second pass runs, once, on (SPLIT_K, N, O) partial sums; other keys keep the one-pass kernel."""
+    passes = []
+    real = bsr_mod.reduce_epilogue
+    monkeypatch.setattr(bsr_mod, "reduce_epilogue", lambda part, *a: passes.append(part.shape) or real(part, *a))
+    key = ("bsr_linear", "interpreter", "n1", "32x16", "fp32")
+    monkeypatch.setitem(tuning.TUNED, key, _splitk(1, 16, 32, 3))
+    gen = torch.Generator().manual_seed(22)
+    w = _bsr(96, 80, (32, 16), 0.6, torch.float32, gen)
+    x, bias = torch.randn(1, 80, generator=gen), torch.randn(96, generator=gen)
+    y = engine.sparse_linear(x, w, bias, activation="gelu_tanh", backend="triton")
+    assert passes == [(3, 1, 96)]
+    _check(y, _oracle(bsr_linear_ref, x, w, bias, "gelu_tanh"), torch.float32)
+    engine.sparse_linear(torch.randn(2, 80, generator=gen), w, backend="triton")  # n16: one pass
+    engine.sparse_linear(x.half(), w.to(dtype=torch.float16), backend="triton")  # fp16: one pass
+    assert len(passes) == 1
+
+
+# --- plain tensors in, NaN and ±inf out as torch gives them --------------------------------------
+
+def test_launchers_take_plain_tensors_from_torch_sparse_layouts():
+    """torch's own CSR/BSR layouts (int64 indices), no engine format anywhere, dense fp64 oracle."""
+    gen = torch.Generator().manual_seed(30)
+    keep = (torch.rand(6, 5, generator=gen) < 0.5).repeat_interleave(8, 0).repeat_interleave(16, 1)
+    dense = torch.randn(48, 80, generator=gen) * keep
+    x = torch.randn(3, 80, generator=gen)
+    bias = torch.randn(48, generator=gen)
+    expect = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), dense.double(), bias.double()))
+    b = dense.to_sparse_bsr((8, 16))
+    y = kernels.bsr_linear_triton(x, b.crow_indices(), b.col_indices(), b.values(), tuple(b.shape), bias, "gelu")
+    _check(y, expect, torch.float32)
+    ys = kernels.bsr_linear_triton(x, b.crow_indices(), b.col_indices(), b.values(), tuple(b.shape),
+                                   bias, "gelu", params=_splitk(2, 8, 32, 3))
+    _check(ys, expect, torch.float32)
+    c = dense.to_sparse_csr()
+    yc = kernels.csr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), tuple(c.shape), bias, "gelu")
+    _check(yc, expect, torch.float32)
+    with pytest.raises(ValueError, match="bsr_linear_triton: x has 80 features, weight shape is \\(48, 64\\)"):
+        kernels.bsr_linear_triton(x, b.crow_indices(), b.col_indices(), b.values(), (48, 64))
+    with pytest.raises(ValueError, match="csr_linear_triton: unknown activation 'tanh'"):
+        kernels.csr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), (48, 80), None, "tanh")
+    with pytest.raises(ValueError, match="values must be 3-D"):
+        kernels.bsr_linear_triton(x, c.crow_indices(), c.col_indices(), c.values(), (48, 80))
+
+
+NONFINITE_PATHS = {
+    "csr_n4": ("csr", dict(BLOCK_N=4, BLOCK_K=16, num_warps=4, num_stages=1)),
+    "csr_n16": ("csr", dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)),
+    "bsr_fma": ("bsr", dict(BLOCK_N=4, ROWS=8, K=64, num_warps=4, num_stages=1)),
+    "bsr_dot": ("bsr", dict(BLOCK_N=16, ROWS=16, K=64, num_warps=4, num_stages=1)),
+    "bsr_splitk": ("bsr", _splitk(2, 8, 32, 3)),
+}
+
+
+@pytest.mark.parametrize("path", NONFINITE_PATHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("di", range(3), ids=lambda i: str(DTYPES[i]))
+def test_nan_and_inf_propagate_through_every_activation(path, act, di):
+    """Issue 16: a fused activation must not turn NaN into a number (max(NaN, 0) = 0 did for ReLU).
+    Non-finite values enter through the bias (straight into the epilogue) and through x (through the
+    sums); the float64 torch oracle decides every element, NaN and ±inf positions included."""
+    fmt, params = NONFINITE_PATHS[path]
+    dtype = DTYPES[di]
+    gen = torch.Generator().manual_seed(40 + di)
+    o, i, n = 32, 64, 6
+    w = _csr(o, i, 0.4, dtype, gen) if fmt == "csr" else _bsr(o, i, (16, 16), 0.6, dtype, gen)
+    x = torch.randn(n, i, generator=gen)
+    x[1, 3], x[2, 17], x[3, 40], x[4, 41] = float("nan"), float("inf"), float("-inf"), float("inf")
+    x[4, 42] = float("-inf")  # inf - inf in one sum: NaN
+    bias = torch.randn(o, generator=gen)
+    bias[0], bias[1], bias[2] = float("nan"), float("inf"), float("-inf")
+    x, bias = x.to(dtype), bias.to(dtype)
+    launch = gpu.csr_linear_triton if fmt == "csr" else gpu.bsr_linear_triton
+    y = launch(x, w, bias, act, params=params, out=_poisoned(n, o, dtype).fill_(7.0))
+    expect = _oracle(csr_linear_ref if fmt == "csr" else bsr_linear_ref, x, w, bias, act)
+    assert torch.isnan(expect).any() and not torch.isnan(expect).all()
+    if act in ("none", "gelu", "gelu_tanh"):
+        assert torch.isposinf(expect).any()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expect, equal_nan=True, **TOL[dtype])
 
 
 # --- dispatch, tuning table, GPU script -----------------------------------------------------------
@@ -286,13 +448,21 @@ def test_tuning_table_defaults_warn_once_per_unknown_device():
     assert [tuning.shape_class(n) for n in (1, 2, 16, 17, 64, 256, 257, 4096)] == \
         ["n1", "n16", "n16", "n64", "n64", "n256", "large", "large"]
     assert tuning.launch_params("bsr_linear", "interpreter", "n1") == \
-        tuning.TUNED[("bsr_linear", "interpreter", "n1")]
+        tuning.TUNED[("bsr_linear", "interpreter", "n1", "*", "*")]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         p = tuning.launch_params("bsr_linear", "Imaginary GPU 9000", "n16")
         tuning.launch_params("bsr_linear", "Imaginary GPU 9000", "large")
     assert p == tuning.DEFAULTS[("bsr_linear", "n16")]
     assert len([w for w in seen if "Imaginary GPU 9000" in str(w.message)]) == 1
+    # keys name op, device, batch class, block size and dtype; the most specific entry wins
+    assert tuning.block_key((32, 16)) == "32x16" and tuning.block_key(None) == "1x1"
+    assert tuning.dtype_key(torch.bfloat16) == "bf16"
+    h200 = tuning.TUNED[("bsr_linear", "NVIDIA H200", "n16", "32x32", "bf16")]
+    assert tuning.launch_params("bsr_linear", "NVIDIA H200", "n16", "32x32", "bf16") == h200
+    assert tuning.launch_params("bsr_linear", "NVIDIA H200", "n16", "64x64", "bf16") != h200
+    assert tuning.launch_params("bsr_linear", "NVIDIA H200", "n16", "16x16", "fp16") == \
+        tuning.TUNED[("bsr_linear", "NVIDIA H200", "n16", "*", "*")]
     for op, cls in tuning.DEFAULTS:
         configs = (bsr_mod.bsr_linear_configs if op == "bsr_linear" else csr_mod.csr_linear_configs)(cls)
         assert configs and all({"BLOCK_N", "num_warps", "num_stages"} <= set(c) for c in configs)
