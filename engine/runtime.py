@@ -17,7 +17,8 @@ from torch import nn
 
 from . import artifact as artifact_io
 from .artifact import ArtifactError
-from .formats import BSR, CSR, FormatError
+from . import formats
+from .formats import FormatError
 from .models import family
 from .modules import SparseLinear
 
@@ -39,13 +40,8 @@ def _skeleton(fn: str, model: nn.Module, name: str, layer: dict, tensors: dict) 
     if list(shape) != layer["shape"]:
         raise ArtifactError(f"{fn}: layer {name!r} is {list(shape)} in the architecture but "
                             f"{layer['shape']} in the layer table")
-    fmt = layer["format"]
-    if fmt == "dense":
-        weight = _meta_like(tensors[f"{name}.weight"])
-    else:
-        cls = CSR if fmt == "csr" else BSR
-        weight = cls.trusted(*(_meta_like(tensors[f"{name}.weight_{k}"])
-                               for k in ("crow_indices", "col_indices", "values")), shape)
+    fmt = formats.get(layer["format"])
+    weight = fmt.from_buffers(tuple(_meta_like(tensors[f"{name}.{b}"]) for b in fmt.buffers), shape, True)
     bias = tensors.get(f"{name}.bias")
     layer_module = SparseLinear(weight, None if bias is None else _meta_like(bias))
     parent_name, _, child = name.rpartition(".")
@@ -53,17 +49,16 @@ def _skeleton(fn: str, model: nn.Module, name: str, layer: dict, tensors: dict) 
 
 
 def _validate_layers(fn: str, model: nn.Module, layers: dict) -> None:
+    """The one full check of each layer's loaded buffers; forward trusts them afterwards."""
     for name, layer in layers.items():
         m = model.get_submodule(name)
-        if m.format == "dense":
-            continue
-        w = m.sparse_weight
         try:
-            type(w)(w.crow_indices, w.col_indices, w.values, w.shape)  # runs the layout's validation
+            m.validate()  # runs the layout's own checks on the loaded buffers
         except FormatError as e:
             raise ArtifactError(f"{fn}: layer {name!r} has an invalid {m.format} layout: {e}") from e
-        if m.format == "bsr" and list(w.blocksize) != list(layer.get("block") or []):
-            raise ArtifactError(f"{fn}: layer {name!r} stores blocks {w.blocksize} but the layer "
+        block = formats.get(m.format).blocksize(m.sparse_weight)
+        if block is not None and list(block) != list(layer.get("block") or []):
+            raise ArtifactError(f"{fn}: layer {name!r} stores blocks {block} but the layer "
                                 f"table says {layer.get('block')}")
 
 
