@@ -69,11 +69,12 @@ def _check_index_arrays(fn, crow, col, n_rows, n_cols, n_stored):
     if n_stored < 2:
         return
     # Within a row the indices must strictly increase: every adjacent pair that is not a row start.
-    starts = torch.zeros(n_stored, dtype=torch.bool)
-    starts[c[:-1][c[:-1] < n_stored].long()] = True
+    row_starts = c[1:-1]
     for lo in range(1, n_stored, _CHECK_CHUNK):
         hi = min(n_stored, lo + _CHECK_CHUNK)
-        bad = (k[lo:hi] <= k[lo - 1:hi - 1]) & ~starts[lo:hi]
+        starts = torch.zeros(hi - lo, dtype=torch.bool)
+        starts[(row_starts[(row_starts >= lo) & (row_starts < hi)] - lo).long()] = True
+        bad = (k[lo:hi] <= k[lo - 1:hi - 1]) & ~starts
         if bad.any():
             i = lo + int(bad.nonzero()[0])
             _fail(fn, f"col_indices must be strictly increasing within a row (position {i}: "

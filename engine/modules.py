@@ -3,6 +3,8 @@ nn.Linear layers of a pruned model in place. `choose_layout` is the `format="aut
 layout the cost model predicts fastest for this layer, dense where sparse would not pay."""
 from __future__ import annotations
 
+from operator import is_
+
 import torch
 import torch.nn as nn
 
@@ -127,14 +129,15 @@ class SparseLinear(nn.Module):
     @property
     def sparse_weight(self):
         """The weight as its layout's object (CSR, BSR, or the dense tensor) over this module's buffers."""
+        hit = self.__dict__.get("_sparse_weight")
+        # Rebuilt only when .to() / load_state_dict(assign=True) replaced a buffer; the check runs
+        # in C (map over the buffer dict), as it sits on every forward.
+        if hit is not None and all(map(is_, map(self._buffers.__getitem__, hit[0]), hit[1])):
+            return hit[2]
         fmt = self._format
-        b = self._buffers  # direct: nn.Module.__getattr__ is slow on a per-call path
-        buffers = tuple(b[name] for name in fmt.buffers)
-        key, cached = self.__dict__.get("_sparse_weight", (None, None))
-        # Rebuilt only when .to() / load_state_dict(assign=True) replaced a buffer.
-        if key is None or any(a is not k for a, k in zip(buffers, key)):
-            cached = fmt.from_buffers(buffers, (self.out_features, self.in_features), True)
-            self.__dict__["_sparse_weight"] = (buffers, cached)
+        buffers = tuple(self._buffers[name] for name in fmt.buffers)
+        cached = fmt.from_buffers(buffers, (self.out_features, self.in_features), True)
+        self.__dict__["_sparse_weight"] = (fmt.buffers, buffers, cached)
         return cached
 
     def validate(self) -> None:

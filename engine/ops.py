@@ -149,6 +149,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
         act = check_activation(activation)
     chosen, kernel = _kernel_for(fmt, _pick_backend(x, backend), backend)
     calls[(chosen, fmt.name)] += 1
+    if x.dim() == 2:  # the common case: no reshape on the per-call path
+        return kernel(x, weight, bias, act)
     lead, in_f = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), in_f)  # not -1: ambiguous when in_features == 0
     return kernel(x2, weight, bias, act).reshape(*lead, weight.shape[0])
