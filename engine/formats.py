@@ -385,28 +385,6 @@ def layer_stats(weight) -> dict:
             "stored": fmt.stored_values(weight), "bytes": fmt.nbytes(weight)}
 
 
-# ---- dense: torch's own GEMM on every backend (nothing of ours beats MKL / cuBLAS on a dense W)
-
-def _dense_from_buffers(buffers, shape, trusted: bool):
-    (w,) = buffers
-    if not trusted:
-        if tuple(w.shape) != tuple(shape):
-            _fail("dense", f"weight has shape {tuple(w.shape)}, expected {tuple(shape)}")
-        if w.dtype not in VALUE_DTYPES:
-            _fail("dense", f"weight dtype must be float32/bfloat16/float16, got {w.dtype}")
-    return w
-
-
-_TORCH_GEMM = "engine.reference:linear_ref"
-register(Format(
-    name="dense", cls=torch.Tensor, buffers=("weight",),
-    build=lambda w, mask, block: w if mask is None else w * (mask.to(w.device) != 0),
-    from_buffers=_dense_from_buffers, to_buffers=lambda w: (w,),
-    stored=lambda keep, block: keep.numel(),
-    traffic_bytes=lambda shape, stored, block, vb: shape[0] * shape[1] * vb,
-    kernels={"cpu": _TORCH_GEMM, "triton": _TORCH_GEMM, "torch": _TORCH_GEMM}))
-
-
 # ---- csr / bsr: the compressed-row layouts
 
 
@@ -431,7 +409,9 @@ def _csr_traffic(shape, stored, block, value_bytes):
     return stored * (value_bytes + (2 if i <= 65536 else 4)) + (o + 1) * 4
 
 
-def _bsr_stored(keep, block):
+def blocked_stored(keep: torch.Tensor, block: tuple[int, int]) -> int:
+    """Values stored when the R×C tiles of `keep` (O, I) that hold a kept entry are stored whole
+    (R divides O, C divides I)."""
     o, i = keep.shape
     r, c = block
     return int(keep.reshape(o // r, r, i // c, c).any(dim=(1, 3)).sum()) * r * c
@@ -455,7 +435,29 @@ register(Format(
     name="bsr", cls=BSR, buffers=_COMPRESSED,
     build=lambda w, mask, block: BSR.from_dense(w, mask, block),
     from_buffers=_compressed_from_buffers(BSR), to_buffers=_compressed_buffers,
-    stored=_bsr_stored, traffic_bytes=_bsr_traffic,
+    stored=blocked_stored, traffic_bytes=_bsr_traffic,
     kernels={"cpu": "engine.cpu:bsr_linear_cpu", "triton": "kernels:bsr_linear_triton",
              "torch": _DENSIFIED},
     reference="engine.reference:bsr_linear_ref", blocked=True))
+
+
+# ---- dense: torch's own GEMM on every backend (nothing of ours beats MKL / cuBLAS on a dense W)
+
+def _dense_from_buffers(buffers, shape, trusted: bool):
+    (w,) = buffers
+    if not trusted:
+        if tuple(w.shape) != tuple(shape):
+            _fail("dense", f"weight has shape {tuple(w.shape)}, expected {tuple(shape)}")
+        if w.dtype not in VALUE_DTYPES:
+            _fail("dense", f"weight dtype must be float32/bfloat16/float16, got {w.dtype}")
+    return w
+
+
+_TORCH_GEMM = "engine.reference:linear_ref"
+register(Format(
+    name="dense", cls=torch.Tensor, buffers=("weight",),
+    build=lambda w, mask, block: w if mask is None else w * (mask.to(w.device) != 0),
+    from_buffers=_dense_from_buffers, to_buffers=lambda w: (w,),
+    stored=lambda keep, block: keep.numel(),
+    traffic_bytes=lambda shape, stored, block, vb: shape[0] * shape[1] * vb,
+    kernels={"cpu": _TORCH_GEMM, "triton": _TORCH_GEMM, "torch": _TORCH_GEMM}))
