@@ -110,13 +110,12 @@ class SparseLinear(nn.Module):
     # Checked when set (at construction, or by a family's activation fusion / the loader), so the
     # per-call path can trust them.
     @property
-    def activation(self) -> str | None:
+    def activation(self) -> str:
         return self.__dict__["_activation"]
 
     @activation.setter
     def activation(self, value: str | None) -> None:
-        act = check_activation(value, "SparseLinear")
-        self.__dict__["_activation"] = None if act == "none" else act
+        self.__dict__["_activation"] = check_activation(value, "SparseLinear")
 
     @property
     def backend(self) -> str:
