@@ -19,7 +19,9 @@ A layer's format names a layout of the registry (engine.formats), whose descript
 tensors the layer must have. `write` is atomic (temporary file + rename): a crash never leaves a
 half-written artifact behind. `read` memory-maps the file: the tensors it returns are views of the
 mapping (copy-on-write, so the file is never modified), each checksummed and checked finite once,
-page by page, with no second copy of the weights in memory.
+page by page, with no second copy of the weights in memory. A loaded model keeps the file mapped:
+replace an artifact by writing a new file and renaming it over the old (as `write` does), never
+by rewriting it in place.
 """
 from __future__ import annotations
 

@@ -302,7 +302,7 @@ class Format:
                  after "<layer>."
     build        (weight (O, I) with pruned entries zeroed, mask or None, blocksize or None) -> weight
     from_buffers (buffers tuple, shape, trusted) -> weight; trusted=False runs the layout's checks
-    to_buffers   weight -> its tensors, in `buffers` order
+    to_buffers   weight -> its tensors, in `buffers` order, the stored values last
     stored       (keep mask (O, I) bool, blocksize or None) -> values the layout would store
     traffic_bytes(shape, stored, blocksize, value_bytes) -> weight bytes a kernel reads per call
     kernels      backend -> "module:function" called as f(x2 (N, I), weight, bias, act) -> (N, O);

@@ -11,8 +11,7 @@ from collections import Counter
 
 import torch
 
-from . import cpu
-from . import formats
+from . import cpu, formats
 from .formats import format_of
 from .reference import check_activation
 
@@ -89,7 +88,7 @@ def _check_args(x, weight, bias) -> formats.Format:
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     fmt = format_of(weight)
     if fmt is None:
-        layouts = "/".join(f.cls.__name__ for f in map(formats.get, formats.names()) if f.name != "dense")
+        layouts = "/".join(f.cls.__name__ for f in map(formats.get, formats.names()) if f.cls is not torch.Tensor)
         raise TypeError(f"{fn}: weight must be engine.formats.{layouts} or a dense torch.Tensor, "
                         f"got {type(weight).__name__}")
     if x.dim() < 1:
