@@ -9,10 +9,19 @@ Metadata (format_version 1):
                      "dense_bytes", "reason"}}   one entry per linear layer
     tokenizer       null | {"tensor": name of a uint8 tensor holding tokenizer.json, ...}
     verification    what `convert` measured before it wrote the file
+    target          {"device", "isa", "cost_model"}: what the layouts were chosen for (the device,
+                    the CPU kernels' ISA the cost model predicted, the cost model's fit date);
+                    absent in files written before it was recorded
     tensors         {name: {"sha256", "dtype", "shape"}}   one entry per tensor in the file
     meta_sha256     sha256 of the canonical JSON of every other field, so an edited header fails too
 
-`write` is atomic (temporary file + rename): a crash never leaves a half-written artifact behind.
+A layer's format names a layout of the registry (engine.formats), whose description lists the
+tensors the layer must have. `write` is atomic (temporary file + rename): a crash never leaves a
+half-written artifact behind. `read` memory-maps the file: the tensors it returns are views of the
+mapping (copy-on-write, so the file is never modified), each checksummed and checked finite once,
+page by page, with no second copy of the weights in memory. A loaded model keeps the file mapped:
+replace an artifact by writing a new file and renaming it over the old (as `write` does), never
+by rewriting it in place.
 """
 from __future__ import annotations
 
@@ -24,14 +33,11 @@ from pathlib import Path
 
 import torch
 
+from . import formats
+
 FORMAT_VERSION = 1
 META_KEY = "sparse_engine"
-LAYER_FORMATS = ("csr", "bsr", "dense")
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Buffers each layer format must have in the file, after "<layer>.".
-LAYER_BUFFERS = {"csr": ("weight_crow_indices", "weight_col_indices", "weight_values"),
-                 "bsr": ("weight_crow_indices", "weight_col_indices", "weight_values"),
-                 "dense": ("weight",)}
 
 
 class ArtifactError(ValueError):
@@ -46,9 +52,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
-    # Raw little-endian bytes of the contiguous tensor: the same bytes safetensors stores.
+    # Raw little-endian bytes of the contiguous tensor: the same bytes safetensors stores. Hashed
+    # through a view, not a bytes copy: a memory-mapped tensor is read once, page by page.
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+def _finite(t: torch.Tensor) -> bool:
+    # A finite sum proves every element finite and needs no temporary as large as the tensor; only a
+    # non-finite sum (a NaN/Inf, or an overflow of the sum itself) needs the element-wise check.
+    return not t.numel() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def layout_target(device: str = "cpu") -> dict:
+    """What convert chose the layouts for: recorded as the artifact's `target`."""
+    from . import costmodel
+    if device == "cuda":
+        return {"device": "cuda", "isa": None, "cost_model": costmodel.GPU_FITTED["date"]}
+    return {"device": device, "isa": costmodel.current_isa(), "cost_model": costmodel.CPU_FITTED["date"]}
 
 
 def _meta_digest(meta: dict) -> str:
@@ -57,8 +78,10 @@ def _meta_digest(meta: dict) -> str:
 
 
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Writes `tensors` with `meta` (arch, layers, tokenizer, verification); adds the version,
-    per-tensor checksums and the header digest. Returns the metadata as written."""
+    """Writes `tensors` with `meta` (arch, layers, tokenizer, verification, target); adds the
+    version, per-tensor checksums and the header digest, and, when `meta` has no `target`, the
+    target of this process (device from meta["source"]["device"], default cpu; this machine's
+    kernel ISA). Returns the metadata as written."""
     from safetensors.torch import save_file
 
     from .version import __version__
@@ -66,10 +89,13 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, producer=f"sparse-engine {__version__}")
+    if meta.get("target") is None:
+        meta["target"] = layout_target((meta.get("source") or {}).get("device", "cpu"))
     meta["tensors"] = {k: {"sha256": tensor_sha256(v), "dtype": str(v.dtype).removeprefix("torch."),
                            "shape": list(v.shape)} for k, v in sorted(tensors.items())}
     meta["meta_sha256"] = _meta_digest(meta)
     _check_structure(str(path), meta, tensors)  # never write a file `read` would refuse
+    _check_finite(str(path), tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
@@ -116,33 +142,49 @@ def _parse_meta(fn: str, header: dict) -> dict:
 
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """-> (metadata, tensors) after checking the file's structure and every tensor's sha256."""
-    from safetensors.torch import load
+    """-> (metadata, tensors) after checking the file's structure, every tensor's sha256 and that
+    every floating tensor is finite. The tensors are copy-on-write views of the memory-mapped file."""
+    from safetensors import safe_open
 
     fn = f"artifact.read({str(path)!r})"
-    data = Path(path).read_bytes()
-    if len(data) < 8:
-        raise ArtifactError(f"{fn}: file is {len(data)} bytes long: truncated (a safetensors file "
-                            "starts with an 8-byte header length)")
-    header_len = int.from_bytes(data[:8], "little")
-    if 8 + header_len > len(data):
-        raise ArtifactError(f"{fn}: header claims {header_len} bytes but the file holds only "
-                            f"{len(data) - 8} after the length: truncated")
+    size = os.stat(path).st_size  # FileNotFoundError as is
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ArtifactError(f"{fn}: file is {size} bytes long: truncated (a safetensors file "
+                                "starts with an 8-byte header length)")
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            raise ArtifactError(f"{fn}: header claims {header_len} bytes but the file holds only "
+                                f"{size - 8} after the length: truncated")
+        raw = fh.read(header_len)
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{fn}: header is not valid JSON (corrupted?): {e}") from e
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{fn}: header is not a JSON object (corrupted?)")
     meta = _parse_meta(fn, header.get("__metadata__") or {})
     try:
-        tensors = load(data)
+        # safe_open maps the file; get_tensor returns views of the mapping, nothing is read yet.
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ArtifactError(f"{fn}: tensor data does not match the header (truncated or corrupted?): {e}") from e
     _check_structure(fn, meta, tensors)
-    for name, info in meta["tensors"].items():
+    for name, info in meta["tensors"].items():  # each tensor's pages read while they are warm
         if tensor_sha256(tensors[name]) != info["sha256"]:
             raise ArtifactError(f"{fn}: checksum mismatch for tensor {name!r}: the file was altered "
                                 "or corrupted after convert")
+        _check_finite(fn, {name: tensors[name]})
     return meta, tensors
+
+
+def _check_finite(fn: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not _finite(t):
+            raise ArtifactError(f"{fn}: tensor {name!r} holds NaN or Inf values: refusing a "
+                                "non-finite weight (the model would answer NaN or garbage)")
 
 
 def _check_structure(fn: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -163,15 +205,15 @@ def _check_structure(fn: str, meta: dict, tensors: dict[str, torch.Tensor]) -> N
                                 f"metadata says {info.get('dtype')} {info.get('shape')}")
     for name, layer in meta["layers"].items():
         fmt = layer.get("format") if isinstance(layer, dict) else None
-        if fmt not in LAYER_FORMATS:
-            raise ArtifactError(f"{fn}: layer {name!r} has format {fmt!r}; expected one of {LAYER_FORMATS}")
+        if fmt not in formats.names():
+            raise ArtifactError(f"{fn}: layer {name!r} has format {fmt!r}; expected one of {formats.names()}")
         if layer.get("dtype") not in DTYPE_NAMES:
             raise ArtifactError(f"{fn}: layer {name!r} has dtype {layer.get('dtype')!r}; "
                                 f"expected one of {sorted(DTYPE_NAMES)}")
         shape = layer.get("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
             raise ArtifactError(f"{fn}: layer {name!r} has shape {shape!r}; expected [out, in]")
-        for buf in LAYER_BUFFERS[fmt]:
+        for buf in formats.get(fmt).buffers:
             if f"{name}.{buf}" not in tensors:
                 raise ArtifactError(f"{fn}: layer {name!r} ({fmt}) lacks tensor '{name}.{buf}'")
     tok = meta.get("tokenizer")

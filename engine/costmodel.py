@@ -2,40 +2,72 @@
 bandwidths and FLOP rates are the ones each kernel family reaches), plus a per-call overhead.
 `auto` format selection and `inspect`'s expected speedup both read it.
 
-CPU constants were fitted to measurements on the development machine (2 cores, AVX-512/AVX2,
-torch 2.13 MKL; bench/results/cpu.md, "cost model"): dense F.linear is memory-bound at batch 1
-but far below its peak at batch 8-32 (small-N GEMM), the CSR kernel is gather-bound at batch
-< 4 and L2-bound beyond, BSR streams its values at batch 1 and runs register-blocked FMAs beyond.
-Rates for 2 threads; `predict_seconds(..., threads=1)` scales them for one thread.
+The rates are data (the tables below, with where they come from), kept apart from the formula;
+the bytes a layout moves come from its format description (`engine.formats`). A layout missing
+from a device's table is never chosen by `auto` there (`has_rates`).
 """
 from __future__ import annotations
 
 import math
 
-# ---- CPU: rates for 2 threads ------------------------------------------------------------------
-# B/s of weight + activation traffic; layers up to 64 MiB are partly cache-resident here (a 64 MiB
-# GEMV streams at ~50 GB/s on 2 threads, a 256 MiB one at ~30 GB/s).
-CPU_BANDWIDTH = {"dense": 48e9, "csr": 40e9, "bsr": 48e9}
-# FLOP/s reached on stored values, by batch (log-interpolated between the measured batches).
-CPU_RATE = {
-    "dense": {1: 250e9, 8: 100e9, 32: 145e9, 128: 250e9},
-    "csr": {1: 11e9, 3: 11e9, 4: 30e9, 8: 50e9, 32: 120e9, 128: 120e9},
-    "bsr": {1: 60e9, 3: 60e9, 4: 60e9, 8: 86e9, 32: 200e9, 128: 200e9},
-}
-# Without AVX-512 the batched sparse micro-kernels run 8-wide (measured: ~0.55x at batch >= 32).
-CPU_AVX2_ONLY = {"csr": {32: 0.9, 128: 0.85}, "bsr": {32: 0.7, 128: 0.55}}
-# Seconds per call, the same for every layout: the Python in front of the kernels (module call,
-# sparse_linear dispatch, wrapper) is not a property of the layout, and in a model it is paid per
-# layer either way. Measured on tiny layers: F.linear ~4 us, engine.cpu wrapper ~6 us, through
-# sparse_linear ~30 us (bench/results/cpu.md) -- dispatch cost, to be trimmed rather than modelled.
-CPU_OVERHEAD = {"dense": 4e-6, "csr": 4e-6, "bsr": 4e-6}
+from . import formats
 
-GPU = {
-    "dense": (3.0e12, 600e12),
-    "csr": (1.5e12, 30e12),
-    "bsr": (2.5e12, 300e12),
+# ---- CPU ----------------------------------------------------------------------------------------
+CPU_FITTED = {
+    "date": "2026-11-28",
+    "source": "bench/results/cpu.md, section 'Cost model' (kernel grid 4096x4096, 3072x768, "
+              "768x3072, 1536x384; batch 1-128; sparsity 0.5-0.95; bench.time_interleaved medians)",
+    "machine": "Intel Xeon (KVM guest, family 6 model 167), 2 vCPUs, AVX-512, torch 2.13 MKL",
+    "isa": "avx512",
+    "threads": 2,
 }
-CALL_OVERHEAD_S = {"cpu": 4e-6, "cuda": 8e-6}
+# Per layout, for CPU_FITTED's machine and thread count:
+#   bandwidth   B/s of weight + activation traffic. Layers up to 64 MiB are partly cache-resident
+#               there (a 64 MiB GEMV streams at ~50 GB/s on 2 threads, a 256 MiB one at ~30 GB/s).
+#   rate        FLOP/s on stored values by batch, log-interpolated between the measured batches.
+#               Dense is far below its peak at batch 8-32 (MKL's small-N GEMM); CSR is gather-bound
+#               below batch 4 and L2-bound beyond; BSR streams its values at batch 1 and runs
+#               register-blocked FMAs beyond.
+#   overhead    seconds per call. The same for every layout: the Python in front of the kernels is
+#               paid per layer either way (tiny layers: F.linear ~4 us, engine.cpu wrapper ~6 us).
+#   isa_factor  rate multiplier by batch when the kernels run a narrower ISA than CPU_FITTED's,
+#               applied from the smallest batch listed (AVX2 measured: the batched sparse
+#               micro-kernels run 8-wide, ~0.55x at batch >= 32; portable not measured, AVX2's used).
+#   scalar_spmv / narrow_rows   block-shape factors of blocked layouts, see BLOCK_VECTOR below.
+CPU = {
+    "dense": dict(bandwidth=48e9, overhead=4e-6,
+                  rate={1: 250e9, 8: 100e9, 32: 145e9, 128: 250e9}),
+    "csr": dict(bandwidth=40e9, overhead=4e-6,
+                rate={1: 11e9, 3: 11e9, 4: 30e9, 8: 50e9, 32: 120e9, 128: 120e9},
+                isa_factor={"avx2": {32: 0.9, 128: 0.85}, "portable": {32: 0.9, 128: 0.85}}),
+    "bsr": dict(bandwidth=48e9, overhead=4e-6,
+                rate={1: 60e9, 3: 60e9, 4: 60e9, 8: 86e9, 32: 200e9, 128: 200e9},
+                isa_factor={"avx2": {32: 0.7, 128: 0.55}, "portable": {32: 0.7, 128: 0.55}},
+                scalar_spmv=0.25, narrow_rows=0.75),
+}
+# Blocked layouts' kernel shapes: below SPMM_FROM_BATCH rows of x a block row is a vector SpMV only
+# when C is a multiple of the vector width (or C == 1 and R is); otherwise it runs a scalar loop
+# (x scalar_spmv). From SPMM_FROM_BATCH rows, blocks with R < NARROW_R share each loaded x vector
+# among fewer rows (x narrow_rows).
+BLOCK_VECTOR = 8
+SPMM_FROM_BATCH = 4
+NARROW_R = 4
+# One thread draws most of the memory bandwidth two threads do; compute scales with cores.
+ONE_THREAD_BANDWIDTH_SHARE = 0.875
+
+# ---- GPU ----------------------------------------------------------------------------------------
+GPU_FITTED = {
+    "date": "2026-11-28",
+    "source": "nominal H100/H200 figures (HBM bandwidth, tensor-core peak) scaled by the share each "
+              "kernel family reaches; not fitted to measurements (bench/RESULTS.md has the H200 grid)",
+    "machine": "NVIDIA H100/H200",
+}
+GPU = {
+    "dense": dict(bandwidth=3.0e12, peak=600e12, overhead=8e-6),
+    "csr": dict(bandwidth=1.5e12, peak=30e12, overhead=8e-6),
+    "bsr": dict(bandwidth=2.5e12, peak=300e12, overhead=8e-6),
+}
+TABLES = {"cpu": CPU, "cuda": GPU}  # any other device is predicted with the CPU table
 
 
 def _interp(table: dict[int, float], n: int) -> float:
@@ -51,51 +83,52 @@ def _interp(table: dict[int, float], n: int) -> float:
     return table[keys[-1]]
 
 
-def _cpu_has_avx512() -> bool:
-    try:
-        from . import cpu
-        return cpu.available() and cpu.isa() == "avx512"
-    except Exception:  # no extension: the model still answers, for the AVX-512 machine it describes
-        return True
+def current_isa() -> str:
+    """The ISA this process's CPU kernels run ("avx512", "avx2", "portable"); without the
+    extension, the fitted machine's, so the model still answers for the machine it describes."""
+    from . import cpu
+    return cpu.isa() if cpu.available() else CPU_FITTED["isa"]
 
 
-def _weight_bytes(fmt, o, i, stored, blocksize, value_bytes):
-    if fmt == "dense":
-        return o * i * value_bytes
-    if fmt == "csr":
-        # The kernels read uint16 column indices when I <= 65536 (prepared once), else int32.
-        return stored * (value_bytes + (2 if i <= 65536 else 4)) + (o + 1) * 4
-    r, c = blocksize
-    return stored * value_bytes + (stored // max(1, r * c)) * 4 + (o // r + 1) * 4
+def has_rates(fmt: str, device: str = "cpu") -> bool:
+    return fmt in TABLES.get(device, CPU)
+
+
+def _row(fmt: str, device: str) -> dict:
+    table = TABLES.get(device, CPU)
+    if fmt not in table:
+        raise ValueError(f"predict_seconds: unknown format {fmt!r} on {device}: the cost model has "
+                         f"rates for {sorted(table)} (add a row to engine/costmodel.py's table)")
+    return table[fmt]
 
 
 def predict_seconds(fmt: str, shape: tuple[int, int], stored: int, batch: int,
                     blocksize: tuple[int, int] | None = None, value_bytes: int = 4,
-                    device: str = "cpu", threads: int = 2) -> float:
-    """fmt: "dense" | "csr" | "bsr"; shape (O, I); stored = values kept (nnz, or nnzb·R·C)."""
-    if fmt not in ("dense", "csr", "bsr"):
-        raise ValueError(f"predict_seconds: unknown format {fmt!r}")
+                    device: str = "cpu", threads: int = 2, isa: str | None = None) -> float:
+    """fmt: a registered layout with rates here; shape (O, I); stored = values the layout keeps
+    (nnz, nnzb·R·C, O·I for dense). isa: the CPU kernels' ISA to predict for (default: this
+    machine's)."""
+    row = _row(fmt, device)
     o, i = shape
     batch = max(1, int(batch))
-    w_bytes = _weight_bytes(fmt, o, i, stored, blocksize, value_bytes)
+    w_bytes = formats.get(fmt).traffic_bytes(shape, stored, blocksize, value_bytes)
     act_bytes = 4 * batch * (o + i)
-    flops = 2.0 * batch * (o * i if fmt == "dense" else stored)
+    flops = 2.0 * batch * stored
     if device == "cuda":
-        bw, peak = GPU[fmt]
-        return CALL_OVERHEAD_S["cuda"] + max((w_bytes + act_bytes) / bw, flops / peak)
+        return row["overhead"] + max((w_bytes + act_bytes) / row["bandwidth"], flops / row["peak"])
 
-    bw = CPU_BANDWIDTH[fmt]
-    rate = _interp(CPU_RATE[fmt], batch)
-    if fmt != "dense" and not _cpu_has_avx512():
-        rate *= _interp(CPU_AVX2_ONLY[fmt], batch) if batch >= 32 else 1.0
-    if fmt == "bsr":
+    bw = row["bandwidth"]
+    rate = _interp(row["rate"], batch)
+    factor = row.get("isa_factor", {}).get(isa or current_isa())
+    if factor and batch >= min(factor):
+        rate *= _interp(factor, batch)
+    if blocksize is not None and "scalar_spmv" in row:
         r, c = blocksize
-        if batch < 4 and not (c % 8 == 0 or (c == 1 and r % 8 == 0)):
-            rate *= 0.25   # no vector SpMV shape for this block: scalar loop
-        elif batch >= 4 and r < 4:
-            rate *= 0.75   # fewer rows share each loaded X vector
-    if threads != 2:
-        # Compute scales with cores; one core already draws most of the memory bandwidth.
-        rate *= threads / 2
-        bw *= min(1.0, 0.75 + 0.125 * threads)
-    return CPU_OVERHEAD[fmt] + max((w_bytes + act_bytes) / bw, flops / rate)
+        if batch < SPMM_FROM_BATCH and not (c % BLOCK_VECTOR == 0 or (c == 1 and r % BLOCK_VECTOR == 0)):
+            rate *= row["scalar_spmv"]
+        elif batch >= SPMM_FROM_BATCH and r < NARROW_R:
+            rate *= row["narrow_rows"]
+    if threads != CPU_FITTED["threads"]:
+        rate *= threads / CPU_FITTED["threads"]
+        bw *= ONE_THREAD_BANDWIDTH_SHARE if threads == 1 else 1.0
+    return row["overhead"] + max((w_bytes + act_bytes) / bw, flops / rate)

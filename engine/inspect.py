@@ -10,21 +10,25 @@ from .artifact import ArtifactError, read_meta
 VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def predicted_speedup(layer: dict, batch: int, device: str = "cpu") -> float:
-    """t(dense fp32 F.linear) / t(this layer's layout), both from the cost model."""
+def predicted_speedup(layer: dict, batch: int, device: str = "cpu", isa: str | None = None) -> float:
+    """t(dense fp32 F.linear) / t(this layer's layout), both from the cost model (for the CPU
+    kernels' `isa`; default this machine's)."""
     shape = tuple(layer["shape"])
     full = shape[0] * shape[1]
-    t_dense = costmodel.predict_seconds("dense", shape, full, batch, value_bytes=4, device=device)
+    t_dense = costmodel.predict_seconds("dense", shape, full, batch, value_bytes=4, device=device, isa=isa)
     fmt = layer["format"]
     stored = layer.get("stored", full)
     block = tuple(layer["block"]) if layer.get("block") else None
     t = costmodel.predict_seconds(fmt, shape, stored, batch, block, value_bytes=VALUE_BYTES[layer["dtype"]],
-                                  device=device)
+                                  device=device, isa=isa)
     return t_dense / t
 
 
 def format_table(meta: dict, batches=(1, 32), device: str = "cpu") -> str:
     arch = meta["arch"]
+    target = meta.get("target") or {}
+    # Predict for the ISA the layouts were chosen for, when the artifact records it.
+    isa = target.get("isa") if device == "cpu" and target.get("device") == "cpu" else None
     rows = [["layer", "shape", "format", "block", "dtype", "sparsity", "bytes", "dense bytes", "ratio",
              *(f"speedup b{b}" for b in batches), "why"]]
     tot, tot_dense = 0, 0
@@ -35,7 +39,7 @@ def format_table(meta: dict, batches=(1, 32), device: str = "cpu") -> str:
         rows.append([name, "x".join(map(str, layer["shape"])), layer["format"], block, layer["dtype"],
                      f"{layer['sparsity']:.1%}", f"{layer['bytes']:,}", f"{layer['dense_bytes']:,}",
                      f"{layer['bytes'] / max(1, layer['dense_bytes']):.2f}",
-                     *(f"{predicted_speedup(layer, b, device):.2f}x" for b in batches),
+                     *(f"{predicted_speedup(layer, b, device, isa):.2f}x" for b in batches),
                      layer.get("reason", "")])
     rows.append(["total", "", "", "", "", "", f"{tot:,}", f"{tot_dense:,}", f"{tot / max(1, tot_dense):.2f}",
                  *("" for _ in batches), ""])
@@ -48,7 +52,16 @@ def format_table(meta: dict, batches=(1, 32), device: str = "cpu") -> str:
     if ver:
         head.append(f"verified at convert: relative error {ver['rel_err_vs_checkpoint']:.2e} vs the "
                     f"checkpoint (tolerance {ver['tolerance']:.1e})")
-    head.append(f"predicted speedups: cost model, {device}, vs dense fp32 F.linear per layer")
+    if target:
+        head.append(f"layouts chosen for {target.get('device')}"
+                    + (f" ({target['isa']} kernels)" if target.get("isa") else "")
+                    + f", cost model of {target.get('cost_model')}")
+    else:
+        head.append("layouts chosen for: not recorded (artifact written before targets were)")
+    fitted = (costmodel.CPU_FITTED if device == "cpu" else costmodel.GPU_FITTED)["date"]
+    head.append(f"predicted speedups: cost model fitted {fitted}, {device}"
+                + (f" ({isa or costmodel.current_isa()} kernels)" if device == "cpu" else "")
+                + ", vs dense fp32 F.linear per layer")
     return "\n".join(head + lines)
 
 

@@ -3,151 +3,191 @@ nn.Linear layers of a pruned model in place. `choose_layout` is the `format="aut
 layout the cost model predicts fastest for this layer, dense where sparse would not pay."""
 from __future__ import annotations
 
+from operator import is_
+
 import torch
 import torch.nn as nn
 
-from . import costmodel, cpu
-from .formats import BSR, CSR
-from .ops import sparse_linear
+from . import costmodel, cpu, formats
+from .formats import format_of
+from .ops import BACKENDS, sparse_linear
 from .reference import check_activation
 
-FORMATS = ("auto", "csr", "bsr", "dense")
+FORMATS = ("auto", *formats.names())
 # Block shapes `auto` tries, widest first: C a multiple of 8 fills an AVX2 vector / a tensor-core tile.
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8), (4, 8), (1, 8), (8, 1), (4, 4), (4, 1), (2, 2))
 # A block size counts as the mask's structure when at most this share of stored values are padding.
 MAX_BLOCK_PADDING = 0.05
 
 
-def _kept_blocks(keep: torch.Tensor, r: int, c: int) -> int:
-    o, i = keep.shape
-    return int(keep.reshape(o // r, r, i // c, c).any(dim=(1, 3)).sum())
+def _divides(shape, block) -> bool:
+    return shape[0] % block[0] == 0 and shape[1] % block[1] == 0
 
 
 def detect_blocksize(keep: torch.Tensor, max_padding: float = MAX_BLOCK_PADDING) -> tuple[int, int] | None:
-    """Largest candidate block whose kept tiles hold (almost) only kept weights, or None."""
+    """Largest candidate block (dividing the shape) whose kept tiles hold (almost) only kept
+    weights, or None."""
     nnz = int(keep.sum())
     if nnz == 0:
         return None
-    o, i = keep.shape
-    for r, c in BLOCK_CANDIDATES:
-        if o % r == 0 and i % c == 0 and r * c > 1:
-            stored = _kept_blocks(keep, r, c) * r * c
+    for block in BLOCK_CANDIDATES:
+        if _divides(keep.shape, block) and block[0] * block[1] > 1:
+            stored = formats.blocked_stored(keep, block)
             if stored - nnz <= max_padding * stored:
-                return (r, c)
+                return block
     return None
 
 
 def choose_layout(weight: torch.Tensor, mask: torch.Tensor | None = None, *, batch: int = 8,
-                  device: str = "cpu", value_bytes: int = 4) -> tuple[str, tuple[int, int] | None, str]:
-    """-> (format, blocksize, reason) for one layer, by the cost model's predicted time."""
+                  device: str = "cpu", value_bytes: int = 4, blocksize=None,
+                  isa: str | None = None) -> tuple[str, tuple[int, int] | None, str]:
+    """-> (format, blocksize, reason) for one layer, by the cost model's predicted time.
+
+    Every registered layout the cost model has rates for competes; a blocked one with the block
+    detected from the mask (or `blocksize`, when given), and never with a block that does not
+    divide the weight's shape. isa: the CPU kernels' instruction set to predict for (default: this
+    machine's)."""
     keep = (weight != 0) if mask is None else (mask != 0)
     shape = tuple(weight.shape)
-    nnz = int(keep.sum())
-    times = {"dense": costmodel.predict_seconds("dense", shape, shape[0] * shape[1], batch,
-                                                value_bytes=value_bytes, device=device),
-             "csr": costmodel.predict_seconds("csr", shape, nnz, batch, value_bytes=value_bytes,
-                                              device=device)}
-    block = detect_blocksize(keep)
-    if block is not None:
-        stored = _kept_blocks(keep, *block) * block[0] * block[1]
-        times["bsr"] = costmodel.predict_seconds("bsr", shape, stored, batch, block,
-                                                 value_bytes=value_bytes, device=device)
-    best = min(times, key=times.get)
+    isa = isa or costmodel.current_isa()
+    if blocksize is None:
+        block = detect_blocksize(keep)
+    else:
+        block = formats.parse_blocksize(blocksize, "choose_layout")
+        block = block if _divides(shape, block) else None
+    times = {}
+    for fmt in map(formats.get, formats.names()):
+        if not costmodel.has_rates(fmt.name, device) or (fmt.blocked and block is None):
+            continue
+        blk = block if fmt.blocked else None
+        times[fmt.name] = costmodel.predict_seconds(fmt.name, shape, fmt.stored(keep, blk), batch, blk,
+                                                    value_bytes=value_bytes, device=device, isa=isa)
+    best = "dense"  # the baseline: a sparse layout is chosen only when predicted strictly faster
+    for name, t in times.items():
+        if t < times[best]:
+            best = name
     speedup = times["dense"] / times[best]
-    density = nnz / max(1, weight.numel())
+    density = int(keep.sum()) / max(1, weight.numel())
+    target = f"{device} ({isa})" if device == "cpu" else device
     reason = (f"density {density:.3f}, block structure {block or 'none'}: {best} predicted "
-              f"{speedup:.2f}x vs dense at batch {batch} on {device}")
-    return best, (block if best == "bsr" else None), reason
+              f"{speedup:.2f}x vs dense at batch {batch} on {target}")
+    return best, (block if formats.get(best).blocked else None), reason
 
 
 class SparseLinear(nn.Module):
-    """y = act(x Wᵀ + b) with W stored as CSR, BSR or dense; runs on `engine.sparse_linear`.
+    """y = act(x Wᵀ + b) with W in any registered layout (CSR, BSR, dense); runs on
+    `engine.sparse_linear`.
 
-    The layout's tensors are buffers (`weight_crow_indices`, `weight_col_indices`, `weight_values`
-    for sparse layouts, `weight` for dense), so `.to()`, `state_dict()` and `load_state_dict()` work.
+    The layout's tensors are buffers named by its format description (`weight_crow_indices`,
+    `weight_col_indices`, `weight_values` for CSR/BSR, `weight` for dense), so `.to()`,
+    `state_dict()` and `load_state_dict()` work. The weight, bias, activation and backend are
+    checked here, once; `forward` then calls the kernels through sparse_linear's skip-checks path.
     """
 
     def __init__(self, weight, bias: torch.Tensor | None = None, activation: str | None = None,
                  backend: str = "auto"):
         super().__init__()
-        if not isinstance(weight, (CSR, BSR, torch.Tensor)):
-            raise TypeError(f"SparseLinear: weight must be CSR, BSR or a dense tensor, got {type(weight).__name__}")
+        fmt = format_of(weight)
+        if fmt is None:
+            raise TypeError(f"SparseLinear: weight must be one of the layouts {formats.names()} "
+                            f"(CSR, BSR or a dense tensor), got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"SparseLinear: weight must be 2-D, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self.activation = check_activation(activation, "SparseLinear")
+        self.activation = activation
         self.backend = backend
-        self.format = "csr" if isinstance(weight, CSR) else "bsr" if isinstance(weight, BSR) else "dense"
-        if self.format == "dense":
-            self.register_buffer("weight", weight.detach().contiguous())
-        else:
-            self.register_buffer("weight_crow_indices", weight.crow_indices)
-            self.register_buffer("weight_col_indices", weight.col_indices)
-            self.register_buffer("weight_values", weight.values)
+        self.format = fmt.name
+        self._format = fmt
+        buffers = tuple(t.detach().contiguous() for t in fmt.to_buffers(weight))
+        for name, t in zip(fmt.buffers, buffers):
+            self.register_buffer(name, t)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
-        if self.format == "csr" and self.weight_values.device.type == "cpu" and cpu.available():
-            cpu.prepare_weight(self.sparse_weight)  # index copy made now, not in the first inference
+        if buffers and buffers[-1].device.type == "cpu" and cpu.available():
+            cpu.prepare_weight(self.sparse_weight)  # e.g. CSR's index copy: now, not in the first inference
+
+    # Checked when set (at construction, or by a family's activation fusion / the loader), so the
+    # per-call path can trust them.
+    @property
+    def activation(self) -> str:
+        return self.__dict__["_activation"]
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        self.__dict__["_activation"] = check_activation(value, "SparseLinear")
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"SparseLinear: unknown backend {value!r}; expected one of {BACKENDS}")
+        self.__dict__["_backend"] = value
 
     @property
     def sparse_weight(self):
-        """The weight as a CSR/BSR object (or the dense tensor) over this module's buffers."""
-        if self.format == "dense":
-            return self.weight
-        b = self._buffers  # direct: nn.Module.__getattr__ is slow on a per-call path
-        buffers = (b["weight_crow_indices"], b["weight_col_indices"], b["weight_values"])
-        key, cached = self.__dict__.get("_sparse_weight", (None, None))
-        # Rebuilt only when .to() / load_state_dict(assign=True) replaced a buffer.
-        if key is None or any(a is not k for a, k in zip(buffers, key)):
-            cls = CSR if self.format == "csr" else BSR
-            cached = cls.trusted(*buffers, (self.out_features, self.in_features))
-            self.__dict__["_sparse_weight"] = (buffers, cached)
+        """The weight as its layout's object (CSR, BSR, or the dense tensor) over this module's buffers."""
+        hit = self.__dict__.get("_sparse_weight")
+        # Rebuilt only when .to() / load_state_dict(assign=True) replaced a buffer; the check runs
+        # in C (map over the buffer dict), as it sits on every forward.
+        if hit is not None and all(map(is_, map(self._buffers.__getitem__, hit[0]), hit[1])):
+            return hit[2]
+        fmt = self._format
+        buffers = tuple(self._buffers[name] for name in fmt.buffers)
+        cached = fmt.from_buffers(buffers, (self.out_features, self.in_features), True)
+        self.__dict__["_sparse_weight"] = (fmt.buffers, buffers, cached)
         return cached
+
+    def validate(self) -> None:
+        """Runs the layout's full checks on the current buffers (raises FormatError)."""
+        fmt = self._format
+        fmt.from_buffers(tuple(self._buffers[n] for n in fmt.buffers), (self.out_features, self.in_features), False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "auto", blocksize=None, *,
                     mask: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                     activation: str | None = None, batch: int = 8) -> "SparseLinear":
         """Converts a (pruned) nn.Linear. The mask defaults to `linear.weight_mask` when
-        torch.nn.utils.prune left one, else to the weight's non-zeros."""
+        torch.nn.utils.prune left one, else to the weight's non-zeros. With format="auto", a
+        `blocksize` that does not divide the weight's shape rules the blocked layouts out."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
-        if format not in FORMATS:
-            raise ValueError(f"SparseLinear.from_linear: unknown format {format!r}; expected one of {FORMATS}")
+        if format != "auto" and format not in formats.names():
+            raise ValueError(f"SparseLinear.from_linear: unknown format {format!r}; expected one of "
+                             f"{('auto', *formats.names())}")
         # torch.nn.utils.prune keeps the trained values in weight_orig; `weight` may be stale.
         weight = getattr(linear, "weight_orig", linear.weight).detach()
         if mask is None:
             mask = getattr(linear, "weight_mask", None)
         if mask is not None:
             weight = weight * (mask != 0)
-        device = weight.device.type
         if format == "auto":
             value_bytes = torch.tensor([], dtype=dtype or weight.dtype).element_size()
-            format, auto_block, _ = choose_layout(weight, mask, batch=batch, device=device,
-                                                  value_bytes=value_bytes)
-            blocksize = blocksize or auto_block
+            format, blocksize, _ = choose_layout(weight, mask, batch=batch, device=weight.device.type,
+                                                 value_bytes=value_bytes, blocksize=blocksize)
+        fmt = formats.get(format)
         if dtype is not None:
             weight = weight.to(dtype)
-        if format == "dense":
-            w = weight
-        elif format == "csr":
-            w = CSR.from_dense(weight, mask)
-        else:
-            if blocksize is None:
-                keep = (weight != 0) if mask is None else (mask != 0)
-                blocksize = detect_blocksize(keep) or next(
-                    ((r, c) for r, c in BLOCK_CANDIDATES if weight.shape[0] % r == 0 and weight.shape[1] % c == 0), (1, 1))
-            w = BSR.from_dense(weight, mask, blocksize)
+        if fmt.blocked and blocksize is None:
+            keep = (weight != 0) if mask is None else (mask != 0)
+            blocksize = detect_blocksize(keep) or next(
+                (b for b in BLOCK_CANDIDATES if _divides(weight.shape, b)), (1, 1))
+        w = fmt.build(weight, mask, blocksize if fmt.blocked else None)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype or linear.bias.dtype)
         return cls(w, bias, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.sparse_weight, self.bias, activation=self.activation,
-                             backend=self.backend)
+        return sparse_linear(x, self.sparse_weight, self._buffers["bias"], activation=self._activation,
+                             backend=self._backend, skip_checks=True)
 
     def extra_repr(self) -> str:
-        w = self.sparse_weight
-        extra = f", block={w.blocksize}" if self.format == "bsr" else ""
-        density = 1.0 if self.format == "dense" else w.density
+        fmt, w = self._format, self.sparse_weight
+        block = fmt.blocksize(w)
+        extra = f", block={block}" if block is not None else ""
+        density = fmt.stored_values(w) / max(1, self.out_features * self.in_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format}{extra}, density={density:.3f}, activation={self.activation}")
 

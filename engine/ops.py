@@ -1,6 +1,7 @@
 """`sparse_linear`: one entry point, dispatched to the best kernel present for the weight's format
 and x's device. Forced backends raise when they cannot run; only "auto" falls back (with a one-time
-warning) to the plain-torch path."""
+warning) to the plain-torch path. The kernel of each (format, backend) is the format's own entry
+in the registry (engine.formats); nothing here branches on the layout."""
 from __future__ import annotations
 
 import math
@@ -9,11 +10,10 @@ import warnings
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
-from . import cpu, gpu
-from .formats import BSR, CSR
-from .reference import apply_activation, check_activation
+from . import cpu, formats, gpu
+from .formats import format_of
+from .reference import check_activation
 
 BACKENDS = ("auto", "cpu", "triton", "torch")
 
@@ -75,19 +75,21 @@ def _pick_backend(x: torch.Tensor, backend: str) -> str:
     return choice
 
 
-def _check_args(x, weight, bias):
+def _check_args(x, weight, bias) -> formats.Format:
     fn = "sparse_linear"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(weight, (CSR, BSR, torch.Tensor)):
-        raise TypeError(f"{fn}: weight must be engine.formats.CSR/BSR or a dense torch.Tensor, "
+    fmt = format_of(weight)
+    if fmt is None:
+        layouts = "/".join(f.cls.__name__ for f in map(formats.get, formats.names()) if f.cls is not torch.Tensor)
+        raise TypeError(f"{fn}: weight must be engine.formats.{layouts} or a dense torch.Tensor, "
                         f"got {type(weight).__name__}")
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension, got a scalar")
     if not x.is_floating_point():
         raise TypeError(f"{fn}: x must be floating point, got {x.dtype}")
-    if isinstance(weight, torch.Tensor) and weight.dim() != 2:
-        raise ValueError(f"{fn}: a dense weight must be 2-D (out_features, in_features), got shape "
+    if len(weight.shape) != 2:
+        raise ValueError(f"{fn}: a {fmt.name} weight must be 2-D (out_features, in_features), got shape "
                          f"{tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
@@ -101,32 +103,46 @@ def _check_args(x, weight, bias):
             raise ValueError(f"{fn}: bias must have shape ({out_f},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
+    return fmt
+
+
+def _kernel_for(fmt: formats.Format, chosen: str, backend: str):
+    """-> (backend, kernel); a layout with no kernel on the chosen backend falls back like a
+    missing backend does (forced: an error; auto: plain torch with a one-time warning)."""
+    kernel = fmt.kernel(chosen)
+    if kernel is not None:
+        return chosen, kernel
+    why = f"the {fmt.name} layout has no {chosen} kernel"
+    if backend != "auto":
+        raise BackendUnavailable(f"sparse_linear(backend={backend!r}): {why}")
+    _warn_once(f"{fmt.name}:{chosen}", f"sparse_linear: falling back to plain torch: {why}")
+    return "torch", fmt.kernel("torch")
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
-                  activation: str | None = None, backend: str = "auto") -> torch.Tensor:
-    """act(x @ Wᵀ + bias) for W in CSR, BSR or dense layout; x is (..., in_features).
+                  activation: str | None = None, backend: str = "auto",
+                  skip_checks: bool = False) -> torch.Tensor:
+    """act(x @ Wᵀ + bias) for W in CSR, BSR or dense layout (any registered one); x is (..., in_features).
 
     backend: "auto" (C++ on CPU, Triton on CUDA, torch otherwise), or "cpu" | "triton" | "torch" to
     force one implementation; a forced backend that cannot run raises BackendUnavailable.
     activation: None | "relu" | "gelu" | "gelu_tanh", fused into the kernel's epilogue.
+    skip_checks: for callers that validated weight, bias and activation once (SparseLinear does at
+    construction and load): only x, which comes from outside, is looked at per call (its width,
+    device and dtype), and a mismatch still gets the full checks' message.
     """
-    _check_args(x, weight, bias)
-    act = check_activation(activation)
-    chosen = _pick_backend(x, backend)
-    if isinstance(weight, torch.Tensor):
-        # A dense layer runs on torch's own GEMM (MKL / cuBLAS): nothing of ours beats it.
-        calls[(chosen, "dense")] += 1
-        return apply_activation(F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)), act)
-    fmt = "csr" if isinstance(weight, CSR) else "bsr"
-    calls[(chosen, fmt)] += 1
-    if chosen == "torch":
-        return apply_activation(F.linear(x, weight.to_dense(x.dtype),
-                                         None if bias is None else bias.to(x.dtype)), act)
+    if skip_checks:
+        fmt = format_of(weight)
+        act = activation or "none"
+        if not (x.shape[-1:] == (weight.shape[1],) and x.is_floating_point() and x.device == weight.device):
+            _check_args(x, weight, bias)
+    else:
+        fmt = _check_args(x, weight, bias)
+        act = check_activation(activation)
+    chosen, kernel = _kernel_for(fmt, _pick_backend(x, backend), backend)
+    calls[(chosen, fmt.name)] += 1
+    if x.dim() == 2:  # the common case: no reshape on the per-call path
+        return kernel(x, weight, bias, act)
     lead, in_f = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), in_f)  # not -1: ambiguous when in_features == 0
-    if chosen == "cpu":
-        y2 = (cpu.csr_linear_cpu if fmt == "csr" else cpu.bsr_linear_cpu)(x2, weight, bias, act)
-    else:
-        y2 = (gpu.csr_linear_triton if fmt == "csr" else gpu.bsr_linear_triton)(x2, weight, bias, act)
-    return y2.reshape(*lead, weight.shape[0])
+    return kernel(x2, weight, bias, act).reshape(*lead, weight.shape[0])

