@@ -116,6 +116,16 @@ def test_csrc_includes_only_its_own_headers_and_the_standard_library():
             assert "engine" not in inc and "torch" not in inc.lower(), f"{path.name} includes {inc}"
 
 
+def test_test_file_basenames_are_unique():
+    """pytest imports tests/ (no __init__.py) by basename: two test_x.py in different folders stop
+    collection of the whole suite ("import file mismatch"), which is how a CI run was lost."""
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        other = seen.setdefault(path.name, path)
+        assert other == path or path.name in ("__init__.py", "conftest.py"), (
+            f"{path.relative_to(ROOT)} and {other.relative_to(ROOT)} share a basename")
+
+
 if __name__ == "__main__":
     g = graph()
     found = cycles(g)
