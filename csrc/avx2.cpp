@@ -119,7 +119,7 @@ void store_tile(float* y, int64_t O, const float* tile, int64_t o0, int64_t g, i
       transpose8(r);
       for (int64_t q = 0; q < m; ++q) {
         __m256 v = _mm256_add_ps(r[q], b);
-        if (act == ACT_RELU) v = _mm256_max_ps(v, _mm256_setzero_ps());
+        if (act == ACT_RELU) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN in v stays NaN (maxps returns the second operand)
         _mm256_storeu_ps(y + (n0 + j0 + q) * O + o0 + r0, v);
       }
     }

@@ -43,7 +43,7 @@ inline float to_f32(f16_t v) {
 
 inline float activate(float v, int act) {
   switch (act) {
-    case ACT_RELU: return v > 0.f ? v : 0.f;
+    case ACT_RELU: return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
     case ACT_GELU: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
     case ACT_GELU_TANH: {
       const float u = 0.79788456080286536f * (v + 0.044715f * v * v * v);

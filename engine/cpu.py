@@ -54,7 +54,9 @@ def set_isa(name: str) -> None:
 # a copy outlives the short-lived CSR views SparseLinear builds per call; an in-place update
 # (load_state_dict copies into buffers) bumps a source's _version and triggers a fresh copy; the
 # entry goes when the first source tensor does. (A plain dict: WeakIdKeyDictionary lookups cost
-# microseconds, which matters on a 10 µs layer.)
+# microseconds, which matters on a 10 µs layer.) Tensors made under torch.inference_mode keep no
+# version counter; they count as version 0, so an in-place edit of one inside inference_mode is
+# not seen (outside it such a tensor cannot be edited at all).
 # (kind, id(sources[0])) -> (weakrefs of sources, their _versions, built copy)
 _CACHE: dict[tuple[str, int], tuple] = {}
 
@@ -62,7 +64,7 @@ _CACHE: dict[tuple[str, int], tuple] = {}
 def _cached(kind: str, sources: tuple[torch.Tensor, ...], build):
     """build() once per (kind, source tensors, their versions); later calls return the same copy."""
     key = (kind, id(sources[0]))
-    versions = tuple(t._version for t in sources)
+    versions = tuple(0 if t.is_inference() else t._version for t in sources)
     hit = _CACHE.get(key)
     if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], sources)):
         return hit[2]

@@ -181,6 +181,24 @@ def test_bsr_bias_activation_dtype(isa, wdtype, act, block):
         check(run(x, wb, b, act), x, wb, b, act)
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("layout", ["csr", (1, 8), (4, 4), (16, 16)])
+@pytest.mark.parametrize("n", BATCHES)
+def test_nan_input_stays_nan_through_every_epilogue(isa, act, layout, n):
+    # A NaN in X must reach exactly the outputs whose stored weights read it, through bias and
+    # every activation (a max(v, 0) ReLU turned NaN into 0: a wrong, finite answer).
+    block = (1, 1) if layout == "csr" else layout
+    w, keep = rand_weight(48, 64, 0.5, block)
+    wt = CSR.from_dense(w, mask=keep) if layout == "csr" else BSR.from_dense(w, mask=keep, blocksize=block)
+    x, b = torch.randn(n, 64), torch.randn(48)
+    x[0, 3] = x[-1, 40] = float("nan")
+    y = run(x, wt, b, act)
+    want = expected(x, wt, b, act)
+    assert want.isnan().any() and not want.isnan().all()
+    assert torch.equal(y.isnan(), want.isnan())
+    torch.testing.assert_close(y, want, rtol=2e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("fill", ["dense", "empty", "empty-block-rows"])
 @pytest.mark.parametrize("n", (1, 9))
 def test_bsr_fully_dense_empty_and_empty_block_rows(isa, fill, n):
