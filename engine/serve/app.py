@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -206,6 +206,9 @@ class InferenceApp:
             return await self._answer(runner, body, held, start)
         except BudgetExceeded as exc:
             return busy(str(exc))
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing worth a traceback
+            log.debug("client disconnected while sending its body to %s", request.url.path)
+            return Response(status_code=400)
         finally:
             self.budget.give(held[0])
             self.metrics.buffered.set(self.budget.used)
