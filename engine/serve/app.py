@@ -34,6 +34,7 @@ log = logging.getLogger("engine.server")
 # Bodies above this are parsed off the event loop so one large request does not stall the others.
 PARSE_IN_THREAD_BYTES = 1 << 20
 VERSIONS = ("1",)  # an artifact is one version of its model
+SEND_SLICE = 256 * 1024  # bytes of an answer handed to the transport per event-loop turn
 
 
 class Metrics:
@@ -55,6 +56,18 @@ class Metrics:
                                  registry=self.registry)
         self.buffered = Gauge("sparse_engine_buffered_bytes", "Bytes held by in-flight requests (bodies and "
                               "predicted answers)", registry=self.registry)
+
+
+class SlicedResponse(Response):
+    """A Response whose body goes out in SEND_SLICE pieces, awaiting the transport between them: a
+    20 MiB answer is not copied through the event loop in one turn (other clients wait meanwhile)."""
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body = self.body
+        for start in range(0, max(len(body), 1), SEND_SLICE):
+            end = start + SEND_SLICE
+            await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -269,7 +282,7 @@ class InferenceApp:
         content = await asyncio.to_thread(encode_infer_response, runner.spec, parsed, outputs)
         self._check_response_size(len(content), "is")  # shapes the family could not predict
         self.metrics.latency.labels(runner.name).observe(time.perf_counter() - start)
-        return Response(content, media_type="application/json")
+        return SlicedResponse(content, media_type="application/json")
 
     def _check_response_size(self, size: int, verb: str) -> None:
         if size > self.settings.max_response:

@@ -27,7 +27,7 @@ SPEC_KEYS = ("name", "family", "inputs", "outputs")
 # JSON bytes one FP32 value may take in an answer: the longest float repr ("-1.2345678901234567e-38")
 # and its comma. An upper bound, so a size predicted from shapes is never below the real one.
 BYTES_PER_VALUE = 25
-ENCODE_CHUNK = 16384  # values encoded per call: each call holds the GIL only a few milliseconds
+ENCODE_CHUNK = 4096  # values encoded per call: each call holds the GIL about a millisecond
 log = logging.getLogger("engine.server")
 _depth_logged = False
 

@@ -78,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
         log.warning("binding %s without --token-file: anyone who can reach this address can use it", args.host)
 
     disable_created_metrics()  # the *_created series only add noise to every scrape
+    # The event loop shares the GIL with the batch and encoding threads; a thread waiting for the GIL
+    # gets it after this interval (default 5 ms), paid at every hand-over while one request is served.
+    sys.setswitchinterval(0.001)
     app = InferenceApp(runners, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
