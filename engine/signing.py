@@ -52,40 +52,33 @@ def key_id(public_key) -> str:
 def load_private(key):
     """An Ed25519PrivateKey, or the path of a PEM file holding one."""
     serialization, ed25519 = _crypto()
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key
-    data = _read_key_file(key, "private")
-    try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise SignatureError(f"signing key {str(key)!r} is not an unencrypted PEM private key "
-                             f"(write one with `sparse-engine keygen`): {e}") from None
-    if not isinstance(private, ed25519.Ed25519PrivateKey):
-        raise SignatureError(f"signing key {str(key)!r} is a {type(private).__name__}, not Ed25519")
-    return private
+    return _load_key(key, ed25519.Ed25519PrivateKey, "signing key", "an unencrypted PEM private key (write "
+                     "one with `sparse-engine keygen`)", lambda data: serialization.load_pem_private_key(data, None))
 
 
 def load_public(key):
     """An Ed25519PublicKey, or the path of a PEM file holding one."""
     serialization, ed25519 = _crypto()
-    if isinstance(key, ed25519.Ed25519PublicKey):
+    return _load_key(key, ed25519.Ed25519PublicKey, "verify key", "a PEM public key",
+                     serialization.load_pem_public_key)
+
+
+def _load_key(key, cls, role: str, expected: str, parse):
+    if isinstance(key, cls):
         return key
-    data = _read_key_file(key, "public")
     try:
-        public = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as e:
-        hint = " (this is a private key: pass the .pub file)" if b"PRIVATE KEY" in data else ""
-        raise SignatureError(f"verify key {str(key)!r} is not a PEM public key{hint}: {e}") from None
-    if not isinstance(public, ed25519.Ed25519PublicKey):
-        raise SignatureError(f"verify key {str(key)!r} is a {type(public).__name__}, not Ed25519")
-    return public
-
-
-def _read_key_file(path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
+        data = Path(key).read_bytes()
     except OSError as e:
-        raise SignatureError(f"cannot read the {what} key file {str(path)!r}: {e.strerror}") from None
+        raise SignatureError(f"cannot read the {role} file {str(key)!r}: {e.strerror}") from None
+    try:
+        loaded = parse(data)
+    except (ValueError, TypeError) as e:
+        private_for_public = role == "verify key" and b"PRIVATE KEY" in data
+        hint = " (this is a private key: pass the .pub file)" if private_for_public else ""
+        raise SignatureError(f"{role} {str(key)!r} is not {expected}{hint}: {e}") from None
+    if not isinstance(loaded, cls):
+        raise SignatureError(f"{role} {str(key)!r} is a {type(loaded).__name__}, not Ed25519")
+    return loaded
 
 
 def sign(meta: dict, private_key) -> str:

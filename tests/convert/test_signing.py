@@ -142,7 +142,7 @@ def test_bad_keys_get_clear_errors(signed, tmp_path):
     tmp, signed_path, _ = signed
     with pytest.raises(SignatureError, match="private key: pass the .pub file"):
         engine.load(signed_path, verify_key=tmp / "alice.key")
-    with pytest.raises(SignatureError, match="cannot read the public key file"):
+    with pytest.raises(SignatureError, match="cannot read the verify key file"):
         engine.load(signed_path, verify_key=tmp_path / "missing.pub")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key")
