@@ -281,11 +281,25 @@ def test_answer_above_max_response_is_413_before_the_model_runs(large):
     assert _batches(large) == before  # refused before any batch ran
 
 
-def test_server_with_verify_key_refuses_an_unsigned_artifact(artifacts):
-    from engine.signing import keygen
+def test_server_with_verify_key_serves_signed_and_refuses_unsigned(artifacts):
     pytest.importorskip("cryptography", reason="signing needs the 'cryptography' package (serve extra)")
-    _, public = keygen(artifacts / "ops")
+    from engine import artifact as artifact_io
+    from engine.signing import keygen
+    private, public = keygen(artifacts / "ops")
     r = subprocess.run([sys.executable, "-m", "engine", "serve", str(artifacts / "mlp.spz"), "--port", "0",
                         "--verify-key", str(public)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=PYTHONPATH),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "sparse-engine serve:" in r.stderr and "not signed" in r.stderr, r.stderr
+    meta, tensors = artifact_io.read(artifacts / "mlp.spz")
+    artifact_io.write(artifacts / "signed.spz", {k: v.clone() for k, v in tensors.items()}, meta, sign_key=private)
+    srv = Server([str(artifacts / "signed.spz"), "--verify-key", str(public)])
+    try:
+        x = np.random.default_rng(6).normal(size=(2, MLP_SIZES[0])).astype(np.float32)
+        r = httpx.post(f"{srv.url}/v2/models/signed/infer", json={"inputs": [fp32("input", x)]})
+        assert r.status_code == 200, r.text
+        model = engine.load(artifacts / "mlp.spz")
+        with torch.inference_mode():
+            np.testing.assert_allclose(output(r.json(), "output"), model(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        assert srv.stop() == 0, srv.log()
