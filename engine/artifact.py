@@ -15,6 +15,9 @@ Metadata (format_version 1):
     tensors         {name: {"sha256", "dtype", "shape"}}   one entry per tensor in the file
     meta_sha256     sha256 of the canonical JSON of every other field, so an edited header fails too
 
+A signed artifact also holds, beside the metadata in the header, key `sparse_engine_signature`:
+an Ed25519 signature of the metadata (engine.signing), checked when a verify key is given.
+
 A layer's format names a layout of the registry (engine.formats), whose description lists the
 tensors the layer must have. `write` is atomic (temporary file + rename): a crash never leaves a
 half-written artifact behind. `read` memory-maps the file: the tensors it returns are views of the
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, signing
 
 FORMAT_VERSION = 1
 META_KEY = "sparse_engine"
@@ -77,11 +80,12 @@ def _meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, *, sign_key=None) -> dict:
     """Writes `tensors` with `meta` (arch, layers, tokenizer, verification, target); adds the
     version, per-tensor checksums and the header digest, and, when `meta` has no `target`, the
     target of this process (device from meta["source"]["device"], default cpu; this machine's
-    kernel ISA). Returns the metadata as written."""
+    kernel ISA). `sign_key` (an Ed25519 private key or its PEM path) adds a signature of the
+    metadata (engine.signing). Returns the metadata as written."""
     from safetensors.torch import save_file
 
     from .version import __version__
@@ -96,10 +100,13 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict)
     meta["meta_sha256"] = _meta_digest(meta)
     _check_structure(str(path), meta, tensors)  # never write a file `read` would refuse
     _check_finite(str(path), tensors)
+    header = {META_KEY: json.dumps(meta)}
+    if sign_key is not None:
+        header[signing.SIGNATURE_KEY] = signing.sign(meta, sign_key)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+        save_file(tensors, tmp, metadata=header)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -141,9 +148,11 @@ def _parse_meta(fn: str, header: dict) -> dict:
     return meta
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read(path: str | os.PathLike, *, verify_key=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (metadata, tensors) after checking the file's structure, every tensor's sha256 and that
-    every floating tensor is finite. The tensors are copy-on-write views of the memory-mapped file."""
+    every floating tensor is finite. The tensors are copy-on-write views of the memory-mapped file.
+    `verify_key` (an Ed25519 public key or its PEM path): also require a valid signature of the
+    metadata by that key (engine.signing.SignatureError otherwise), checked before any tensor."""
     from safetensors import safe_open
 
     fn = f"artifact.read({str(path)!r})"
@@ -165,6 +174,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(header, dict):
         raise ArtifactError(f"{fn}: header is not a JSON object (corrupted?)")
     meta = _parse_meta(fn, header.get("__metadata__") or {})
+    if verify_key is not None:
+        signing.verify(fn, meta, (header.get("__metadata__") or {}).get(signing.SIGNATURE_KEY), verify_key)
     try:
         # safe_open maps the file; get_tensor returns views of the mapping, nothing is read yet.
         with safe_open(str(path), framework="pt") as f:

@@ -13,6 +13,7 @@ from .version import __version__
 VERBS = {
     "prune": ("engine.prune.cli", "prune + fine-tune a built-in example or a model given by import path"),
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
+    "keygen": ("engine.signing", "write an Ed25519 key pair to sign (convert --sign-key) and verify artifacts"),
     "inspect": ("engine.inspect", "per-layer table of an artifact: format, block, sparsity, bytes, speedup"),
     "run": ("engine.runtime", "offline inference: .npy in, .npy or JSON out"),
     "serve": ("engine.serve.server", "HTTP server (Open Inference Protocol v2) with dynamic batching"),

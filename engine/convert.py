@@ -23,11 +23,13 @@ from torch import nn
 
 from . import artifact as artifact_io
 from . import checkpoint as checkpoint_io
+from . import signing
 from .artifact import DTYPE_NAMES, ArtifactError
 from .checkpoint import CheckpointError
 from .formats import FormatError
 from .models import ArchError, Family, families, family_for_arch
 from .modules import FORMATS, SparseLinear, choose_layout
+from .signing import SignatureError
 
 # The kernels compute in fp32 whatever the storage: against a reference whose weights were rounded
 # the same way, only summation order differs. Against the original fp32 checkpoint, 16-bit storage
@@ -115,8 +117,11 @@ def _rel_err(y, ref) -> float:
 
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format: str = "auto",
             block=None, dtype: str = "fp32", arch: str | None = None, batch: int = 8,
-            device: str = "cpu", seed: int = 0, log=print) -> dict:
-    """Converts, verifies and writes; returns the artifact's metadata (with `verification`)."""
+            device: str = "cpu", seed: int = 0, sign_key=None, log=print) -> dict:
+    """Converts, verifies and writes; returns the artifact's metadata (with `verification`).
+    sign_key: an Ed25519 private key or its PEM path; the artifact is then signed (engine.signing)."""
+    if sign_key is not None:
+        sign_key = signing.load_private(sign_key)  # an unusable key fails before the work
     if format not in FORMATS:
         raise ConvertError(f"convert: unknown format {format!r}; expected one of {FORMATS}")
     if dtype not in DTYPE_NAMES:
@@ -205,7 +210,7 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
                                f"checkpoint's (relative error {err_ckpt:.3e} vs the checkpoint, "
                                f"{err_kernel:.3e} vs rounded weights); no artifact written")
         meta["verification"] = verification
-        meta = artifact_io.write(out, tensors, meta)
+        meta = artifact_io.write(out, tensors, meta, sign_key=sign_key)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -225,6 +230,8 @@ def configure(parser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows per call auto optimises for (default 8; for BERT rows are batch x sequence)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="target device for auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    parser.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM, from `sparse-engine "
+                        "keygen`): sign the artifact's metadata, which lists every tensor's sha256")
 
 
 def main(args) -> int:
@@ -232,8 +239,8 @@ def main(args) -> int:
     try:
         meta = convert(args.checkpoint, args.output, format=args.format, block=args.block,
                        dtype=args.dtype, arch=args.arch, batch=args.batch, device=args.device,
-                       seed=args.seed, log=print)
-    except (ConvertError, CheckpointError, ArchError, ArtifactError, FormatError) as e:
+                       seed=args.seed, sign_key=args.sign_key, log=print)
+    except (SignatureError, ConvertError, CheckpointError, ArchError, ArtifactError, FormatError) as e:
         print(f"sparse-engine convert: error: {e}", file=sys.stderr)
         return 2
     print(format_table(meta, batches=(args.batch,), device=args.device))

@@ -69,16 +69,18 @@ def _validate_layers(fn: str, model: nn.Module, layers: dict) -> None:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_module: bool = False,
-         backend: str = "auto") -> nn.Module:
+         backend: str = "auto", verify_key=None) -> nn.Module:
     """Artifact -> nn.Module in eval mode, linear layers SparseLinear, with `.spec` (the inputs and
     outputs it serves) and `.arch` (the artifact's {"family", "config"}).
 
     trust_module: a `custom` artifact names a Python factory (`pkg.mod:factory`); importing it runs
     code, so it is refused unless the caller opts in here.
     backend: passed to every SparseLinear ("auto", "cpu", "triton", "torch").
+    verify_key: an Ed25519 public key or its PEM path (`sparse-engine keygen`): refuse the artifact
+    (engine.signing.SignatureError) unless it is signed by that key and unedited since.
     """
     fn = f"engine.load({str(path)!r})"
-    meta, tensors = artifact_io.read(path)
+    meta, tensors = artifact_io.read(path, verify_key=verify_key)
     arch = meta["arch"]
     fam = get_family(arch["family"])
     config = arch["config"]
@@ -126,6 +128,9 @@ def configure(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     parser.add_argument("--trust-module", action="store_true",
                         help="allow a custom artifact to import its Python factory")
+    parser.add_argument("--verify-key", metavar="PUB",
+                        help="Ed25519 public key (PEM, from `sparse-engine keygen`): refuse the artifact "
+                             "unless it is signed by this key and unedited")
 
 
 def _inputs(args, spec: dict) -> dict:
@@ -167,7 +172,10 @@ def _inputs(args, spec: dict) -> dict:
 
 def main(args) -> int:
     import numpy as np
-    model = load(args.artifact, args.device, trust_module=args.trust_module)
+    try:
+        model = load(args.artifact, args.device, trust_module=args.trust_module, verify_key=args.verify_key)
+    except ValueError as e:  # ArtifactError, SignatureError: the message names the file and the problem
+        raise SystemExit(f"sparse-engine run: {e}") from None
     fam, spec = get_family(model.spec["family"]), model.spec
     # The same mapping of inputs onto the model as the server's (the family's request + run).
     try:

@@ -11,6 +11,7 @@ keys are model parameters (see engine.models).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,12 @@ ACCEPTED = {"FP32": ("FP32", "FP16"), "FP16": ("FP16", "FP32"), "INT64": ("INT64
 NUMPY = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 WIRE_LIMITS = {"FP16": 65504.0, "FP32": float(np.finfo(np.float32).max), "INT32": 2**31 - 1, "INT64": 2**63 - 1}
 SPEC_KEYS = ("name", "family", "inputs", "outputs")
+# JSON bytes one FP32 value may take in an answer: the longest float repr ("-1.2345678901234567e-38")
+# and its comma. An upper bound, so a size predicted from shapes is never below the real one.
+BYTES_PER_VALUE = 25
+ENCODE_CHUNK = 4096  # values encoded per call: each call holds the GIL about a millisecond
+log = logging.getLogger("engine.server")
+_depth_logged = False
 
 
 class RequestError(Exception):
@@ -61,6 +68,10 @@ def parse_infer(body: bytes, spec: dict, *, max_rows: int) -> InferRequest:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:  # the parser's depth bound (the interpreter's recursion limit)
+        _log_depth_once()
+        raise RequestError(400, "malformed JSON body: nested too deeply (a v2 request needs a few levels "
+                                "plus one per tensor dimension)") from None
     if not isinstance(doc, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(doc).__name__}")
     request_id = doc.get("id")
@@ -187,11 +198,37 @@ def _requested_outputs(raw, spec: dict) -> list[str] | None:
     return [n for n in names if n in wanted]
 
 
-def infer_response(spec: dict, request: InferRequest, outputs: dict) -> dict:
-    """POST /infer response body for one request; `outputs` maps name -> np.ndarray."""
-    body = {"model_name": spec["name"], "model_version": "1", "outputs": [
-        {"name": name, "datatype": "FP32", "shape": list(outputs[name].shape),
-         "data": outputs[name].reshape(-1).tolist()} for name in request.outputs]}
+def _log_depth_once() -> None:
+    global _depth_logged
+    if not _depth_logged:  # one line per process: a flood of such requests must not flood the log
+        _depth_logged = True
+        log.warning("refused a request body nested too deeply for the JSON parser (400); further "
+                    "ones are refused without logging")
+
+
+def predicted_response_bytes(shapes: dict) -> int | None:
+    """Upper bound of the JSON answer's size for {output: shape}, or None if a shape is unknown."""
+    if any(shape is None for shape in shapes.values()):
+        return None
+    return 256 + sum(128 + BYTES_PER_VALUE * math.prod(shape) for shape in shapes.values())
+
+
+def encode_infer_response(spec: dict, request: InferRequest, outputs: dict) -> bytes:
+    """POST /infer response body (JSON bytes) for one request; `outputs` maps name -> np.ndarray of
+    finite values. Encoded a chunk of values at a time: run on a worker thread, it lets the event loop
+    in between chunks, and it never holds every value as a Python float at once."""
+    parts = [b'{"model_name":', json.dumps(spec["name"]).encode(), b',"model_version":"1"']
     if request.id is not None:
-        body["id"] = request.id
-    return body
+        parts += [b',"id":', json.dumps(request.id).encode()]
+    parts.append(b',"outputs":[')
+    for i, name in enumerate(request.outputs):
+        flat = outputs[name].reshape(-1)
+        head = (f'{"," if i else ""}{{"name":{json.dumps(name)},"datatype":"FP32","shape":'
+                f'{json.dumps(list(outputs[name].shape))},"data":[')
+        parts.append(head.encode())
+        for start in range(0, flat.size, ENCODE_CHUNK):
+            chunk = json.dumps(flat[start:start + ENCODE_CHUNK].tolist(), allow_nan=False, separators=(",", ":"))
+            parts.append(((',' if start else '') + chunk[1:-1]).encode())
+        parts.append(b"]}")
+    parts.append(b"]}")
+    return b"".join(parts)

@@ -48,7 +48,7 @@ def _prune(sd: dict, sparsity: float, gen: torch.Generator) -> dict:
     return sd
 
 
-def _tiny_bert_folder(folder: Path, gen: torch.Generator) -> None:
+def _tiny_bert_folder(folder: Path, gen: torch.Generator, max_seq: int = MAX_SEQ, hidden: int = 32) -> None:
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -58,9 +58,9 @@ def _tiny_bert_folder(folder: Path, gen: torch.Generator) -> None:
     from engine.models import bert
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    config = {"model_type": "bert", "vocab_size": len(vocab) + 5, "hidden_size": 32,
+    config = {"model_type": "bert", "vocab_size": len(vocab) + 5, "hidden_size": hidden,
               "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48,
-              "hidden_act": "gelu", "max_position_embeddings": MAX_SEQ, "type_vocab_size": 2,
+              "hidden_act": "gelu", "max_position_embeddings": max_seq, "type_vocab_size": 2,
               "layer_norm_eps": 1e-12, "pad_token_id": 0}
     model = bert.build(config)
     with torch.no_grad():
