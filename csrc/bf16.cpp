@@ -156,15 +156,20 @@ constexpr int64_t kTile = 16;           // batch rows per tile (M) and max outpu
 constexpr int64_t kAmxChunks = 4;       // batch tiles per weight-tile load
 constexpr int kDpRows = 8;              // batch rows per AVX512-BF16 register block
 
-// X rows [r0, r1) of (N, I) fp32 -> bf16 (RNE); rows >= N are zero (AMX tile padding).
-void to_bf16_rows(const float* x, int64_t N, int64_t I, int64_t r0, int64_t r1, uint16_t* xb) {
+// X rows [r0, r1) of (N, I) -> bf16 (fp32 rounded to nearest even; bf16 copied); rows >= N are
+// zero (AMX tile padding).
+void to_bf16_rows(const void* x, bool x_bf16, int64_t N, int64_t I, int64_t r0, int64_t r1, uint16_t* xb) {
   for (int64_t r = r0; r < r1; ++r) {
     uint16_t* dst = xb + r * I;
     if (r >= N) {
       std::memset(dst, 0, size_t(I) * 2);
       continue;
     }
-    const float* src = x + r * I;
+    if (x_bf16) {
+      std::memcpy(dst, static_cast<const uint16_t*>(x) + r * I, size_t(I) * 2);
+      continue;
+    }
+    const float* src = static_cast<const float*>(x) + r * I;
     for (int64_t i = 0; i < I; i += 16) {
       const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
@@ -173,18 +178,29 @@ void to_bf16_rows(const float* x, int64_t N, int64_t I, int64_t r0, int64_t r1, 
   }
 }
 
-// buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias).
+// buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias), Y in
+// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass.
 void store_rows(const LinearArgs& a, const float* buf, int64_t rows, int64_t n0, int64_t o0, int64_t R) {
   const __mmask16 m = __mmask16((1u << R) - 1);
   const __m512 b = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + o0) : _mm512_setzero_ps();
+  alignas(64) float tmp[kTile];
   for (int64_t r = 0; r < rows; ++r) {
     __m512 v = _mm512_add_ps(_mm512_load_ps(buf + r * kTile), b);
     // max(0, v) returns its second operand when either is NaN: relu(NaN) = NaN, as in torch.
     if (a.act == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-    float* dst = a.y + (n0 + r) * a.out_features + o0;
-    _mm512_mask_storeu_ps(dst, m, v);
-    if (a.act >= ACT_GELU)
-      for (int64_t c = 0; c < R; ++c) dst[c] = activate(dst[c], a.act);
+    if (a.act >= ACT_GELU) {
+      _mm512_store_ps(tmp, v);
+      for (int64_t c = 0; c < R; ++c) tmp[c] = activate(tmp[c], a.act);
+      v = _mm512_load_ps(tmp);
+    }
+    const int64_t at = (n0 + r) * a.out_features + o0;
+    if (a.y_bf16) {
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(static_cast<void*>(a.y)) + at, m,
+                               reinterpret_cast<const __m256i&>(h));
+    } else {
+      _mm512_mask_storeu_ps(a.y + at, m, v);
+    }
   }
 }
 
@@ -314,7 +330,7 @@ void bsr_linear_bf16(const LinearArgs& a) {
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
-    to_bf16_rows(a.x, N, I, n_pad * t / nt, n_pad * (t + 1) / nt, xb);
+    to_bf16_rows(a.x, a.x_bf16, N, I, n_pad * t / nt, n_pad * (t + 1) / nt, xb);
 #pragma omp barrier
     float* buf = scratch(1, size_t(kAmxChunks * kTile * kTile));
     const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);

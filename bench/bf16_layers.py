@@ -1,0 +1,114 @@
+"""Layer-level bf16 comparison: a pruned layer's time in dense fp32 (F.linear, MKL), dense bf16
+(F.linear on bf16, oneDNN: AMX where present), the engine in fp32 (fp32 weights and x) and the
+engine in bf16 (bf16 weights and x: AMX tiles / AVX512-BF16 for tile-shaped blocks; unstructured
+CSR has no bf16-compute kernel, so its bf16 row is the fp32-compute CSR kernel on bf16 weights with
+fp32 x). All variants of one (layer, batch) are timed interleaved in one process
+(engine.timing.time_samples; medians and minima of `--rounds` rounds).
+
+    PYTHONPATH=. .venv/bin/python bench/bf16_layers.py [--threads 2] [--out bench/results/bf16.md]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import engine
+from engine import cpu
+from engine.formats import BSR, CSR
+from engine.timing import median_and_min, time_samples
+
+# (name, out_features, in_features, batches): MLP 784-4096-4096-10 hidden layers and BERT-base
+# layers (tokens = batch x 128).
+LAYERS = [
+    ("MLP 4096x784", 4096, 784, (1, 64)),
+    ("MLP 4096x4096", 4096, 4096, (1, 64)),
+    ("BERT 768x768", 768, 768, (128, 1024)),
+    ("BERT 3072x768", 3072, 768, (128, 1024)),
+    ("BERT 768x3072", 768, 3072, (128, 1024)),
+]
+TILE = (16, 32)  # the AMX tile block: 16 outputs x 32 inputs (one 1 KiB bf16 tile)
+
+
+def masked_weight(o: int, i: int, sparsity: float, block: tuple[int, int], gen) -> tuple:
+    """(W fp32 (o, i), keep mask) with `sparsity` of the R×C blocks zero (1x1: unstructured)."""
+    r, c = block
+    keep = torch.rand(o // r, i // c, generator=gen) >= sparsity
+    keep = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return torch.randn(o, i, generator=gen) * keep * (1.0 / i ** 0.5), keep
+
+
+def variants(w, keep, block, n: int, gen) -> dict:
+    """name -> zero-argument callable, for one layer at batch n."""
+    o, i = w.shape
+    x32 = torch.randn(n, i, generator=gen)
+    x16 = x32.bfloat16()
+    w16 = w.bfloat16()
+    if block == (1, 1):
+        s32, s16 = CSR.from_dense(w, mask=keep), CSR.from_dense(w16, mask=keep)
+        x_s16 = x32  # no bf16-compute CSR kernel: bf16 weights, fp32 compute
+    else:
+        s32, s16 = BSR.from_dense(w, mask=keep, blocksize=block), BSR.from_dense(w16, mask=keep, blocksize=block)
+        x_s16 = x16
+    return {
+        "dense fp32": lambda: F.linear(x32, w),
+        "dense bf16": lambda: F.linear(x16, w16),
+        "engine fp32": lambda: engine.sparse_linear(x32, s32),
+        "engine bf16": lambda: engine.sparse_linear(x_s16, s16),
+    }
+
+
+def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, o, i, batches in layers:
+        for label, block in (("tiles 16x32", TILE), ("unstructured", (1, 1))):
+            w, keep = masked_weight(o, i, sparsity, block, gen)
+            for n in batches:
+                fns = variants(w, keep, block, n, gen)
+                for f in fns.values():  # warm: prepared copies, packing, thread pools
+                    f()
+                engine_kernel = cpu.last_bf16_kernel() if block != (1, 1) else "fp32 FMA (CSR)"
+                t = median_and_min(time_samples(fns, min_time=min_time * rounds, rounds=rounds))
+                med = {k: v[0] for k, v in t.items()}
+                best_dense = min(med["dense fp32"], med["dense bf16"])
+                best_engine = min(med["engine fp32"], med["engine bf16"])
+                rows.append(f"| {name} | {label} | {n} | " + " | ".join(
+                    f"{med[k] * 1e3:.3f}" for k in fns) + f" | {engine_kernel} | "
+                    f"{med['dense bf16'] / med['engine bf16']:.2f}x | {best_dense / best_engine:.2f}x |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--min-time", type=float, default=0.02, help="seconds per fn per round")
+    p.add_argument("--out", help="append the markdown table to this file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    head = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {platform.processor() or platform.machine()}, "
+            f"{a.threads} threads, sparsity {a.sparsity}, engine ISA {cpu.isa()}, bf16 ISA {cpu.bf16_isa()}, "
+            f"torch {torch.__version__}",
+            "",
+            "ms per call, medians of interleaved rounds. `engine bf16 kernel`: the family that served the "
+            "engine bf16 call. Speedups: dense bf16 / engine bf16, and best dense / best engine.",
+            "",
+            "| layer (O x I) | sparsity pattern | batch (rows) | dense fp32 | dense bf16 | engine fp32 | engine bf16 "
+            "| engine bf16 kernel | vs dense bf16 | best vs best |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(head), flush=True)
+    rows = run(a.rounds, a.sparsity, a.min_time)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write("\n".join(head + rows) + "\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
