@@ -5,9 +5,10 @@
 // AMX kernel, per 16-row block row (R <= 16 outputs) and per 64 rows of the (bf16, zero-padded to
 // a multiple of 16 rows) batch:
 //   tiles 0-3  C: fp32 accumulators, 16 batch rows × R outputs each (4 chunks of 16 batch rows)
-//   tiles 4, 6 A: 16 batch rows × C inputs of X, loaded straight from row-major bf16 X (stride I)
+//   tiles 4,6,7 A: 16 batch rows × C inputs of X, loaded straight from row-major bf16 X (stride I)
 //   tile  5    B: one packed weight block, C/2 rows × R pairs (the block's whole 1 KiB at 16×32)
-// Each block: one B load, then per batch chunk one A load + one TDPBF16PS. The C tiles are stored to
+// Each block: one B load, then per batch chunk one A load + one TDPBF16PS (three A tiles in turn,
+// so a load need not wait for the previous TDPBF16PS to finish reading its tile). The C tiles are stored to
 // a per-thread buffer and written to Y with bias + activation. Batch is the tile's M dimension, so
 // Y tiles come out row-major (no transpose), and a weight block is loaded once per 64 batch rows.
 #include "bf16.h"
@@ -155,6 +156,7 @@ namespace {
 constexpr int64_t kTile = 16;           // batch rows per tile (M) and max outputs per block (N)
 constexpr int64_t kAmxChunks = 4;       // batch tiles per weight-tile load
 constexpr int kDpRows = 8;              // batch rows per AVX512-BF16 register block
+constexpr int64_t kXCacheBytes = 1 << 20;  // bf16 X kept per pass over the weights (~half an L2)
 
 // X rows [r0, r1) of (N, I) -> bf16 (fp32 rounded to nearest even; bf16 copied); rows >= N are
 // zero (AMX tile padding).
@@ -214,7 +216,7 @@ struct alignas(64) TileConfig {
 void load_tile_config(int64_t R, int64_t C) {
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) { cfg.rows[t] = kTile; cfg.colsb[t] = uint16_t(R * 4); }  // C tiles
-  for (int t : {4, 6}) { cfg.rows[t] = kTile; cfg.colsb[t] = uint16_t(C * 2); }          // A tiles
+  for (int t : {4, 6, 7}) { cfg.rows[t] = kTile; cfg.colsb[t] = uint16_t(C * 2); }       // A tiles
   cfg.rows[5] = uint8_t(C / 2);                                                             // B tile
   cfg.colsb[5] = uint16_t(R * 4);
   _tile_loadconfig(&cfg);
@@ -237,7 +239,7 @@ void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uin
     _tile_dpbf16ps(0, 4, 5);
     if (J > 1) { _tile_loadd(6, xp + kTile * I, xs); _tile_dpbf16ps(1, 6, 5); }
     if (J > 2) { _tile_loadd(4, xp + 2 * kTile * I, xs); _tile_dpbf16ps(2, 4, 5); }
-    if (J > 3) { _tile_loadd(6, xp + 3 * kTile * I, xs); _tile_dpbf16ps(3, 6, 5); }
+    if (J > 3) { _tile_loadd(7, xp + 3 * kTile * I, xs); _tile_dpbf16ps(3, 7, 5); }
   }
   _tile_stored(0, buf, 64);
   if (J > 1) _tile_stored(1, buf + 256, 64);
@@ -248,20 +250,27 @@ void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uin
 void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, float* buf) {
   const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n;
   const auto* pk = static_cast<const uint16_t*>(a.values);
+  // Batch rows per pass over the weights: as many as keep their bf16 X in about half of L2, so the
+  // weights are streamed N / span times (not N / 64) while X stays cache-resident.
+  const int64_t group = kAmxChunks * kTile;
+  const int64_t span = std::max<int64_t>(group, kXCacheBytes / (2 * std::max<int64_t>(I, 1)) / group * group);
   load_tile_config(R, C);
-  for (int64_t n0 = 0; n0 < N; n0 += kAmxChunks * kTile) {
-    const int64_t J = std::min<int64_t>(kAmxChunks, (N - n0 + kTile - 1) / kTile);
-    const uint16_t* xc = xb + n0 * I;
+  for (int64_t s0 = 0; s0 < N; s0 += span) {
+    const int64_t s1 = std::min(N, s0 + span);
     for (int64_t b = b0; b < b1; ++b) {
       const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
-      switch (J) {
-        case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+      for (int64_t n0 = s0; n0 < s1; n0 += group) {
+        const int64_t J = std::min<int64_t>(kAmxChunks, (s1 - n0 + kTile - 1) / kTile);
+        const uint16_t* xc = xb + n0 * I;
+        switch (J) {
+          case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        }
+        for (int64_t j = 0; j < J; ++j)
+          store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
       }
-      for (int64_t j = 0; j < J; ++j)
-        store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
     }
   }
   _tile_release();
