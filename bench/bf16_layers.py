@@ -3,9 +3,11 @@
 engine in bf16 (bf16 weights and x: AMX tiles / AVX512-BF16 for tile-shaped blocks; unstructured
 CSR has no bf16-compute kernel, so its bf16 row is the fp32-compute CSR kernel on bf16 weights with
 fp32 x). All variants of one (layer, batch) are timed interleaved in one process
-(engine.timing.time_samples; medians and minima of `--rounds` rounds).
+(engine.timing.time_samples; per variant "median (minimum)" of `--rounds` rounds: on a shared
+machine the minimum is the least disturbed estimate). --cpu-time (with --threads 1) counts the
+calling thread's CPU time only, immune to time slices lost to other processes.
 
-    PYTHONPATH=. .venv/bin/python bench/bf16_layers.py [--threads 2] [--out bench/results/bf16.md]
+    PYTHONPATH=. .venv/bin/python bench/bf16_layers.py [--threads 2] [--cpu-time] [--out bench/results/bf16.md]
 """
 from __future__ import annotations
 
@@ -21,16 +23,16 @@ from engine import cpu
 from engine.formats import BSR, CSR
 from engine.timing import median_and_min, time_samples
 
-# (name, out_features, in_features, batches): MLP 784-4096-4096-10 hidden layers and BERT-base
-# layers (tokens = batch x 128).
+# (name, out_features, in_features, tile block, batches): MLP 784-4096-4096-10 hidden layers (the
+# 10x4096 head is too small to matter) and BERT-base layers (tokens = batch x 128). The tile block
+# is 16 outputs x 32 inputs (one 1 KiB bf16 AMX tile); 784 inputs take 16x16 (half-K tiles).
 LAYERS = [
-    ("MLP 4096x784", 4096, 784, (1, 64)),
-    ("MLP 4096x4096", 4096, 4096, (1, 64)),
-    ("BERT 768x768", 768, 768, (128, 1024)),
-    ("BERT 3072x768", 3072, 768, (128, 1024)),
-    ("BERT 768x3072", 768, 3072, (128, 1024)),
+    ("MLP 4096x784", 4096, 784, (16, 16), (1, 64)),
+    ("MLP 4096x4096", 4096, 4096, (16, 32), (1, 64)),
+    ("BERT 768x768", 768, 768, (16, 32), (128, 1024)),
+    ("BERT 3072x768", 3072, 768, (16, 32), (128, 1024)),
+    ("BERT 768x3072", 768, 3072, (16, 32), (128, 1024)),
 ]
-TILE = (16, 32)  # the AMX tile block: 16 outputs x 32 inputs (one 1 KiB bf16 tile)
 
 
 def masked_weight(o: int, i: int, sparsity: float, block: tuple[int, int], gen) -> tuple:
@@ -61,24 +63,24 @@ def variants(w, keep, block, n: int, gen) -> dict:
     }
 
 
-def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS) -> list[str]:
+def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS, clock=time.perf_counter) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, o, i, batches in layers:
-        for label, block in (("tiles 16x32", TILE), ("unstructured", (1, 1))):
+    for name, o, i, tile, batches in layers:
+        for label, block in ((f"tiles {tile[0]}x{tile[1]}", tile), ("unstructured", (1, 1))):
             w, keep = masked_weight(o, i, sparsity, block, gen)
             for n in batches:
                 fns = variants(w, keep, block, n, gen)
                 for f in fns.values():  # warm: prepared copies, packing, thread pools
                     f()
                 engine_kernel = cpu.last_bf16_kernel() if block != (1, 1) else "fp32 FMA (CSR)"
-                t = median_and_min(time_samples(fns, min_time=min_time * rounds, rounds=rounds))
-                med = {k: v[0] for k, v in t.items()}
-                best_dense = min(med["dense fp32"], med["dense bf16"])
-                best_engine = min(med["engine fp32"], med["engine bf16"])
+                t = median_and_min(time_samples(fns, min_time=min_time * rounds, rounds=rounds, clock=clock))
+                lo = {k: v[1] for k, v in t.items()}
+                best_dense = min(lo["dense fp32"], lo["dense bf16"])
+                best_engine = min(lo["engine fp32"], lo["engine bf16"])
                 rows.append(f"| {name} | {label} | {n} | " + " | ".join(
-                    f"{med[k] * 1e3:.3f}" for k in fns) + f" | {engine_kernel} | "
-                    f"{med['dense bf16'] / med['engine bf16']:.2f}x | {best_dense / best_engine:.2f}x |")
+                    f"{t[k][0] * 1e3:.3f} ({t[k][1] * 1e3:.3f})" for k in fns) + f" | {engine_kernel} | "
+                    f"{lo['dense bf16'] / lo['engine bf16']:.2f}x | {best_dense / best_engine:.2f}x |")
                 print(rows[-1], flush=True)
     return rows
 
@@ -89,21 +91,25 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per fn per round")
+    p.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU time (--threads 1)")
     p.add_argument("--out", help="append the markdown table to this file")
     a = p.parse_args(argv)
+    if a.cpu_time and a.threads != 1:
+        p.error("--cpu-time counts the calling thread only; use it with --threads 1")
     torch.set_num_threads(a.threads)
     head = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {platform.processor() or platform.machine()}, "
             f"{a.threads} threads, sparsity {a.sparsity}, engine ISA {cpu.isa()}, bf16 ISA {cpu.bf16_isa()}, "
-            f"torch {torch.__version__}",
+            f"torch {torch.__version__}, {'CPU' if a.cpu_time else 'wall'} time",
             "",
-            "ms per call, medians of interleaved rounds. `engine bf16 kernel`: the family that served the "
-            "engine bf16 call. Speedups: dense bf16 / engine bf16, and best dense / best engine.",
+            "ms per call, median (minimum) of interleaved rounds. `engine bf16 kernel`: the family that "
+            "served the engine bf16 call. Speedups, of the minima: dense bf16 / engine bf16, and best "
+            "dense / best engine.",
             "",
             "| layer (O x I) | sparsity pattern | batch (rows) | dense fp32 | dense bf16 | engine fp32 | engine bf16 "
             "| engine bf16 kernel | vs dense bf16 | best vs best |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(head), flush=True)
-    rows = run(a.rounds, a.sparsity, a.min_time)
+    rows = run(a.rounds, a.sparsity, a.min_time, clock=time.thread_time if a.cpu_time else time.perf_counter)
     if a.out:
         with open(a.out, "a") as f:
             f.write("\n".join(head + rows) + "\n\n")

@@ -332,15 +332,20 @@ void bsr_linear_bf16(const LinearArgs& a) {
   if (a.n == 0 || a.out_features == 0) return;
   const int64_t N = a.n, I = a.in_features, nbr = a.out_features / a.block_r;
   const int64_t n_pad = isa == BF16_AMX ? (N + kTile - 1) / kTile * kTile : N;
-  // Shared bf16 copy of X (n_pad, I): allocated by the calling thread (thread 0 of the team).
-  auto* xb = reinterpret_cast<uint16_t*>(scratch(0, size_t((n_pad * I + 1) / 2 + 16)));
+  // bf16 X (n_pad, I): x itself when it is bf16 and needs no tile padding, else a shared copy
+  // allocated by the calling thread (thread 0 of the team) and filled by the team.
+  const bool direct = a.x_bf16 && n_pad == N;
+  auto* xb = direct ? static_cast<uint16_t*>(const_cast<void*>(static_cast<const void*>(a.x)))
+                    : reinterpret_cast<uint16_t*>(scratch(0, size_t((n_pad * I + 1) / 2 + 16)));
   const double flops = 2.0 * double(a.crow[nbr]) * double(a.block_r * a.block_c) * double(N);
   const int T = pick_threads(a.nthreads, flops * 0.01e-9);
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
-    to_bf16_rows(a.x, a.x_bf16, N, I, n_pad * t / nt, n_pad * (t + 1) / nt, xb);
+    if (!direct) {
+      to_bf16_rows(a.x, a.x_bf16, N, I, n_pad * t / nt, n_pad * (t + 1) / nt, xb);
 #pragma omp barrier
+    }
     float* buf = scratch(1, size_t(kAmxChunks * kTile * kTile));
     const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
     if (b0 < b1) {
