@@ -154,3 +154,39 @@ def test_bf16_isa_knob_errors():
         if not support[name]:
             with pytest.raises(RuntimeError, match="set_bf16_isa"):
                 cpu.set_bf16_isa(name)
+
+
+# ---- cost model: bf16 compute rates (engine.costmodel.CPU_BF16) ------------------------------------
+
+def _times(shape, density, batch, block=(16, 32)):
+    from engine import costmodel as cm
+    full = shape[0] * shape[1]
+    stored = int(full * density)
+    kw = dict(value_bytes=2, compute="bf16")
+    return {"dense": cm.predict_seconds("dense", shape, full, batch, **kw),
+            "bsr": cm.predict_seconds("bsr", shape, stored, batch, block, **kw),
+            "csr": cm.predict_seconds("csr", shape, stored, batch, **kw)}
+
+
+def test_costmodel_bf16_picks_tiles_where_they_pay():
+    # 90% sparse tiles beat dense bf16 from batch 1 to 1024 tokens (bench/results/bf16.md) ...
+    for shape, batch in (((4096, 4096), 1), ((4096, 4096), 64), ((3072, 768), 128), ((3072, 768), 1024)):
+        t = _times(shape, 0.1, batch)
+        assert min(t, key=t.get) == "bsr", (shape, batch, t)
+    # ... at half density dense bf16 (oneDNN AMX) is faster on a large batch: nothing sparse pays.
+    t = _times((3072, 768), 0.5, 1024)
+    assert min(t, key=t.get) == "dense", t
+    # Unstructured (CSR computes in fp32) loses to dense bf16 on BERT-sized token batches.
+    assert _times((3072, 768), 0.1, 128)["csr"] > _times((3072, 768), 0.1, 128)["dense"]
+
+
+def test_costmodel_bf16_rows_only_where_a_bf16_kernel_serves():
+    from engine import costmodel as cm
+    shape, stored = (1024, 1024), 1024 * 1024 // 10
+    tile = cm.predict_seconds("bsr", shape, stored, 64, (16, 32), value_bytes=2, compute="bf16")
+    big = cm.predict_seconds("bsr", shape, stored, 64, (32, 32), value_bytes=2, compute="bf16")
+    fp32_big = cm.predict_seconds("bsr", shape, stored, 64, (32, 32), value_bytes=2)
+    assert tile < big  # 32x32 blocks do not fit a tile: the fp32 BSR rates apply
+    assert big == pytest.approx(fp32_big, rel=0.05)  # only the activation bytes differ
+    with pytest.raises(ValueError, match="compute must be 'fp32' or 'bf16'"):
+        cm.predict_seconds("dense", shape, 1024 * 1024, 1, compute="fp16")
