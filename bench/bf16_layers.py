@@ -85,12 +85,39 @@ def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS, clock=time
     return rows
 
 
+CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def crossover(rounds: int, sparsity: float, min_time: float, clock=time.perf_counter) -> list[str]:
+    """Unstructured sparsity: best engine time (CSR, fp32 or bf16 weights) against dense bf16 over
+    a batch sweep, per layer shape; the crossover is the smallest batch from which dense bf16 wins."""
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for name, o, i, _tile, _batches in LAYERS:
+        w, keep = masked_weight(o, i, sparsity, (1, 1), gen)
+        ratios = []
+        for n in CROSSOVER_BATCHES:
+            fns = variants(w, keep, (1, 1), n, gen)
+            fns = {k: fns[k] for k in ("dense bf16", "engine fp32", "engine bf16")}
+            for f in fns.values():
+                f()
+            lo = {k: v[1] for k, v in median_and_min(time_samples(fns, min_time * rounds, rounds, clock)).items()}
+            ratios.append((n, lo["dense bf16"] / min(lo["engine fp32"], lo["engine bf16"])))
+        cross = next((n for n, r in ratios if r < 1), None)
+        rows.append(f"| {name} | " + " | ".join(f"{r:.2f}x" for _, r in ratios) +
+                    f" | {cross if cross else '> ' + str(CROSSOVER_BATCHES[-1])} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per fn per round")
+    p.add_argument("--crossover", action="store_true",
+                   help="unstructured only: engine vs dense bf16 over a batch sweep, with the crossover batch")
     p.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU time (--threads 1)")
     p.add_argument("--out", help="append the markdown table to this file")
     a = p.parse_args(argv)
@@ -108,8 +135,17 @@ def main(argv=None) -> int:
             "| layer (O x I) | sparsity pattern | batch (rows) | dense fp32 | dense bf16 | engine fp32 | engine bf16 "
             "| engine bf16 kernel | vs dense bf16 | best vs best |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    clock = time.thread_time if a.cpu_time else time.perf_counter
+    if a.crossover:
+        head[2] = ("Unstructured: dense bf16 time / best engine time (CSR, fp32 or bf16 weights; minima) "
+                   "by batch rows; crossover = smallest batch from which dense bf16 wins.")
+        head[4:] = ["| layer (O x I) | " + " | ".join(map(str, CROSSOVER_BATCHES)) + " | crossover |",
+                    "|---|" + "---|" * (len(CROSSOVER_BATCHES) + 1)]
     print("\n".join(head), flush=True)
-    rows = run(a.rounds, a.sparsity, a.min_time, clock=time.thread_time if a.cpu_time else time.perf_counter)
+    if a.crossover:
+        rows = crossover(a.rounds, a.sparsity, a.min_time, clock)
+    else:
+        rows = run(a.rounds, a.sparsity, a.min_time, clock=clock)
     if a.out:
         with open(a.out, "a") as f:
             f.write("\n".join(head + rows) + "\n\n")
