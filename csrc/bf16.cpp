@@ -14,6 +14,7 @@
 #include "bf16.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "common.h"
@@ -49,17 +50,24 @@ Bf16Isa last_bf16_kernel() { return static_cast<Bf16Isa>(g_last.load(std::memory
 
 }  // namespace se
 
-#if !(defined(__x86_64__) || defined(__i386__))
+// AMX intrinsics need GCC >= 11 or clang >= 12; older compilers build the module without them.
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define SE_BF16_KERNELS 1
+#endif
+
+#ifndef SE_BF16_KERNELS
 namespace se {
+static const char* const kNoBf16 = "built without AMX/AVX512-BF16 kernels (not x86, or compiler older than GCC 11 / clang 12)";
 bool amx_usable(std::string* reason) {
-  if (reason) *reason = "not an x86 CPU";
+  if (reason) *reason = kNoBf16;
   return false;
 }
 bool avx512_bf16_usable(std::string* reason) {
-  if (reason) *reason = "not an x86 CPU";
+  if (reason) *reason = kNoBf16;
   return false;
 }
-void bsr_linear_bf16(const LinearArgs&) { throw std::runtime_error("bsr_linear_bf16: not an x86 CPU"); }
+void bsr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("bsr_linear_bf16: ") + kNoBf16); }
 }  // namespace se
 #else
 
@@ -124,6 +132,8 @@ bool avx512_bf16_usable(std::string* reason) {
 bool amx_usable(std::string* reason) {
   // Checked (and permission requested) once; the answer never changes within a process.
   static const std::string why = [] {
+    const char* off = std::getenv("SPARSE_ENGINE_NO_AMX");
+    if (off && std::string(off) == "1") return std::string("disabled by SPARSE_ENGINE_NO_AMX=1");
     const Cpu& c = cpu();
     if (!c.amx_tile || !c.amx_bf16) return std::string("CPU lacks AMX-TILE/AMX-BF16");
     std::string sub;
@@ -362,4 +372,4 @@ void bsr_linear_bf16(const LinearArgs& a) {
 #pragma GCC pop_options
 #endif
 
-#endif  // x86
+#endif  // SE_BF16_KERNELS

@@ -190,3 +190,39 @@ def test_costmodel_bf16_rows_only_where_a_bf16_kernel_serves():
     assert big == pytest.approx(fp32_big, rel=0.05)  # only the activation bytes differ
     with pytest.raises(ValueError, match="compute must be 'fp32' or 'bf16'"):
         cm.predict_seconds("dense", shape, 1024 * 1024, 1, compute="fp16")
+
+
+def test_amx_refused_falls_back_with_reason():
+    # SPARSE_ENGINE_NO_AMX=1 stands in for a kernel that refuses the tile permission: the process
+    # must report why, serve bf16 calls with the next family, and refuse to force AMX.
+    import os
+    import subprocess
+    import sys
+    code = """
+import torch, engine
+from engine import cpu
+from engine.formats import BSR
+s = cpu.bf16_support()
+assert not s["amx"] and s["amx_reason"] == "disabled by SPARSE_ENGINE_NO_AMX=1", s
+want = "avx512_bf16" if s["avx512_bf16"] else "none"
+assert cpu.bf16_isa() == want, cpu.bf16_isa()
+w = BSR.from_dense(torch.randn(32, 64).bfloat16(), blocksize=(16, 32))
+x = torch.randn(3, 64).bfloat16()
+y = engine.sparse_linear(x, w)
+ref = x.double() @ w.to_dense(torch.float64).T
+assert ((y.double() - ref).abs() <= 2 ** -8 * ref.abs() + 64 * 2 ** -24 * (x.double().abs() @ w.to_dense(torch.float64).abs().T) + 1e-6).all()
+if want != "none":
+    assert cpu.last_bf16_kernel() == want
+try:
+    cpu.set_bf16_isa("amx")
+    raise SystemExit("set_bf16_isa('amx') should have raised")
+except RuntimeError as e:
+    assert "SPARSE_ENGINE_NO_AMX" in str(e), e
+print("ok")
+"""
+    env = dict(os.environ, SPARSE_ENGINE_NO_AMX="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
