@@ -190,21 +190,54 @@ void to_bf16_rows(const void* x, bool x_bf16, int64_t N, int64_t I, int64_t r0, 
   }
 }
 
+// exp(x), 16 lanes: n = round(x / ln2), r = x - n·ln2 (two-part ln2), e^r by its degree-6 Taylor
+// polynomial (|r| <= 0.35: relative error ~1e-7), times 2^n by VSCALEFPS. x is clamped to ±88.7
+// (finite results); NaN stays NaN (min/max return their second operand for NaN).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.7f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU (erf): 0.5·v·(1 + erf(v/√2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7):
+// 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a), a = |x|; for x < 0, 1 + erf(x) = q·e^(-a²)
+// is formed directly (no cancellation in the far negative tail).
+inline __m512 gelu512(__m512 v) {
+  const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678f));
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(c));
+  q = _mm512_mul_ps(_mm512_mul_ps(q, t), exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))));
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one_plus_erf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
+}
+
+// tanh-GELU: 0.5·v·(1 + tanh(u)) = v / (1 + e^(-2u)), u = √(2/π)·(v + 0.044715·v³).
+inline __m512 gelu_tanh512(__m512 v) {
+  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+  const __m512 e = exp512(_mm512_mul_ps(u, _mm512_set1_ps(-2.f)));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
 // buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias), Y in
 // fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass.
 void store_rows(const LinearArgs& a, const float* buf, int64_t rows, int64_t n0, int64_t o0, int64_t R) {
   const __mmask16 m = __mmask16((1u << R) - 1);
   const __m512 b = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + o0) : _mm512_setzero_ps();
-  alignas(64) float tmp[kTile];
   for (int64_t r = 0; r < rows; ++r) {
     __m512 v = _mm512_add_ps(_mm512_load_ps(buf + r * kTile), b);
     // max(0, v) returns its second operand when either is NaN: relu(NaN) = NaN, as in torch.
     if (a.act == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-    if (a.act >= ACT_GELU) {
-      _mm512_store_ps(tmp, v);
-      for (int64_t c = 0; c < R; ++c) tmp[c] = activate(tmp[c], a.act);
-      v = _mm512_load_ps(tmp);
-    }
+    else if (a.act == ACT_GELU) v = gelu512(v);
+    else if (a.act == ACT_GELU_TANH) v = gelu_tanh512(v);
     const int64_t at = (n0 + r) * a.out_features + o0;
     if (a.y_bf16) {
       const __m256bh h = _mm512_cvtneps_pbh(v);
