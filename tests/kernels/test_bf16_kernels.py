@@ -226,3 +226,29 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_vector_gelu_epilogue_accuracy(bf16_isa, act):
+    # W = identity (32x32: two 16x32 blocks), no bias, fp32 output: y = act(bf16(x)) probes the
+    # epilogue alone over [-30, 30], tiny values and zero; one row holds a NaN (the matmul spreads
+    # it over its row, in the reference too). Bound: erf by Abramowitz & Stegun 7.1.26 errs by
+    # <= 1.5e-7, i.e. <= 0.75e-7 |v| in gelu; the exp and division chain adds a few fp32 ulps
+    # (2^-21 |v|).
+    eye = torch.eye(32)
+    w = BSR.from_dense(eye.bfloat16(), blocksize=(16, 32))
+    v = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([1e-30, -1e-30, 0.0, 1e-3, -1e-3] * 3)])
+    v = torch.cat([v, torch.zeros(-v.numel() % 32)]).reshape(-1, 32)
+    v = torch.cat([v, torch.randn(1, 32)]).bfloat16().float()
+    v[-1, 5] = float("nan")
+    y = torch.empty_like(v)
+    cpu._C.bsr_linear_bf16(y.data_ptr(), v.data_ptr(), v.shape[0], 32, 32, 16, 32,
+                           w.crow_indices.data_ptr(), w.col_indices.data_ptr(), cpu._vnni(w).data_ptr(),
+                           0, {"gelu": 2, "gelu_tanh": 3}[act], 1)
+    assert cpu.last_bf16_kernel() == bf16_isa
+    ref = torch.nn.functional.gelu(v.double() @ eye.double(), approximate="none" if act == "gelu" else "tanh")
+    assert torch.isnan(y[-1]).all(), "NaN must propagate through the GELU epilogue"
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    bound = (0.75e-7 + 2.0 ** -21) * v.double().abs() + 1e-30
+    assert ((y.double() - ref).abs()[ok] <= bound[ok]).all()
