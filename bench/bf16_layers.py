@@ -85,6 +85,44 @@ def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS, clock=time
     return rows
 
 
+def mlp_models(sparsity: float, block: tuple[int, int], gen) -> dict:
+    """MLP 784-4096-4096-10 with its two hidden layers pruned to `sparsity` in `block` blocks (the
+    10-wide head stays dense): name -> (model, input dtype) for dense fp32/bf16 and engine fp32/bf16
+    (engine.sparsify to BSR with ReLU fused; the bf16 one is the fp32 one cast with .to(bfloat16))."""
+    import copy
+
+    from torch import nn
+    dense = nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+    with torch.no_grad():
+        for layer in (dense[0], dense[2]):
+            o, i = layer.weight.shape
+            w, _ = masked_weight(o, i, sparsity, block, gen)
+            layer.weight.copy_(w)
+    sparse = engine.sparsify(copy.deepcopy(dense), "bsr", block, skip=("4",))
+    return {"dense fp32": (dense, torch.float32), "dense bf16": (copy.deepcopy(dense).to(torch.bfloat16), torch.bfloat16),
+            "engine fp32": (sparse, torch.float32), "engine bf16": (copy.deepcopy(sparse).to(torch.bfloat16), torch.bfloat16)}
+
+
+def mlp_rows(rounds: int, sparsity: float, min_time: float, clock=time.perf_counter) -> list[str]:
+    gen = torch.Generator().manual_seed(2)
+    models = mlp_models(sparsity, (16, 16), gen)
+    rows = []
+    with torch.inference_mode():
+        for n in (1, 64):
+            x = torch.randn(n, 784, generator=gen)
+            fns = {k: (lambda m=m, xx=x.to(dt): m(xx)) for k, (m, dt) in models.items()}
+            for f in fns.values():
+                f()
+            t = median_and_min(time_samples(fns, min_time * rounds, rounds, clock))
+            lo = {k: v[1] for k, v in t.items()}
+            rows.append(f"| MLP 784-4096-4096-10, 16x16 tiles | {n} | " + " | ".join(
+                f"{t[k][0] * 1e3:.3f} ({t[k][1] * 1e3:.3f})" for k in fns) + f" | {cpu.last_bf16_kernel()} | "
+                f"{lo['dense bf16'] / lo['engine bf16']:.2f}x | "
+                f"{min(lo['dense fp32'], lo['dense bf16']) / min(lo['engine fp32'], lo['engine bf16']):.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 CROSSOVER_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -118,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.02, help="seconds per fn per round")
     p.add_argument("--crossover", action="store_true",
                    help="unstructured only: engine vs dense bf16 over a batch sweep, with the crossover batch")
+    p.add_argument("--mlp", action="store_true", help="whole MLP 784-4096-4096-10 (90%% 16x16 tiles) instead of layers")
     p.add_argument("--cpu-time", action="store_true", help="time the calling thread's CPU time (--threads 1)")
     p.add_argument("--out", help="append the markdown table to this file")
     a = p.parse_args(argv)
@@ -141,9 +180,14 @@ def main(argv=None) -> int:
                    "by batch rows; crossover = smallest batch from which dense bf16 wins.")
         head[4:] = ["| layer (O x I) | " + " | ".join(map(str, CROSSOVER_BATCHES)) + " | crossover |",
                     "|---|" + "---|" * (len(CROSSOVER_BATCHES) + 1)]
+    if a.mlp:
+        head[4] = head[4].replace("layer (O x I) | sparsity pattern", "model").replace("batch (rows)", "batch")
+        head[5] = "|---|---|---|---|---|---|---|---|---|"
     print("\n".join(head), flush=True)
     if a.crossover:
         rows = crossover(a.rounds, a.sparsity, a.min_time, clock)
+    elif a.mlp:
+        rows = mlp_rows(a.rounds, a.sparsity, a.min_time, clock)
     else:
         rows = run(a.rounds, a.sparsity, a.min_time, clock=clock)
     if a.out:
