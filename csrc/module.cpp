@@ -201,7 +201,7 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release nogil;
           se::bsr_linear_bf16(a);
         },
-        "Y(N,O) fp32 = act(X(N,I) fp32 · Wᵀ + b) computed in bf16 with fp32 accumulation (AMX tiles "
+        "Y(N,O) = act(X(N,I) · Wᵀ + b), bf16 products with fp32 accumulation (AMX tiles "
         "or AVX512-BF16, per bf16_isa()), W in BSR with R×C blocks (R <= 16, C even <= 32) whose "
         "values are VNNI-packed: (nnzb, C/2, R, 2) bf16. Same pointer arguments as bsr_linear; x_bf16: "
         "x points at bf16 (else fp32, rounded to bf16 once per call); y_bf16: y points at bf16 (else fp32).",
@@ -221,11 +221,10 @@ PYBIND11_MODULE(_C, m) {
      "call requests AMX tile permission from Linux.");
   m.def("set_bf16_isa",
         [](const std::string& name) {
-          if (name == "amx") se::set_bf16_isa(se::BF16_AMX);
-          else if (name == "avx512_bf16") se::set_bf16_isa(se::BF16_AVX512);
-          else if (name == "none") se::set_bf16_isa(se::BF16_NONE);
-          else if (name == "auto") se::set_bf16_isa(se::best_bf16_isa());
-          else throw std::invalid_argument("set_bf16_isa: expected 'auto', 'amx', 'avx512_bf16' or 'none', got '" + name + "'");
+          if (name == "auto") return se::set_bf16_isa(se::best_bf16_isa());
+          for (int i = 0; i < 3; ++i)
+            if (name == kBf16Names[i]) return se::set_bf16_isa(static_cast<se::Bf16Isa>(i));
+          throw std::invalid_argument("set_bf16_isa: expected 'auto', 'amx', 'avx512_bf16' or 'none', got '" + name + "'");
         },
         "Select the bf16 kernel family for later calls: 'auto', 'amx', 'avx512_bf16' or 'none'.");
   m.def("bf16_isa", [] { return std::string(kBf16Names[se::current_bf16_isa()]); },
