@@ -252,3 +252,22 @@ def test_vector_gelu_epilogue_accuracy(bf16_isa, act):
     ok = ~torch.isnan(ref)
     bound = (0.75e-7 + 2.0 ** -21) * v.double().abs() + 1e-30
     assert ((y.double() - ref).abs()[ok] <= bound[ok]).all()
+
+
+def test_threads_split_block_rows_bitwise_equal(bf16_isa):
+    # Large enough for a 2-thread team (csrc/common.h pick_threads); each output is computed by one
+    # thread in a fixed order, so the split must not change a single bit, and both match the bound.
+    w = bf16_weight(512, 512, 16, 32, sparsity=0.5, seed=3)
+    x, bias = torch.randn(70, 512).bfloat16(), torch.randn(512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = engine.sparse_linear(x, w, bias, activation="gelu")
+        torch.set_num_threads(2)
+        y2 = engine.sparse_linear(x, w, bias, activation="gelu")
+    finally:
+        torch.set_num_threads(before)
+    assert cpu.last_bf16_kernel() == bf16_isa
+    assert torch.equal(y1, y2)
+    ref, mag = reference(x, w, bias, "gelu")
+    assert_within(y2, ref, mag, 512, x_rounded=False)
