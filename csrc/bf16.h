@@ -1,8 +1,9 @@
 // bf16-compute BSR kernels: Intel AMX tiles (TDPBF16PS) and AVX512-BF16 (VDPBF16PS).
 //
-// Y (N, O) fp32 = act(X · Wᵀ + b) with W in BSR of R×C blocks, R <= 16, C even and <= 32 (the
-// tile-friendly shape is 16×32: one block is exactly one 1 KiB AMX tile). X is rounded to bf16
-// (round-to-nearest-even) once per call; products accumulate in fp32.
+// Y (N, O) = act(X · Wᵀ + b) with W in BSR of R×C blocks, R <= 16, C even and <= 32 (the
+// tile-friendly shape is 16×32: one block is exactly one 1 KiB AMX tile). X is bf16, or fp32 rounded
+// to bf16 (round-to-nearest-even) once per call; products accumulate in fp32; Y is fp32 or bf16
+// (LinearArgs::x_bf16 / y_bf16).
 //
 // The weight values are stored "VNNI-packed" (prepared once in Python, engine/cpu.py):
 //   packed (nnzb, C/2, R, 2) bf16: packed[k][p][r][j] = W_block_k[r][2p + j]
