@@ -3,7 +3,9 @@
 The AVX2+FMA+F16C and AVX-512F kernels (csrc/avx2.cpp, csrc/avx512.cpp) are compiled with
 function-level target options (`#pragma GCC target`), not -mavx2, and chosen at run time from the
 CPU's features, so the module imports and runs on CPUs without them (portable C++ fallback; on
-non-x86 hosts the intrinsic files compile to nothing). SPARSE_ENGINE_CFLAGS replaces the default compile
+non-x86 hosts the intrinsic files compile to nothing). The same holds for the AMX / AVX512-BF16
+kernels (csrc/bf16.cpp): target pragmas, run-time cpuid/XGETBV checks and the Linux AMX permission
+request; compilers older than GCC 11 / clang 12 build the module without them. SPARSE_ENGINE_CFLAGS replaces the default compile
 flags (e.g. SPARSE_ENGINE_CFLAGS="-O0 -g" for debugging); SPARSE_ENGINE_NO_OPENMP=1 drops OpenMP.
 """
 import glob

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bf16.h"
 #include "common.h"
 #include "sparse_linear.h"
 
@@ -96,6 +97,8 @@ void bsr_linear(const LinearArgs& a) {
 
 namespace {
 
+const char* const kBf16Names[] = {"none", "avx512_bf16", "amx"};
+
 template <typename T>
 T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -184,6 +187,50 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("values"),
         py::arg("wdtype"), py::arg("bias"), py::arg("act"), py::arg("nthreads"));
 
+  m.def("bsr_linear_bf16",
+        [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
+           uintptr_t crow, uintptr_t col, uintptr_t packed, uintptr_t bias, int act, int nthreads, bool x_bf16, bool y_bf16) {
+          if (r <= 0 || c <= 0 || o % r || i % c) throw std::invalid_argument("block size must divide the shape");
+          if (r > 16 || c > 32 || c % 2) throw std::invalid_argument("bf16 kernels need R <= 16 and an even C <= 32");
+          if (se::current_bf16_isa() == se::BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected (see bf16_support())");
+          se::LinearArgs a = make_args(y, x, n, i, o, crow, col, packed, 1, bias, act, nthreads);
+          a.block_r = r;
+          a.block_c = c;
+          a.x_bf16 = x_bf16;
+          a.y_bf16 = y_bf16;
+          py::gil_scoped_release nogil;
+          se::bsr_linear_bf16(a);
+        },
+        "Y(N,O) = act(X(N,I) · Wᵀ + b), bf16 products with fp32 accumulation (AMX tiles "
+        "or AVX512-BF16, per bf16_isa()), W in BSR with R×C blocks (R <= 16, C even <= 32) whose "
+        "values are VNNI-packed: (nnzb, C/2, R, 2) bf16. Same pointer arguments as bsr_linear; x_bf16: "
+        "x points at bf16 (else fp32, rounded to bf16 once per call); y_bf16: y points at bf16 (else fp32).",
+        py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("packed"),
+        py::arg("bias"), py::arg("act"), py::arg("nthreads"), py::arg("x_bf16") = false, py::arg("y_bf16") = false);
+  m.def("bf16_support", [] {
+    std::string amx, dp;
+    const bool has_amx = se::amx_usable(&amx), has_dp = se::avx512_bf16_usable(&dp);
+    py::dict d;
+    d["amx"] = has_amx;
+    d["amx_reason"] = amx;
+    d["avx512_bf16"] = has_dp;
+    d["avx512_bf16_reason"] = dp;
+    return d;
+  }, "Whether AMX and AVX512-BF16 can run here, and why not (empty reason when they can). The first "
+     "call requests AMX tile permission from Linux.");
+  m.def("set_bf16_isa",
+        [](const std::string& name) {
+          if (name == "auto") return se::set_bf16_isa(se::best_bf16_isa());
+          for (int i = 0; i < 3; ++i)
+            if (name == kBf16Names[i]) return se::set_bf16_isa(static_cast<se::Bf16Isa>(i));
+          throw std::invalid_argument("set_bf16_isa: expected 'auto', 'amx', 'avx512_bf16' or 'none', got '" + name + "'");
+        },
+        "Select the bf16 kernel family for later calls: 'auto', 'amx', 'avx512_bf16' or 'none'.");
+  m.def("bf16_isa", [] { return std::string(kBf16Names[se::current_bf16_isa()]); },
+        "bf16 kernel family in use: 'amx', 'avx512_bf16' or 'none' ('none' while the ISA is below avx512).");
+  m.def("last_bf16_kernel", [] { return std::string(kBf16Names[se::last_bf16_kernel()]); },
+        "Which bf16 kernel family served the latest bsr_linear_bf16 call ('none' before any).");
   m.def("set_isa",
         [](const std::string& name) {
           if (name == "portable") se::set_isa(se::ISA_PORTABLE);

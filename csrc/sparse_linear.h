@@ -49,6 +49,8 @@ struct LinearArgs {
   const float* bias;     // (O,) fp32, or nullptr
   int act;               // Act: 0 none, 1 relu, 2 gelu (erf), 3 gelu_tanh
   int nthreads;          // OpenMP threads to use (the caller passes torch.get_num_threads())
+  bool x_bf16 = false;   // bf16 kernels only (bf16.h): x points at (N, I) bf16, not fp32
+  bool y_bf16 = false;   // bf16 kernels only: y points at (N, O) bf16, not fp32
 };
 
 // Inputs are trusted: the Python wrapper (engine/cpu.py) validated shapes, dtypes and indices.

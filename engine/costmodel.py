@@ -45,6 +45,35 @@ CPU = {
                 isa_factor={"avx2": {32: 0.7, 128: 0.55}, "portable": {32: 0.7, 128: 0.55}},
                 scalar_spmv=0.25, narrow_rows=0.75),
 }
+# ---- CPU, bf16 compute (bf16 x and weights: a model cast to bf16) ---------------------------------
+CPU_BF16_FITTED = {
+    "date": "2026-12-05",
+    "source": "bench/results/bf16.md (bench/bf16_layers.py --threads 1 --cpu-time: MLP 4096x784, "
+              "4096x4096 at batch 1/64; BERT 768x768, 3072x768, 768x3072 at 128/1024 rows; 90% "
+              "sparse 16x32 / 16x16 tiles; minima), 1-thread rates doubled for 2 threads",
+    "machine": "Intel Xeon (KVM guest, AMX-TILE/BF16, AVX512-BF16), 2 vCPUs shared, torch 2.13 oneDNN",
+    "isa": "amx",
+    "threads": 2,
+}
+# dense: torch F.linear on bf16 (oneDNN, AMX); slow GEMV at batch 1 (~12 GFLOP/s a thread).
+# bsr:   csrc/bf16.cpp AMX tiles, blocks R <= 16, even C <= 32 (else the fp32 BSR row applies);
+#        one A-tile load per 16x16x32 TDPBF16PS bounds it at ~300-450 GFLOP/s a thread.
+# csr:   no bf16-compute kernel: the fp32-compute CSR row above serves bf16 weights.
+CPU_BF16 = {
+    "dense": dict(bandwidth=48e9, overhead=6e-6,
+                  rate={1: 24e9, 64: 920e9, 128: 1.5e12, 1024: 2.4e12}),
+    "bsr": dict(bandwidth=48e9, overhead=8e-6,
+                rate={1: 40e9, 8: 300e9, 64: 800e9, 128: 700e9, 1024: 600e9}),
+}
+BF16_TILE = (16, 32)  # the largest block one AMX tile holds (R outputs, C inputs)
+
+
+def bf16_compute_available() -> bool:
+    """Whether this process runs bf16 BSR on AMX / AVX512-BF16 (engine.cpu.bf16_isa() != "none")."""
+    from . import cpu
+    return cpu.available() and cpu.bf16_isa() != "none"
+
+
 # Blocked layouts' kernel shapes: below SPMM_FROM_BATCH rows of x a block row is a vector SpMV only
 # when C is a multiple of the vector width (or C == 1 and R is); otherwise it runs a scalar loop
 # (x scalar_spmv). From SPMM_FROM_BATCH rows, blocks with R < NARROW_R share each loaded x vector
@@ -102,17 +131,32 @@ def _row(fmt: str, device: str) -> dict:
     return table[fmt]
 
 
+def _bf16_row(fmt: str, blocksize) -> dict | None:
+    """The bf16-compute rates of fmt, or None where the fp32-compute kernel serves bf16."""
+    if fmt == "bsr" and not (blocksize and blocksize[0] <= BF16_TILE[0] and blocksize[1] <= BF16_TILE[1]
+                             and blocksize[1] % 2 == 0):
+        return None
+    return CPU_BF16.get(fmt)
+
+
 def predict_seconds(fmt: str, shape: tuple[int, int], stored: int, batch: int,
                     blocksize: tuple[int, int] | None = None, value_bytes: int = 4,
-                    device: str = "cpu", threads: int = 2, isa: str | None = None) -> float:
+                    device: str = "cpu", threads: int = 2, isa: str | None = None,
+                    compute: str = "fp32") -> float:
     """fmt: a registered layout with rates here; shape (O, I); stored = values the layout keeps
     (nnz, nnzb·R·C, O·I for dense). isa: the CPU kernels' ISA to predict for (default: this
-    machine's)."""
+    machine's). compute="bf16": activations and weights in bf16 (a model cast to bf16), with the
+    bf16 rates (CPU_BF16: dense on oneDNN AMX, BSR on AMX tiles) where a bf16 kernel serves fmt."""
+    if compute not in ("fp32", "bf16"):
+        raise ValueError(f"predict_seconds: compute must be 'fp32' or 'bf16', got {compute!r}")
     row = _row(fmt, device)
+    bf16_row = _bf16_row(fmt, blocksize) if compute == "bf16" and device == "cpu" else None
+    if bf16_row is not None:
+        row = bf16_row
     o, i = shape
     batch = max(1, int(batch))
     w_bytes = formats.get(fmt).traffic_bytes(shape, stored, blocksize, value_bytes)
-    act_bytes = 4 * batch * (o + i)
+    act_bytes = (2 if compute == "bf16" else 4) * batch * (o + i)
     flops = 2.0 * batch * stored
     if device == "cuda":
         return row["overhead"] + max((w_bytes + act_bytes) / row["bandwidth"], flops / row["peak"])
@@ -122,13 +166,13 @@ def predict_seconds(fmt: str, shape: tuple[int, int], stored: int, batch: int,
     factor = row.get("isa_factor", {}).get(isa or current_isa())
     if factor and batch >= min(factor):
         rate *= _interp(factor, batch)
-    if blocksize is not None and "scalar_spmv" in row:
+    if blocksize is not None and "scalar_spmv" in row and bf16_row is None:
         r, c = blocksize
         if batch < SPMM_FROM_BATCH and not (c % BLOCK_VECTOR == 0 or (c == 1 and r % BLOCK_VECTOR == 0)):
             rate *= row["scalar_spmv"]
         elif batch >= SPMM_FROM_BATCH and r < NARROW_R:
             rate *= row["narrow_rows"]
-    if threads != CPU_FITTED["threads"]:
+    if threads != CPU_FITTED["threads"]:  # CPU_BF16_FITTED has the same thread count
         rate *= threads / CPU_FITTED["threads"]
         bw *= ONE_THREAD_BANDWIDTH_SHARE if threads == 1 else 1.0
     return row["overhead"] + max((w_bytes + act_bytes) / bw, flops / rate)

@@ -3,7 +3,8 @@ buffers to the extension. Kernels compute in fp32; weights may be stored as fp32
 
 The kernels pick their instruction set at import: AVX-512F micro-kernels where the CPU has them,
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
-`set_isa(...)` forces a narrower one (tests run every path).
+`set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
+bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`).
 
 Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
 weight's column indices) is made once per index tensor and cached (`prepare_weight`).
@@ -229,11 +230,79 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
 
 
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks."""
+    """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks. bf16 x with bf16
+    weights in bf16-kernel blocks computes in bf16 on AMX / AVX512-BF16 where present."""
     crow, col, val, wdtype = _weight("bsr_linear_cpu", w)
     out_dtype = x.dtype
+    if out_dtype is torch.bfloat16 and bf16_kernel_for(w) != "none":
+        return _bsr_linear_bf16(x, w, crow, col, bias, activation)
     x, b, y = _io(x, bias, w.shape[0])
     _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], val.shape[1],
                   val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), wdtype,
                   0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
     return y if out_dtype is torch.float32 else y.to(out_dtype)
+
+
+# ---- bf16 compute: BSR on AMX tiles / AVX512-BF16 (csrc/bf16.cpp) -----------------------------------
+# Used when both x and the weight values are bf16 (the model was cast to bf16, as a dense
+# `model.to(torch.bfloat16)` runs on oneDNN's AMX kernels); fp32 x keeps the fp32-compute kernels,
+# whose contract is fp32 arithmetic on upcast 16-bit weights. Products are bf16 x bf16, accumulated
+# in fp32; the output is rounded to bf16 like torch's bf16 F.linear.
+_BF16_MAX_R, _BF16_MAX_C = 16, 32   # one block = at most one AMX tile: 16 outputs x 32 inputs
+
+
+def bf16_support() -> dict:
+    """{"amx": bool, "amx_reason": str, "avx512_bf16": bool, "avx512_bf16_reason": str}: what this
+    CPU/OS can run and, where not, why (e.g. Linux refused the AMX tile permission)."""
+    if _C is None:
+        why = f"engine._C did not import: {_IMPORT_ERROR}"
+        return {"amx": False, "amx_reason": why, "avx512_bf16": False, "avx512_bf16_reason": why}
+    return dict(_C.bf16_support())
+
+
+def bf16_isa() -> str:
+    """bf16 kernel family in use: "amx", "avx512_bf16" or "none" (also while set_isa() < avx512)."""
+    return _C.bf16_isa() if _C is not None else "none"
+
+
+def set_bf16_isa(name: str) -> None:
+    """Select "auto", "amx", "avx512_bf16" or "none" (process-wide); raises when the CPU/OS lacks it."""
+    _C.set_bf16_isa(name)
+
+
+def last_bf16_kernel() -> str:
+    """Which bf16 family served the latest bf16 BSR call ("none" before any): proves the fast path ran."""
+    return _C.last_bf16_kernel()
+
+
+def bf16_kernel_for(w: BSR) -> str:
+    """The bf16 family that would serve bf16 x with this weight, or "none" (fp32-compute kernels)."""
+    if not isinstance(w, BSR) or w.values.dtype is not torch.bfloat16 or _C is None:
+        return "none"
+    r, c = w.values.shape[1], w.values.shape[2]
+    if r > _BF16_MAX_R or c > _BF16_MAX_C or c % 2:
+        return "none"
+    return _C.bf16_isa()
+
+
+def _vnni(w: BSR) -> torch.Tensor:
+    """Values (nnzb, R, C) -> (nnzb, C/2, R, 2): pairs of adjacent inputs per output, the operand
+    layout of TDPBF16PS / VDPBF16PS. Made once per values tensor (cached like the CSR copies)."""
+    def build():
+        nb, r, c = w.values.shape
+        return w.values.reshape(nb, r, c // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return _cached("vnni", (w.values,), build)
+
+
+def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation):
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
+    packed = _vnni(w)
+    _C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], packed.shape[2],
+                       2 * packed.shape[1], crow.data_ptr(), col.data_ptr(), packed.data_ptr(),
+                       0 if bias is None else bias.data_ptr(), _ACT[activation], torch.get_num_threads(),
+                       True, True)
+    return y

@@ -1,0 +1,411 @@
+// bf16-compute BSR kernels (see bf16.h): run-time detection, the AMX tile kernel and the
+// AVX512-BF16 dot-product kernel. Compiled with function-level target options like avx2.cpp, so the
+// module still loads on CPUs without these features; they are chosen only when detected.
+//
+// AMX kernel, per 16-row block row (R <= 16 outputs) and per 64 rows of the (bf16, zero-padded to
+// a multiple of 16 rows) batch:
+//   tiles 0-3  C: fp32 accumulators, 16 batch rows × R outputs each (4 chunks of 16 batch rows)
+//   tiles 4,6,7 A: 16 batch rows × C inputs of X, loaded straight from row-major bf16 X (stride I)
+//   tile  5    B: one packed weight block, C/2 rows × R pairs (the block's whole 1 KiB at 16×32)
+// Each block: one B load, then per batch chunk one A load + one TDPBF16PS (three A tiles in turn,
+// so a load need not wait for the previous TDPBF16PS to finish reading its tile). The C tiles are stored to
+// a per-thread buffer and written to Y with bias + activation. Batch is the tile's M dimension, so
+// Y tiles come out row-major (no transpose), and a weight block is loaded once per 64 batch rows.
+#include "bf16.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "common.h"
+
+namespace se {
+namespace {
+std::atomic<int> g_bf16{-1};
+std::atomic<int> g_last{BF16_NONE};
+}  // namespace
+
+Bf16Isa best_bf16_isa() {
+  return amx_usable() ? BF16_AMX : (avx512_bf16_usable() ? BF16_AVX512 : BF16_NONE);
+}
+
+Bf16Isa current_bf16_isa() {
+  if (current_isa() != ISA_AVX512) return BF16_NONE;
+  int v = g_bf16.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = best_bf16_isa();
+    g_bf16.store(v);
+  }
+  return static_cast<Bf16Isa>(v);
+}
+
+void set_bf16_isa(Bf16Isa isa) {
+  std::string why;
+  if (isa == BF16_AMX && !amx_usable(&why)) throw std::runtime_error("set_bf16_isa: " + why);
+  if (isa == BF16_AVX512 && !avx512_bf16_usable(&why)) throw std::runtime_error("set_bf16_isa: " + why);
+  g_bf16.store(isa);
+}
+
+Bf16Isa last_bf16_kernel() { return static_cast<Bf16Isa>(g_last.load(std::memory_order_relaxed)); }
+
+}  // namespace se
+
+// AMX intrinsics need GCC >= 11 or clang >= 12; older compilers build the module without them.
+#if (defined(__x86_64__) || defined(__i386__)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define SE_BF16_KERNELS 1
+#endif
+
+#ifndef SE_BF16_KERNELS
+namespace se {
+static const char* const kNoBf16 = "built without AMX/AVX512-BF16 kernels (not x86, or compiler older than GCC 11 / clang 12)";
+bool amx_usable(std::string* reason) {
+  if (reason) *reason = kNoBf16;
+  return false;
+}
+bool avx512_bf16_usable(std::string* reason) {
+  if (reason) *reason = kNoBf16;
+  return false;
+}
+void bsr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("bsr_linear_bf16: ") + kNoBf16); }
+}  // namespace se
+#else
+
+#include <cpuid.h>
+#include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace se {
+namespace {
+
+struct Cpu {
+  bool osxsave = false, avx512 = false, avx512_bf16 = false, amx_tile = false, amx_bf16 = false;
+  uint64_t xcr0 = 0;
+};
+
+uint64_t xgetbv0() {
+  uint32_t lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t(hi) << 32) | lo;
+}
+
+const Cpu& cpu() {
+  static const Cpu c = [] {
+    Cpu r;
+    unsigned a, b, cx, d;
+    if (!__get_cpuid(1, &a, &b, &cx, &d)) return r;
+    r.osxsave = cx & (1u << 27);
+    if (r.osxsave) r.xcr0 = xgetbv0();
+    if (!__get_cpuid_count(7, 0, &a, &b, &cx, &d)) return r;
+    r.avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31));  // F, BW, VL
+    r.amx_bf16 = d & (1u << 22);
+    r.amx_tile = d & (1u << 24);
+    if (__get_cpuid_count(7, 1, &a, &b, &cx, &d)) r.avx512_bf16 = a & (1u << 5);
+    return r;
+  }();
+  return c;
+}
+
+constexpr uint64_t kXcr0Avx512 = 0xE6;      // SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM state
+constexpr uint64_t kXcr0Amx = 3ull << 17;   // XTILECFG, XTILEDATA state
+
+#if defined(__linux__)
+constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl(ARCH_REQ_XCOMP_PERM, feature)
+constexpr long kXfeatureXtiledata = 18;
+#endif
+
+}  // namespace
+
+bool avx512_bf16_usable(std::string* reason) {
+  const Cpu& c = cpu();
+  const char* why = nullptr;
+  if (!c.avx512) why = "CPU lacks AVX-512F/BW/VL";
+  else if (!c.avx512_bf16) why = "CPU lacks AVX512-BF16 (vdpbf16ps)";
+  else if (!c.osxsave || (c.xcr0 & kXcr0Avx512) != kXcr0Avx512) why = "OS does not enable AVX-512 state (XCR0)";
+  if (reason) *reason = why ? why : "";
+  return !why;
+}
+
+bool amx_usable(std::string* reason) {
+  // Checked (and permission requested) once; the answer never changes within a process.
+  static const std::string why = [] {
+    const char* off = std::getenv("SPARSE_ENGINE_NO_AMX");
+    if (off && std::string(off) == "1") return std::string("disabled by SPARSE_ENGINE_NO_AMX=1");
+    const Cpu& c = cpu();
+    if (!c.amx_tile || !c.amx_bf16) return std::string("CPU lacks AMX-TILE/AMX-BF16");
+    std::string sub;
+    if (!avx512_bf16_usable(&sub)) return "AMX kernel converts X with AVX512-BF16, but: " + sub;
+    if (!c.osxsave || (c.xcr0 & kXcr0Amx) != kXcr0Amx) return std::string("OS does not enable AMX tile state (XCR0)");
+#if defined(__linux__)
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+      return std::string("Linux refused AMX tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM)");
+    return std::string();
+#else
+    return std::string("AMX permission request is implemented for Linux only");
+#endif
+  }();
+  if (reason) *reason = why;
+  return why.empty();
+}
+
+}  // namespace se
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))), apply_to = function)
+#elif defined(__GNUC__)
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps (GCC bug
+// 105593); nothing here reads an uninitialized value.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+#endif
+
+namespace se {
+namespace {
+
+constexpr int64_t kTile = 16;           // batch rows per tile (M) and max outputs per block (N)
+constexpr int64_t kAmxChunks = 4;       // batch tiles per weight-tile load
+constexpr int kDpRows = 8;              // batch rows per AVX512-BF16 register block
+constexpr int64_t kXCacheBytes = 1 << 20;  // bf16 X kept per pass over the weights (~half an L2)
+
+// X rows [r0, r1) of (N, I) -> bf16 (fp32 rounded to nearest even; bf16 copied); rows >= N are
+// zero (AMX tile padding).
+void to_bf16_rows(const void* x, bool x_bf16, int64_t N, int64_t I, int64_t r0, int64_t r1, uint16_t* xb) {
+  for (int64_t r = r0; r < r1; ++r) {
+    uint16_t* dst = xb + r * I;
+    if (r >= N) {
+      std::memset(dst, 0, size_t(I) * 2);
+      continue;
+    }
+    if (x_bf16) {
+      std::memcpy(dst, static_cast<const uint16_t*>(x) + r * I, size_t(I) * 2);
+      continue;
+    }
+    const float* src = static_cast<const float*>(x) + r * I;
+    for (int64_t i = 0; i < I; i += 16) {
+      const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
+      _mm256_mask_storeu_epi16(dst + i, m, reinterpret_cast<const __m256i&>(h));
+    }
+  }
+}
+
+// exp(x), 16 lanes: n = round(x / ln2), r = x - n·ln2 (two-part ln2), e^r by its degree-6 Taylor
+// polynomial (|r| <= 0.35: relative error ~1e-7), times 2^n by VSCALEFPS. x is clamped to ±88.7
+// (finite results); NaN stays NaN (min/max return their second operand for NaN).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.7f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU (erf): 0.5·v·(1 + erf(v/√2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7):
+// 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a), a = |x|; for x < 0, 1 + erf(x) = q·e^(-a²)
+// is formed directly (no cancellation in the far negative tail).
+inline __m512 gelu512(__m512 v) {
+  const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678f));
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(c));
+  q = _mm512_mul_ps(_mm512_mul_ps(q, t), exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))));
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one_plus_erf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
+}
+
+// tanh-GELU: 0.5·v·(1 + tanh(u)) = v / (1 + e^(-2u)), u = √(2/π)·(v + 0.044715·v³).
+inline __m512 gelu_tanh512(__m512 v) {
+  const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456f), _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+  const __m512 e = exp512(_mm512_mul_ps(u, _mm512_set1_ps(-2.f)));
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias), Y in
+// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass.
+void store_rows(const LinearArgs& a, const float* buf, int64_t rows, int64_t n0, int64_t o0, int64_t R) {
+  const __mmask16 m = __mmask16((1u << R) - 1);
+  const __m512 b = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + o0) : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 v = _mm512_add_ps(_mm512_load_ps(buf + r * kTile), b);
+    // max(0, v) returns its second operand when either is NaN: relu(NaN) = NaN, as in torch.
+    if (a.act == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+    else if (a.act == ACT_GELU) v = gelu512(v);
+    else if (a.act == ACT_GELU_TANH) v = gelu_tanh512(v);
+    const int64_t at = (n0 + r) * a.out_features + o0;
+    if (a.y_bf16) {
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(static_cast<void*>(a.y)) + at, m,
+                               reinterpret_cast<const __m256i&>(h));
+    } else {
+      _mm512_mask_storeu_ps(a.y + at, m, v);
+    }
+  }
+}
+
+// ---- AMX ----------------------------------------------------------------------------------------
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void load_tile_config(int64_t R, int64_t C) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) { cfg.rows[t] = kTile; cfg.colsb[t] = uint16_t(R * 4); }  // C tiles
+  for (int t : {4, 6, 7}) { cfg.rows[t] = kTile; cfg.colsb[t] = uint16_t(C * 2); }       // A tiles
+  cfg.rows[5] = uint8_t(C / 2);                                                             // B tile
+  cfg.colsb[5] = uint16_t(R * 4);
+  _tile_loadconfig(&cfg);
+}
+
+// One block row, J (1..4) chunks of 16 batch rows from xb (pre-offset to the first chunk's row):
+// buf[j·256 ...] = Σ_blocks X_chunk_j · W_blockᵀ (16 × R fp32, row stride 16).
+template <int J>
+void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uint16_t* pk,
+                   int32_t k0, int32_t k1, int64_t R, int64_t C, float* buf) {
+  _tile_zero(0);
+  if (J > 1) _tile_zero(1);
+  if (J > 2) _tile_zero(2);
+  if (J > 3) _tile_zero(3);
+  const int64_t xs = I * 2;  // bytes between batch rows of X
+  for (int32_t k = k0; k < k1; ++k) {
+    _tile_loadd(5, pk + int64_t(k) * R * C, R * 4);
+    const uint16_t* xp = xb + int64_t(bcol[k]) * C;
+    _tile_loadd(4, xp, xs);
+    _tile_dpbf16ps(0, 4, 5);
+    if (J > 1) { _tile_loadd(6, xp + kTile * I, xs); _tile_dpbf16ps(1, 6, 5); }
+    if (J > 2) { _tile_loadd(4, xp + 2 * kTile * I, xs); _tile_dpbf16ps(2, 4, 5); }
+    if (J > 3) { _tile_loadd(7, xp + 3 * kTile * I, xs); _tile_dpbf16ps(3, 7, 5); }
+  }
+  _tile_stored(0, buf, 64);
+  if (J > 1) _tile_stored(1, buf + 256, 64);
+  if (J > 2) _tile_stored(2, buf + 512, 64);
+  if (J > 3) _tile_stored(3, buf + 768, 64);
+}
+
+void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, float* buf) {
+  const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n;
+  const auto* pk = static_cast<const uint16_t*>(a.values);
+  // Batch rows per pass over the weights: as many as keep their bf16 X in about half of L2, so the
+  // weights are streamed N / span times (not N / 64) while X stays cache-resident.
+  const int64_t group = kAmxChunks * kTile;
+  const int64_t span = std::max<int64_t>(group, kXCacheBytes / (2 * std::max<int64_t>(I, 1)) / group * group);
+  load_tile_config(R, C);
+  for (int64_t s0 = 0; s0 < N; s0 += span) {
+    const int64_t s1 = std::min(N, s0 + span);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+      for (int64_t n0 = s0; n0 < s1; n0 += group) {
+        const int64_t J = std::min<int64_t>(kAmxChunks, (s1 - n0 + kTile - 1) / kTile);
+        const uint16_t* xc = xb + n0 * I;
+        switch (J) {
+          case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+          default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        }
+        for (int64_t j = 0; j < J; ++j)
+          store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// ---- AVX512-BF16 --------------------------------------------------------------------------------
+// One block row, NB (1..8) batch rows from xb (pre-offset to the first row): buf[r·16 ...] =
+// Σ_blocks Σ_pairs W pair (R lanes) · broadcast X pair, by VDPBF16PS.
+template <int NB>
+void dp_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uint16_t* pk, int32_t k0,
+                  int32_t k1, int64_t R, int64_t C, float* buf) {
+  const __mmask32 wm = R >= 16 ? ~__mmask32(0) : __mmask32((1u << (2 * R)) - 1);
+  __m512 acc[NB];
+  for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int32_t k = k0; k < k1; ++k) {
+    const uint16_t* w = pk + int64_t(k) * R * C;
+    const uint16_t* x = xb + int64_t(bcol[k]) * C;
+    for (int64_t p = 0; p < C / 2; ++p) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(wm, w + p * 2 * R);
+      for (int r = 0; r < NB; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + r * I + 2 * p, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv, (__m512bh)_mm512_set1_epi32(int(pair)));
+      }
+    }
+  }
+  for (int r = 0; r < NB; ++r) _mm512_store_ps(buf + r * kTile, acc[r]);
+}
+
+void dp_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, float* buf) {
+  const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n;
+  const auto* pk = static_cast<const uint16_t*>(a.values);
+  for (int64_t n0 = 0; n0 < N; n0 += kDpRows) {
+    const int64_t nb = std::min<int64_t>(kDpRows, N - n0);
+    const uint16_t* xc = xb + n0 * I;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+      switch (nb) {
+        case 1: dp_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 2: dp_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 3: dp_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 4: dp_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 5: dp_block_row<5>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 6: dp_block_row<6>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 7: dp_block_row<7>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        default: dp_block_row<8>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+      }
+      store_rows(a, buf, nb, n0, b * R, R);
+    }
+  }
+}
+
+}  // namespace
+
+void bsr_linear_bf16(const LinearArgs& a) {
+  const Bf16Isa isa = current_bf16_isa();
+  if (isa == BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected");
+  g_last.store(isa, std::memory_order_relaxed);
+  if (a.n == 0 || a.out_features == 0) return;
+  const int64_t N = a.n, I = a.in_features, nbr = a.out_features / a.block_r;
+  const int64_t n_pad = isa == BF16_AMX ? (N + kTile - 1) / kTile * kTile : N;
+  // bf16 X (n_pad, I): x itself when it is bf16 and needs no tile padding, else a shared copy
+  // allocated by the calling thread (thread 0 of the team) and filled by the team.
+  const bool direct = a.x_bf16 && n_pad == N;
+  auto* xb = direct ? static_cast<uint16_t*>(const_cast<void*>(static_cast<const void*>(a.x)))
+                    : reinterpret_cast<uint16_t*>(scratch(0, size_t((n_pad * I + 1) / 2 + 16)));
+  const double flops = 2.0 * double(a.crow[nbr]) * double(a.block_r * a.block_c) * double(N);
+  const int T = pick_threads(a.nthreads, flops * 0.01e-9);
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = thread_id(), nt = team_size();
+    if (!direct) {
+      to_bf16_rows(a.x, a.x_bf16, N, I, n_pad * t / nt, n_pad * (t + 1) / nt, xb);
+#pragma omp barrier
+    }
+    float* buf = scratch(1, size_t(kAmxChunks * kTile * kTile));
+    const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
+    if (b0 < b1) {
+      if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, buf); else dp_rows(a, xb, b0, b1, buf);
+    }
+  }
+}
+
+}  // namespace se
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif  // SE_BF16_KERNELS

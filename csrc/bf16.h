@@ -1,0 +1,39 @@
+// bf16-compute BSR kernels: Intel AMX tiles (TDPBF16PS) and AVX512-BF16 (VDPBF16PS).
+//
+// Y (N, O) = act(X · Wᵀ + b) with W in BSR of R×C blocks, R <= 16, C even and <= 32 (the
+// tile-friendly shape is 16×32: one block is exactly one 1 KiB AMX tile). X is bf16, or fp32 rounded
+// to bf16 (round-to-nearest-even) once per call; products accumulate in fp32; Y is fp32 or bf16
+// (LinearArgs::x_bf16 / y_bf16).
+//
+// The weight values are stored "VNNI-packed" (prepared once in Python, engine/cpu.py):
+//   packed (nnzb, C/2, R, 2) bf16: packed[k][p][r][j] = W_block_k[r][2p + j]
+// which is the layout TDPBF16PS wants for its B operand (C/2 rows of R fp32-sized pairs) and the
+// one VDPBF16PS wants to multiply R outputs by one broadcast pair of X.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "sparse_linear.h"
+
+namespace se {
+
+// Which bf16 kernel family runs: none (the fp32-compute kernels take bf16 weights instead),
+// AVX512-BF16 dot products, or AMX tiles.
+enum Bf16Isa : int { BF16_NONE = 0, BF16_AVX512 = 1, BF16_AMX = 2 };
+
+// CPU + OS support, checked once (cpuid, XGETBV; for AMX also the Linux permission request
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). reason: why not, empty when usable.
+bool amx_usable(std::string* reason = nullptr);
+bool avx512_bf16_usable(std::string* reason = nullptr);
+
+Bf16Isa best_bf16_isa();
+Bf16Isa current_bf16_isa();  // none while the fp32 ISA is forced below AVX-512
+void set_bf16_isa(Bf16Isa isa);  // throws std::runtime_error when the CPU/OS lacks it
+Bf16Isa last_bf16_kernel();      // which family served the latest bsr_linear_bf16 call
+
+// a.values: the packed weight above; a.wdtype is ignored (bf16). Requires current_bf16_isa() !=
+// BF16_NONE and the block shape above; the Python wrapper checks both.
+void bsr_linear_bf16(const LinearArgs& a);
+
+}  // namespace se
