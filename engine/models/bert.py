@@ -280,15 +280,22 @@ class BertFamily(Family):
     def build(self, config: dict) -> BertEncoder:
         return build(config)
 
-    def prepare_runtime(self, model: BertEncoder, config: dict) -> None:
-        """Fuses the feed-forward activation into the intermediate SparseLinear's kernel epilogue."""
+    def prepare_runtime(self, model: BertEncoder, config: dict, fast_blocks: bool = True) -> None:
+        """Each encoder layer becomes one engine.transformer.SparseEncoderLayer (Q/K/V stacked into
+        one sparse matrix in the artifact's own layout, bias + activation in the kernel epilogue);
+        fast_blocks=False keeps the layer-by-layer modules and only fuses the activation."""
         from ..modules import SparseLinear
+        from ..transformer import from_bert_layer
         act = HIDDEN_ACTS[config["hidden_act"]][0]
-        for layer in model.encoder.layer:
+        for i, layer in enumerate(model.encoder.layer):
             inter = layer.intermediate
             if isinstance(inter.dense, SparseLinear):
                 inter.dense.activation = act
                 inter.act = nn.Identity()
+            if fast_blocks:
+                # Linear layers the artifact kept as nn.Linear stay dense (layout "dense").
+                opts = dict(format="dense", blocksize=None, dtype=None, min_sparsity=0.0, batch=8)
+                model.encoder.layer[i] = from_bert_layer(layer, opts)
 
     def attach_tokenizer(self, model: BertEncoder, config: dict, tokenizer) -> None:
         if tokenizer is not None:
