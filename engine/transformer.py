@@ -189,15 +189,14 @@ def from_torch_layer(layer: nn.TransformerEncoderLayer, opts: dict) -> SparseEnc
     fast block; None when the layer is outside what it runs (left as it is)."""
     attn = layer.self_attn
     act = activation_name(layer.activation)
-    if not (layer.self_attn.batch_first and attn._qkv_same_embed_dim and act is not None
-            and attn.bias_k is None and not attn.add_zero_attn):
+    if not (attn._qkv_same_embed_dim and act is not None and attn.bias_k is None and not attn.add_zero_attn):
         return None
     in_bias = None if attn.in_proj_bias is None else attn.in_proj_bias.detach()
     qkv = _stacked_qkv(None, _pruned_weight(attn, "in_proj_weight"), in_bias, opts)
     fast = SparseEncoderLayer(qkv, _reuse_or_build(attn.out_proj, opts), _reuse_or_build(layer.linear1, opts),
                               _reuse_or_build(layer.linear2, opts), layer.norm1, layer.norm2, attn.num_heads,
                               norm_first=layer.norm_first, activation=act)
-    return TorchEncoderLayer(fast)
+    return TorchEncoderLayer(fast, batch_first=attn.batch_first)
 
 
 def is_bert_layer(module: nn.Module) -> bool:
@@ -239,15 +238,22 @@ def from_bert_layer(module: nn.Module, opts: dict) -> SparseEncoderLayer | None:
 
 class TorchEncoderLayer(nn.Module):
     """The fast block behind nn.TransformerEncoderLayer's call signature (src, src_mask,
-    src_key_padding_mask, is_causal); bool masks mean True = masked, as torch's do."""
+    src_key_padding_mask, is_causal); bool masks mean True = masked, as torch's do. src is
+    (B, S, H), or (S, B, H) when the layer it replaces was not batch_first."""
 
-    def __init__(self, block: SparseEncoderLayer):
+    def __init__(self, block: SparseEncoderLayer, batch_first: bool = True):
         super().__init__()
         self.block = block
+        self.batch_first = batch_first
         # nn.TransformerEncoder.forward reads layers[0].self_attn.batch_first before anything else.
-        self.self_attn = SimpleNamespace(batch_first=True)
+        self.self_attn = SimpleNamespace(batch_first=batch_first)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        if self.batch_first:
+            return self._run(src, src_mask, src_key_padding_mask, is_causal)
+        return self._run(src.transpose(0, 1), src_mask, src_key_padding_mask, is_causal).transpose(0, 1)
+
+    def _run(self, src, src_mask, src_key_padding_mask, is_causal):
         b, s, _ = src.shape
         mask = None
         if src_mask is not None:
@@ -313,5 +319,7 @@ def sparsify(model: nn.Module, format: str = "auto", blocksize=None, *, dtype: t
         for m in model.modules():
             if isinstance(m, nn.TransformerEncoder) and isinstance(m.layers[0], TorchEncoderLayer):
                 m.use_nested_tensor = False  # its nested-tensor path reads the swapped layer's weights
+    # A MultiheadAttention the fast path did not take reads out_proj.weight itself: leave it nn.Linear.
+    skip = (*skip, *(f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)))
     return sparsify_linears(model, format, blocksize, dtype=dtype, skip=skip, min_sparsity=min_sparsity,
                             fuse_activations=fuse_activations, batch=batch)
