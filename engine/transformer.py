@@ -25,6 +25,11 @@ from . import formats
 from .modules import FORMATS, SparseLinear, detect_blocksize
 from .modules import sparsify as sparsify_linears
 
+# Activations run in the sparse kernel's epilogue; the others (erf and tanh GELU) run after it, in
+# place, in torch: the C++ epilogue computes GELU per element in scalar code, and measured 10-17x
+# slower than the kernel itself where torch's vectorised gelu_ costs ~0.6x of it
+# (bench/results/minilm_speed.md).
+EPILOGUE_ACTIVATIONS = ("relu",)
 _ACTIVATION_FNS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
 # Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
 _HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation": "gelu_tanh",
@@ -48,14 +53,15 @@ class SparseEncoderLayer(nn.Module):
     """A transformer encoder block (batch-first) whose four linear maps are SparseLinear layers.
 
     qkv: (3H, H) stacked query/key/value; out: (H, H); ffn_in: (F, H) with the activation in its
-    epilogue (or applied after, `fuse_activation=False`); ffn_out: (H, F). norm1/norm2: LayerNorms.
+    epilogue when `fuse_activation` (default: where that is faster, EPILOGUE_ACTIVATIONS), else
+    applied after the kernel, in place; ffn_out: (H, F). norm1/norm2: LayerNorms.
     forward(x (B, S, H), attn_mask) -> (B, S, H); attn_mask: None, a bool mask (True = attend) or an
     additive float mask, broadcastable to (B, nh, S, S), as scaled_dot_product_attention takes it.
     """
 
     def __init__(self, qkv: SparseLinear, out: SparseLinear, ffn_in: SparseLinear, ffn_out: SparseLinear,
                  norm1: nn.LayerNorm, norm2: nn.LayerNorm, heads: int, *, norm_first: bool = False,
-                 activation: str = "gelu", fuse_activation: bool = True):
+                 activation: str = "gelu", fuse_activation: bool | None = None):
         super().__init__()
         h = out.out_features
         shapes = {"qkv": (qkv, (3 * h, h)), "out": (out, (h, h)), "ffn_in": (ffn_in, (ffn_in.out_features, h)),
@@ -74,6 +80,8 @@ class SparseEncoderLayer(nn.Module):
         self.qkv, self.out, self.ffn_in, self.ffn_out = qkv, out, ffn_in, ffn_out
         self.norm1, self.norm2 = norm1, norm2
         self.heads, self.hidden, self.norm_first = heads, h, norm_first
+        if fuse_activation is None:
+            fuse_activation = activation in EPILOGUE_ACTIVATIONS
         self.ffn_in.activation = activation if fuse_activation else None
         # The activation applied after the kernel when it is not fused (kept to measure the two).
         self.post_activation = None if fuse_activation else activation
@@ -87,11 +95,11 @@ class SparseEncoderLayer(nn.Module):
         return self.out(ctx.transpose(1, 2).reshape(b * s, h))   # (B·S, H)
 
     def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
-        f = self.ffn_in(x2)
+        f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
         if self.post_activation == "gelu":
-            f = F.gelu(f)
+            torch.ops.aten.gelu_(f)
         elif self.post_activation is not None:
-            f = F.gelu(f, approximate="tanh") if self.post_activation == "gelu_tanh" else torch.relu(f)
+            torch.ops.aten.gelu_(f, approximate="tanh") if self.post_activation == "gelu_tanh" else f.relu_()
         return self.ffn_out(f)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from engine import ops
 from engine.convert import KERNEL_TOL, STORAGE_TOL
 from engine.cpu import available as cpu_available
 from engine.modules import SparseLinear
-from engine.transformer import SparseEncoderLayer, TorchEncoderLayer, sparsify
+from engine.transformer import EPILOGUE_ACTIVATIONS, SparseEncoderLayer, TorchEncoderLayer, sparsify
 
 pytestmark = pytest.mark.skipif(not cpu_available(), reason="the C++ extension engine._C is not built")
 
@@ -63,7 +63,8 @@ def test_torch_encoder_matches_reference(fmt, norm_first, act):
     assert all(isinstance(layer, TorchEncoderLayer) for layer in fast.layers)
     block = fast.layers[0].block
     assert {lin.format for lin in block.children() if isinstance(lin, SparseLinear)} == {fmt}
-    assert block.ffn_in.activation == act  # fused into the kernel epilogue
+    fused = act in EPILOGUE_ACTIVATIONS  # the others run after the kernel (faster, see the module)
+    assert (block.ffn_in.activation, block.post_activation) == ((act, None) if fused else ("none", act))
     x = torch.randn(4, SEQ, H)
     pad = padding(4)
     ops.calls.clear()
@@ -125,18 +126,20 @@ def test_bf16_weights(fmt):
         assert rel_err(y, rounded(x, src_key_padding_mask=pad)) <= 10 * KERNEL_TOL
 
 
-def test_epilogue_activation_equals_activation_after():
-    ref = torch_encoder(False, "gelu")
-    fused = sparsify(copy.deepcopy(ref), format="csr")
-    block = fused.layers[0].block
-    after = SparseEncoderLayer(block.qkv, block.out, block.ffn_in, block.ffn_out, block.norm1, block.norm2,
-                               HEADS, activation="gelu", fuse_activation=False)
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+def test_epilogue_activation_equals_activation_after(act):
+    activation = nn.GELU(approximate="tanh") if act == "gelu_tanh" else act
+    block = sparsify(torch_encoder(False, activation), format="csr").layers[0].block
     x = torch.randn(2, SEQ, H)
-    with torch.no_grad():
-        y_after = after(x)
-        assert block.ffn_in.activation == "none"  # the same SparseLinear, now without the epilogue
-        block.ffn_in.activation = "gelu"
-        torch.testing.assert_close(block(x), y_after, atol=1e-5, rtol=1e-5)
+    results = []
+    for fuse in (True, False):
+        layer = SparseEncoderLayer(block.qkv, block.out, block.ffn_in, block.ffn_out, block.norm1, block.norm2,
+                                   HEADS, activation=act, fuse_activation=fuse)
+        assert layer.ffn_in.activation == (act if fuse else "none")
+        assert layer.post_activation == (None if fuse else act)
+        with torch.no_grad():
+            results.append(layer(x))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
 
 def test_hf_bert_model_matches_transformers():
