@@ -15,12 +15,16 @@ one process, medians (and minima) of `rounds` rounds:
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py minilm --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py bert --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py profile --threads 2
+    ... --cpu-time: 1 thread timed by its own CPU time, for a box shared with other jobs
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import platform
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -45,7 +49,8 @@ TEXT = ("Sparse kernels read only the weights a pruned model keeps, so a transfo
 def texts(batch: int, seq: int, tokenizer) -> list[str]:
     """`batch` distinct texts the tokenizer truncates at exactly `seq` tokens."""
     tokenizer.enable_truncation(max_length=seq)
-    out = [f"{i} " + TEXT * (1 + seq // 16) for i in range(batch)]
+    # ~30 tokens per TEXT: a few tokens past `seq`, so tokenizing costs what a `seq`-token text costs.
+    out = [f"{i} " + TEXT * (1 + seq // 28) for i in range(batch)]
     assert all(len(e.ids) == seq for e in tokenizer.encode_batch(out))
     return out
 
@@ -120,7 +125,7 @@ def minilm(args) -> None:
                 print(f"batch {batch} {name}: cosine vs dense {cos:.4f}")
         fns = {name: (lambda m=m: m.encode(batch_texts, batch_size=batch)) for name, m in models.items()}
         report(f"all-MiniLM-L6-v2 encode, batch {batch}, seq {args.seq}, {args.threads} threads, "
-               f"{args.sparsity:.0%} sparsity", time_samples(fns, args.min_time, args.rounds))
+               f"{args.sparsity:.0%} sparsity", time_samples(fns, args.min_time, args.rounds, args.clock))
 
 
 BERT = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
@@ -158,7 +163,7 @@ def bert_grid(args) -> None:
                     print(f"{sparsity:.0%} batch {batch} {name}: max |diff| vs dense {err:.2e}")
             fns = {name: (lambda m=m: m(ids, mask)) for name, m in models.items()}
             report(f"BERT 2x768 encoder, {sparsity:.0%} unstructured, batch {batch}, seq {args.seq}, "
-                   f"{args.threads} threads", time_samples(fns, args.min_time, args.rounds))
+                   f"{args.threads} threads", time_samples(fns, args.min_time, args.rounds, args.clock))
 
 
 def profile(args) -> None:
@@ -189,7 +194,7 @@ def profile(args) -> None:
                 "whole layer": lambda: layer(x2.view(b, s, h)),
                 "whole encode": lambda: model.encode(batch_texts, batch_size=batch),
             }
-            t = {k: sorted(v)[len(v) // 2] for k, v in time_samples(fns, args.min_time, args.rounds).items()}
+            t = {k: sorted(v)[len(v) // 2] for k, v in time_samples(fns, args.min_time, args.rounds, args.clock).items()}
             t["ctx reshape (copy)"] -= t["attention (SDPA)"]
             t["residual add + layernorm (x2)"] *= 2
             ops_sum = sum(v for k, v in t.items() if not k.startswith("whole"))
@@ -216,8 +221,17 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per model and batch")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="1 thread, timed by this thread's CPU time (time.thread_time): immune to time slices "
+                        "lost to other processes on a shared box; tokenizer parallelism off")
     args = p.parse_args(argv)
+    args.clock = time.perf_counter
+    if args.cpu_time:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        args.threads, args.clock = 1, time.thread_time
     torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, C++ kernels isa="
+          f"{engine.cpu.isa()}, {args.threads} threads, clock {args.clock.__name__}")
     {"minilm": minilm, "bert": bert_grid, "profile": profile}[args.part](args)
     return 0
 

@@ -170,7 +170,8 @@ class BertEncoder(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids.long())  # (B, S, H)
         bias = None
-        if attention_mask is not None:
+        # No padding (every key kept): no mask, so SDPA runs its unmasked kernel.
+        if attention_mask is not None and not bool(attention_mask.all()):
             # Additive key mask (B, 1, 1, S): padded keys get the most negative float, as HF does.
             keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
             bias = (1.0 - keep) * torch.finfo(x.dtype).min
