@@ -153,7 +153,8 @@ def bert_grid(args) -> None:
         after = transformer.sparsify(copy.deepcopy(dense))
         assert all(isinstance(layer, transformer.SparseEncoderLayer) for layer in after.encoder.layer)
         for batch in args.bert_batch:
-            ids = torch.randint(1000, BERT["vocab_size"], (batch, args.seq), generator=torch.Generator().manual_seed(batch))
+            gen = torch.Generator().manual_seed(batch)
+            ids = torch.randint(1000, BERT["vocab_size"], (batch, args.seq), generator=gen)
             mask = torch.ones_like(ids)
             models = {"dense fp32": dense, "engine before (linears)": before, "engine after (blocks)": after}
             with torch.inference_mode():
@@ -182,21 +183,26 @@ def profile(args) -> None:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             ctx = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * s, h)
             f = layer.ffn_in(x2)
+
+            def attend():
+                return F.scaled_dot_product_attention(q, k, v)
             scratch = torch.zeros_like(x2)
             n1 = layer.norm1
             fns = {
                 "qkv sparse linear": lambda: layer.qkv(x2),
-                "attention (SDPA)": lambda: F.scaled_dot_product_attention(q, k, v),
-                "ctx reshape (copy)": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * s, h),
+                "attention (SDPA)": attend,
+                "ctx reshape (copy)": lambda: attend().transpose(1, 2).reshape(b * s, h),
                 "out sparse linear": lambda: layer.out(ctx),
                 "ffn_in sparse linear": lambda: layer.ffn_in(x2),
                 "GELU (in place, after the kernel)": lambda: torch.ops.aten.gelu_(f),
                 "ffn_out sparse linear": lambda: layer.ffn_out(f),
-                "residual add + layernorm (x2)": lambda: F.layer_norm(scratch.add_(x2), (h,), n1.weight, n1.bias, n1.eps),
+                "residual add + layernorm (x2)": lambda: F.layer_norm(scratch.add_(x2), (h,), n1.weight, n1.bias,
+                                                                      n1.eps),
                 "whole layer": lambda: layer(x2.view(b, s, h)),
                 "whole encode": lambda: model.encode(batch_texts, batch_size=batch),
             }
-            t = {k: sorted(v)[len(v) // 2] for k, v in time_samples(fns, args.min_time, args.rounds, args.clock).items()}
+            samples = time_samples(fns, args.min_time, args.rounds, args.clock)
+            t = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
             t["ctx reshape (copy)"] = max(0.0, t["ctx reshape (copy)"] - t["attention (SDPA)"])
             t["residual add + layernorm (x2)"] *= 2
             ops_sum = sum(v for k, v in t.items() if not k.startswith("whole"))

@@ -180,9 +180,10 @@ def _stacked_qkv(parts: list[nn.Module] | None, weight=None, bias=None, opts: di
         bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(w.shape[0]) if b is None else b.float() for (w, _), b in zip(dense, biases)])
         sparse = [p for p in parts if isinstance(p, SparseLinear)]
-        same = len({(p.format, p.sparse_weight.dtype) for p in sparse}) == 1
-        if len(sparse) == 3 and same:
+        if len(sparse) == 3 and len({(p.format, p.sparse_weight.dtype) for p in sparse}) == 1:
             return _linear(weight, bias, opts, like=sparse[0])
+        if sparse:  # per-layer choices differ (format="auto" at convert): choose for the stack
+            opts = {**opts, "format": "auto", "dtype": sparse[0].sparse_weight.dtype}
     return _linear(weight, bias, opts)
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 import engine
-from engine import ops
+from engine import ops, transformer
 from engine.convert import KERNEL_TOL, STORAGE_TOL
 from engine.cpu import available as cpu_available
-from engine.modules import SparseLinear
+from engine.modules import SparseLinear, choose_layout
 from engine.transformer import EPILOGUE_ACTIVATIONS, SparseEncoderLayer, TorchEncoderLayer, sparsify
 
 pytestmark = pytest.mark.skipif(not cpu_available(), reason="the C++ extension engine._C is not built")
@@ -185,3 +185,26 @@ def test_bad_shapes_are_refused():
         SparseEncoderLayer(block.out, block.out, block.ffn_in, block.ffn_out, block.norm1, block.norm2, HEADS)
     with pytest.raises(ValueError, match="not a multiple of heads=3"):
         SparseEncoderLayer(block.qkv, block.out, block.ffn_in, block.ffn_out, block.norm1, block.norm2, 3)
+
+
+def test_bert_layer_with_mixed_qkv_layouts():
+    """Q, K and V converted to different layouts (format="auto" decides per layer): the stacked
+    layer gets one layout chosen for the stack, and the block still matches the layer it replaces."""
+    from engine.models import bert
+    config = dict(vocab_size=50, hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS,
+                  intermediate_size=FFN, hidden_act="gelu", max_position_embeddings=16, type_vocab_size=2,
+                  layer_norm_eps=1e-12, pad_token_id=0)
+    torch.manual_seed(4)
+    ref = prune_(bert.build(config).eval(), 0.6, torch.Generator().manual_seed(4))
+    layer = copy.deepcopy(ref.encoder.layer[0])
+    sa = layer.attention.self
+    sa.query = SparseLinear.from_linear(sa.query, "csr")
+    sa.key = SparseLinear.from_linear(sa.key, "bsr", (8, 8))
+    fast = transformer.from_bert_layer(layer, dict(format="dense", blocksize=None, dtype=None,
+                                                   min_sparsity=0.0, batch=8))
+    ref_sa = ref.encoder.layer[0].attention.self
+    stacked = torch.cat([ref_sa.query.weight, ref_sa.key.weight, ref_sa.value.weight]).detach()
+    assert fast.qkv.format == choose_layout(stacked)[0]  # chosen for the stack, not the "dense" for leftovers
+    x = torch.randn(2, SEQ, H)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref.encoder.layer[0](x, None), atol=2e-5, rtol=2e-5)

@@ -93,6 +93,8 @@ def test_round_trip_equals_transformers(hf_bert, tmp_path, fmt):
         y = sparse(ids, mask)
         torch.testing.assert_close(y, hf_hidden(model, ids, mask), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sparse(ids), hf_hidden(model, ids), atol=1e-5, rtol=1e-5)
+        # Nothing padded: the mask is dropped before attention (SDPA's unmasked kernel), same result.
+        torch.testing.assert_close(sparse(ids, torch.ones_like(mask)), hf_hidden(model, ids), atol=1e-5, rtol=1e-5)
     assert y.shape == (3, 11, CONFIG["hidden_size"])
 
 
