@@ -12,9 +12,12 @@ from .version import __version__
 
 def __getattr__(name):
     # Heavier pieces load on first use so `import engine` stays light.
-    if name in ("SparseLinear", "sparsify"):
-        from . import modules
-        return getattr(modules, name)
+    if name == "SparseLinear":
+        from .modules import SparseLinear
+        return SparseLinear
+    if name == "sparsify":  # whole transformer blocks first, then the remaining nn.Linear layers
+        from .transformer import sparsify
+        return sparsify
     if name == "load":
         from .runtime import load
         return load

@@ -205,6 +205,8 @@ def sparsify(model: nn.Module, format: str = "auto", blocksize=None, *, dtype: t
              skip: tuple[str, ...] = (), min_sparsity: float = 0.0, fuse_activations: bool = True,
              batch: int = 8) -> nn.Module:
     """Swaps every nn.Linear of `model` (in place) for a SparseLinear; returns the model.
+    (engine.sparsify, in engine/transformer.py, first swaps whole transformer encoder blocks for
+    the fast block, then calls this for the linear layers left.)
 
     skip: qualified module names left untouched (e.g. ("classifier",)).
     min_sparsity: layers sparser than this are candidates; others stay nn.Linear.

@@ -170,7 +170,8 @@ class BertEncoder(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids.long())  # (B, S, H)
         bias = None
-        if attention_mask is not None:
+        # No padding (every key kept): no mask, so SDPA runs its unmasked kernel.
+        if attention_mask is not None and not bool(attention_mask.all()):
             # Additive key mask (B, 1, 1, S): padded keys get the most negative float, as HF does.
             keep = attention_mask.to(device=x.device, dtype=x.dtype)[:, None, None, :]
             bias = (1.0 - keep) * torch.finfo(x.dtype).min
@@ -280,15 +281,22 @@ class BertFamily(Family):
     def build(self, config: dict) -> BertEncoder:
         return build(config)
 
-    def prepare_runtime(self, model: BertEncoder, config: dict) -> None:
-        """Fuses the feed-forward activation into the intermediate SparseLinear's kernel epilogue."""
+    def prepare_runtime(self, model: BertEncoder, config: dict, fast_blocks: bool = True) -> None:
+        """Each encoder layer becomes one engine.transformer.SparseEncoderLayer (Q/K/V stacked into
+        one sparse matrix in the artifact's own layout, bias + activation in the kernel epilogue);
+        fast_blocks=False keeps the layer-by-layer modules and only fuses the activation."""
         from ..modules import SparseLinear
+        from ..transformer import from_bert_layer
         act = HIDDEN_ACTS[config["hidden_act"]][0]
-        for layer in model.encoder.layer:
+        for i, layer in enumerate(model.encoder.layer):
             inter = layer.intermediate
             if isinstance(inter.dense, SparseLinear):
                 inter.dense.activation = act
                 inter.act = nn.Identity()
+            if fast_blocks:
+                # Linear layers the artifact kept as nn.Linear stay dense (layout "dense").
+                opts = dict(format="dense", blocksize=None, dtype=None, min_sparsity=0.0, batch=8)
+                model.encoder.layer[i] = from_bert_layer(layer, opts)
 
     def attach_tokenizer(self, model: BertEncoder, config: dict, tokenizer) -> None:
         if tokenizer is not None:

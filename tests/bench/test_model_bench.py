@@ -46,7 +46,7 @@ def test_bench_model_on_bert(hf_bert, tmp_path, capsys):  # noqa: F811
                 "--threads", "1", "--min-time", "0.01"]) == 0
     out = capsys.readouterr().out
     assert "family bert" in out
-    assert "12 SparseLinear layers" in out  # 6 per encoder layer, 2 layers
+    assert "8 SparseLinear layers" in out  # 4 per encoder block (Q/K/V stacked into one), 2 blocks
     # batch, dense ms, engine ms, speedup ("1.23x"), max |diff|
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]

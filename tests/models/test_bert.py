@@ -17,6 +17,7 @@ from engine.cli import main as cli
 from engine.convert import ConvertError, convert
 from engine.models import ArchError
 from engine.modules import SparseLinear
+from engine.transformer import SparseEncoderLayer
 
 CONFIG = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=96, max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu",
@@ -77,7 +78,12 @@ def test_round_trip_equals_transformers(hf_bert, tmp_path, fmt):
     assert meta["verification"]["rel_err_vs_checkpoint"] <= 1e-5
     sparse = engine.load(tmp_path / "b.sparse")
     linears = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
-    assert len(linears) == 6 * CONFIG["num_hidden_layers"]
+    # One fast block per layer: Q, K and V stacked into one (3H, H) layer, then out, FFN in, FFN out.
+    assert len(linears) == 4 * CONFIG["num_hidden_layers"]
+    h = CONFIG["hidden_size"]
+    for layer in sparse.encoder.layer:
+        assert isinstance(layer, SparseEncoderLayer)
+        assert (layer.qkv.out_features, layer.qkv.in_features) == (3 * h, h)
     if fmt != "auto":
         assert {m.format for m in linears} == {fmt}
     if fmt == "bsr":
@@ -87,6 +93,8 @@ def test_round_trip_equals_transformers(hf_bert, tmp_path, fmt):
         y = sparse(ids, mask)
         torch.testing.assert_close(y, hf_hidden(model, ids, mask), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sparse(ids), hf_hidden(model, ids), atol=1e-5, rtol=1e-5)
+        # Nothing padded: the mask is dropped before attention (SDPA's unmasked kernel), same result.
+        torch.testing.assert_close(sparse(ids, torch.ones_like(mask)), hf_hidden(model, ids), atol=1e-5, rtol=1e-5)
     assert y.shape == (3, 11, CONFIG["hidden_size"])
 
 
@@ -118,7 +126,7 @@ def test_masks_and_prefixed_keys(hf_bert, tmp_path):
     save_file(new, str(out / "model.safetensors"))
     convert(out, tmp_path / "b.sparse", format="csr", **quiet)
     sparse = engine.load(tmp_path / "b.sparse")
-    assert sparse.encoder.layer[1].intermediate.dense.weight_values.numel() == int(mask.sum())
+    assert sparse.encoder.layer[1].ffn_in.weight_values.numel() == int(mask.sum())
     ids, am = inputs()
     with torch.no_grad():
         torch.testing.assert_close(sparse(ids, am), hf_hidden(model, ids, am), atol=1e-5, rtol=1e-5)

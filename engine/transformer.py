@@ -1,0 +1,334 @@
+"""The transformer-encoder block on the sparse kernels: `SparseEncoderLayer`, and `sparsify`, which
+swaps whole blocks (nn.TransformerEncoderLayer, Hugging Face's BertLayer, the bert family's Layer)
+for it before swapping the remaining nn.Linear layers (engine.modules.sparsify).
+
+One block, per call (x: (B, S, H), nh heads of hs = H / nh):
+  qkv   = x · [Wq; Wk; Wv]ᵀ + b         one sparse kernel call on the stacked (3H, H) weight
+  q,k,v = strided views of qkv           (B, nh, S, hs), no copies
+  ctx   = scaled_dot_product_attention   (B, S, H) after one reshape
+  a     = LN1(x + ctx · Woᵀ + bo)         residual added in place into the kernel's output
+  y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue
+(pre-LN, `norm_first`: a = x + (LN1(x) ...), y = a + FFN(LN2(a))).
+The layout, dtype and activation of every linear layer are checked once, when the block is built;
+the forward pass runs the kernels through sparse_linear's skip-checks path. Inference only:
+dropout is not applied.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import formats
+from .modules import FORMATS, SparseLinear, detect_blocksize
+from .modules import sparsify as sparsify_linears
+
+# Activations run in the sparse kernel's epilogue; the others (erf and tanh GELU) run after it, in
+# place, in torch: the C++ epilogue computes GELU per element in scalar code, and measured 10-17x
+# slower than the kernel itself where torch's vectorised gelu_ costs ~0.6x of it
+# (bench/results/minilm_speed.md).
+EPILOGUE_ACTIVATIONS = ("relu",)
+_ACTIVATION_FNS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
+# Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
+_HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation": "gelu_tanh",
+                   "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
+
+
+def activation_name(act) -> str | None:
+    """The kernel epilogue's name for an activation module/function, or None when it has none."""
+    if isinstance(act, str):
+        return {"relu": "relu", "gelu": "gelu"}.get(act)
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", F.gelu) is not F.gelu:
+        return None  # HF's python-erf GELU: same maths, but keep the exact module it asked for
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    return _ACTIVATION_FNS.get(act) or _HF_ACTIVATIONS.get(type(act).__name__)
+
+
+class SparseEncoderLayer(nn.Module):
+    """A transformer encoder block (batch-first) whose four linear maps are SparseLinear layers.
+
+    qkv: (3H, H) stacked query/key/value; out: (H, H); ffn_in: (F, H) with the activation in its
+    epilogue when `fuse_activation` (default: where that is faster, EPILOGUE_ACTIVATIONS), else
+    applied after the kernel, in place; ffn_out: (H, F). norm1/norm2: LayerNorms.
+    forward(x (B, S, H), attn_mask) -> (B, S, H); attn_mask: None, a bool mask (True = attend) or an
+    additive float mask, broadcastable to (B, nh, S, S), as scaled_dot_product_attention takes it.
+    """
+
+    def __init__(self, qkv: SparseLinear, out: SparseLinear, ffn_in: SparseLinear, ffn_out: SparseLinear,
+                 norm1: nn.LayerNorm, norm2: nn.LayerNorm, heads: int, *, norm_first: bool = False,
+                 activation: str = "gelu", fuse_activation: bool | None = None):
+        super().__init__()
+        h = out.out_features
+        shapes = {"qkv": (qkv, (3 * h, h)), "out": (out, (h, h)), "ffn_in": (ffn_in, (ffn_in.out_features, h)),
+                  "ffn_out": (ffn_out, (h, ffn_in.out_features))}
+        for name, (lin, shape) in shapes.items():
+            if not isinstance(lin, SparseLinear):
+                raise TypeError(f"SparseEncoderLayer: {name} must be a SparseLinear, got {type(lin).__name__}")
+            if (lin.out_features, lin.in_features) != shape:
+                raise ValueError(f"SparseEncoderLayer: {name} has shape {(lin.out_features, lin.in_features)}, "
+                                 f"expected {shape} (hidden {h})")
+        if heads < 1 or h % heads:
+            raise ValueError(f"SparseEncoderLayer: hidden size {h} is not a multiple of heads={heads}")
+        for name, norm in (("norm1", norm1), ("norm2", norm2)):
+            if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (h,):
+                raise ValueError(f"SparseEncoderLayer: {name} must be nn.LayerNorm({h}), got {norm}")
+        self.qkv, self.out, self.ffn_in, self.ffn_out = qkv, out, ffn_in, ffn_out
+        self.norm1, self.norm2 = norm1, norm2
+        self.heads, self.hidden, self.norm_first = heads, h, norm_first
+        if fuse_activation is None:
+            fuse_activation = activation in EPILOGUE_ACTIVATIONS
+        self.ffn_in.activation = activation if fuse_activation else None
+        # The activation applied after the kernel when it is not fused (kept to measure the two).
+        self.post_activation = None if fuse_activation else activation
+        self.activation = activation
+
+    def _attention(self, x2: torch.Tensor, b: int, s: int, attn_mask) -> torch.Tensor:
+        nh, h = self.heads, self.hidden
+        qkv = self.qkv(x2).view(b, s, 3, nh, h // nh)            # (B, S, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # each (B, nh, S, hs), strided views
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(ctx.transpose(1, 2).reshape(b * s, h))   # (B·S, H)
+
+    def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
+        f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
+        if self.post_activation == "gelu":
+            torch.ops.aten.gelu_(f)
+        elif self.post_activation is not None:
+            torch.ops.aten.gelu_(f, approximate="tanh") if self.post_activation == "gelu_tanh" else f.relu_()
+        return self.ffn_out(f)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"SparseEncoderLayer: x must be (batch, seq, {self.hidden}), got {tuple(x.shape)}")
+        b, s, h = x.shape
+        x2 = x.reshape(b * s, h)
+        n1, n2 = self.norm1, self.norm2
+        if self.norm_first:
+            a = self._attention(F.layer_norm(x2, (h,), n1.weight, n1.bias, n1.eps), b, s, attn_mask).add_(x2)
+            y = self._ffn(F.layer_norm(a, (h,), n2.weight, n2.bias, n2.eps)).add_(a)
+        else:
+            a = F.layer_norm(self._attention(x2, b, s, attn_mask).add_(x2), (h,), n1.weight, n1.bias, n1.eps)
+            y = F.layer_norm(self._ffn(a).add_(a), (h,), n2.weight, n2.bias, n2.eps)
+        return y.view(b, s, h)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, heads={self.heads}, norm_first={self.norm_first}, activation={self.activation}"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def _pruned_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The weight torch.nn.utils.prune would apply (weight_orig · mask), else the weight itself."""
+    w = getattr(module, f"{name}_orig", getattr(module, name)).detach()
+    mask = getattr(module, f"{name}_mask", None)
+    return w if mask is None else w * (mask != 0)
+
+
+def _dense_parts(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 dense weight, bias) of an nn.Linear or a SparseLinear."""
+    if isinstance(lin, SparseLinear):
+        w = lin.sparse_weight
+        w = w.float() if isinstance(w, torch.Tensor) else w.to_dense(torch.float32)
+        return w, lin.bias
+    return _pruned_weight(lin), None if lin.bias is None else lin.bias.detach()
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, opts: dict, like: SparseLinear | None = None
+            ) -> SparseLinear:
+    """A SparseLinear for a (pruned) dense weight. `like`: keep that layer's layout, block and dtype
+    (a converted artifact's choice); else opts' format/blocksize/dtype (`auto`: the cost model's pick,
+    dense layout below min_sparsity)."""
+    if like is not None:
+        fmt, w = formats.get(like.format), like.sparse_weight
+        dtype = w.dtype
+        block = fmt.blocksize(w)
+        if block is not None and (weight.shape[0] % block[0] or weight.shape[1] % block[1]):
+            block = detect_blocksize(weight != 0) or (1, 1)  # a stacked weight keeps its block's shape
+        bias_dtype = like.bias.dtype if like.bias is not None else torch.float32
+        built = fmt.build(weight.to(dtype), None, block if fmt.blocked else None)
+        return SparseLinear(built, None if bias is None else bias.to(bias_dtype), backend=like.backend)
+    fmt = opts["format"]
+    sparsity = 1.0 - float((weight != 0).float().mean()) if weight.numel() else 0.0
+    if sparsity < opts["min_sparsity"]:
+        fmt = "dense"
+    proxy = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        proxy.weight.copy_(weight)
+        if bias is not None:
+            proxy.bias.copy_(bias)
+    return SparseLinear.from_linear(proxy, fmt, opts["blocksize"], dtype=opts["dtype"], batch=opts["batch"])
+
+
+def _reuse_or_build(lin: nn.Module, opts: dict) -> SparseLinear:
+    if isinstance(lin, SparseLinear):
+        lin.activation = None
+        return lin
+    return _linear(*_dense_parts(lin), opts)
+
+
+def _stacked_qkv(parts: list[nn.Module] | None, weight=None, bias=None, opts: dict | None = None) -> SparseLinear:
+    """One SparseLinear for Q, K and V: from three linear layers (stacked), or a stacked weight."""
+    if parts is not None:
+        dense = [_dense_parts(p) for p in parts]
+        weight = torch.cat([w for w, _ in dense])
+        biases = [b for _, b in dense]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(w.shape[0]) if b is None else b.float() for (w, _), b in zip(dense, biases)])
+        sparse = [p for p in parts if isinstance(p, SparseLinear)]
+        if len(sparse) == 3 and len({(p.format, p.sparse_weight.dtype) for p in sparse}) == 1:
+            return _linear(weight, bias, opts, like=sparse[0])
+        if sparse:  # per-layer choices differ (format="auto" at convert): choose for the stack
+            opts = {**opts, "format": "auto", "dtype": sparse[0].sparse_weight.dtype}
+    return _linear(weight, bias, opts)
+
+
+def _layer_norm(norm: nn.Module, h: int) -> nn.LayerNorm:
+    if isinstance(norm, nn.LayerNorm):
+        return norm
+    raise TypeError(f"engine.transformer: expected nn.LayerNorm({h}), got {type(norm).__name__}")
+
+
+def from_torch_layer(layer: nn.TransformerEncoderLayer, opts: dict) -> SparseEncoderLayer | None:
+    """nn.TransformerEncoderLayer (batch_first, self-attention of one embed dim, relu/gelu) -> the
+    fast block; None when the layer is outside what it runs (left as it is)."""
+    attn = layer.self_attn
+    act = activation_name(layer.activation)
+    if not (attn._qkv_same_embed_dim and act is not None and attn.bias_k is None and not attn.add_zero_attn):
+        return None
+    in_bias = None if attn.in_proj_bias is None else attn.in_proj_bias.detach()
+    qkv = _stacked_qkv(None, _pruned_weight(attn, "in_proj_weight"), in_bias, opts)
+    fast = SparseEncoderLayer(qkv, _reuse_or_build(attn.out_proj, opts), _reuse_or_build(layer.linear1, opts),
+                              _reuse_or_build(layer.linear2, opts), layer.norm1, layer.norm2, attn.num_heads,
+                              norm_first=layer.norm_first, activation=act)
+    return TorchEncoderLayer(fast, batch_first=attn.batch_first)
+
+
+def is_bert_layer(module: nn.Module) -> bool:
+    """The Hugging Face BertLayer parameter layout (also the bert family's Layer), by structure."""
+    try:
+        module.attention.self.query, module.attention.output.LayerNorm, module.intermediate.dense
+        module.output.dense, module.output.LayerNorm
+    except AttributeError:
+        return False
+    return not getattr(module, "is_decoder", False) and not hasattr(module, "crossattention")
+
+
+def _bert_heads(module: nn.Module) -> int:
+    sa = module.attention.self
+    return int(getattr(sa, "heads", None) or getattr(sa, "num_attention_heads"))
+
+
+def _bert_activation(module: nn.Module) -> str | None:
+    inter = module.intermediate
+    if isinstance(inter.dense, SparseLinear) and inter.dense.activation != "none":
+        return inter.dense.activation  # fused already (the family's prepare_runtime)
+    return activation_name(getattr(inter, "act", None) or getattr(inter, "intermediate_act_fn", None))
+
+
+def from_bert_layer(module: nn.Module, opts: dict) -> SparseEncoderLayer | None:
+    """A BertLayer-shaped block (HF's or the bert family's) -> the fast block (post-LN); None when
+    its activation has no kernel epilogue."""
+    act = _bert_activation(module)
+    if act is None:
+        return None
+    sa, h = module.attention.self, module.attention.output.LayerNorm.normalized_shape[0]
+    qkv = _stacked_qkv([sa.query, sa.key, sa.value], opts=opts)
+    return SparseEncoderLayer(qkv, _reuse_or_build(module.attention.output.dense, opts),
+                              _reuse_or_build(module.intermediate.dense, opts),
+                              _reuse_or_build(module.output.dense, opts),
+                              _layer_norm(module.attention.output.LayerNorm, h),
+                              _layer_norm(module.output.LayerNorm, h), _bert_heads(module), activation=act)
+
+
+class TorchEncoderLayer(nn.Module):
+    """The fast block behind nn.TransformerEncoderLayer's call signature (src, src_mask,
+    src_key_padding_mask, is_causal); bool masks mean True = masked, as torch's do. src is
+    (B, S, H), or (S, B, H) when the layer it replaces was not batch_first."""
+
+    def __init__(self, block: SparseEncoderLayer, batch_first: bool = True):
+        super().__init__()
+        self.block = block
+        self.batch_first = batch_first
+        # nn.TransformerEncoder.forward reads layers[0].self_attn.batch_first before anything else.
+        self.self_attn = SimpleNamespace(batch_first=batch_first)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        if self.batch_first:
+            return self._run(src, src_mask, src_key_padding_mask, is_causal)
+        return self._run(src.transpose(0, 1), src_mask, src_key_padding_mask, is_causal).transpose(0, 1)
+
+    def _run(self, src, src_mask, src_key_padding_mask, is_causal):
+        b, s, _ = src.shape
+        mask = None
+        if src_mask is not None:
+            m = _additive(src_mask, src.dtype)
+            mask = m.view(b, -1, s, s) if m.dim() == 3 else m
+        elif is_causal:
+            mask = torch.full((s, s), float("-inf"), dtype=src.dtype, device=src.device).triu_(1)
+        if src_key_padding_mask is not None:
+            pad = _additive(src_key_padding_mask, src.dtype)[:, None, None, :]  # (B, 1, 1, S)
+            mask = pad if mask is None else mask + pad
+        return self.block(src, mask)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class BertLayerAdapter(nn.Module):
+    """The fast block behind HF BertLayer's call (hidden_states, attention_mask, ...): the mask HF
+    built for its sdpa/eager attention (bool True = attend, or additive) goes to SDPA as it is."""
+
+    def __init__(self, block: SparseEncoderLayer):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        return self.block(hidden_states, attention_mask)
+
+
+def convert_block(module: nn.Module, opts: dict, hf: bool = False) -> nn.Module | None:
+    """The fast replacement of one encoder block, or None when it is not one the fast path runs."""
+    if isinstance(module, nn.TransformerEncoderLayer):
+        return from_torch_layer(module, opts)
+    if is_bert_layer(module):
+        fast = from_bert_layer(module, opts)
+        return None if fast is None else (BertLayerAdapter(fast) if hf else fast)
+    return None
+
+
+def sparsify(model: nn.Module, format: str = "auto", blocksize=None, *, dtype: torch.dtype | None = None,
+             skip: tuple[str, ...] = (), min_sparsity: float = 0.0, fuse_activations: bool = True,
+             batch: int = 8, blocks: bool = True) -> nn.Module:
+    """engine.sparsify: swaps (in place) every transformer encoder block for a SparseEncoderLayer
+    (nn.TransformerEncoderLayer, batch_first, relu/gelu; HF BertLayer; the bert family's Layer),
+    then every remaining nn.Linear for a SparseLinear (engine.modules.sparsify; same arguments).
+    Blocks take the same format/blocksize/dtype; Q, K and V become one stacked layer. `skip`
+    names leave a block (or a linear layer) untouched; blocks=False swaps only linear layers."""
+    if format not in FORMATS:
+        raise ValueError(f"sparsify: unknown format {format!r}; expected one of {FORMATS}")
+    opts = dict(format=format, blocksize=blocksize, dtype=dtype, min_sparsity=min_sparsity, batch=batch)
+    if blocks:
+        for name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                qual = f"{name}.{child_name}" if name else child_name
+                if qual in skip or any(qual.startswith(f"{s}.") for s in skip):
+                    continue
+                hf = type(child).__module__.startswith("transformers.")
+                fast = convert_block(child, opts, hf=hf)
+                if fast is not None:
+                    setattr(parent, child_name, fast)
+        for m in model.modules():
+            if isinstance(m, nn.TransformerEncoder) and isinstance(m.layers[0], TorchEncoderLayer):
+                m.use_nested_tensor = False  # its nested-tensor path reads the swapped layer's weights
+    # A MultiheadAttention the fast path did not take reads out_proj.weight itself: leave it nn.Linear.
+    skip = (*skip, *(f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)))
+    return sparsify_linears(model, format, blocksize, dtype=dtype, skip=skip, min_sparsity=min_sparsity,
+                            fuse_activations=fuse_activations, batch=batch)
