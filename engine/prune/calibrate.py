@@ -11,7 +11,9 @@ Each prunable layer sees its own input activations X (rows = tokens or samples) 
 
 Sequential: the first nn.ModuleList of blocks holding prunable layers (a transformer's layers) is
 pruned block by block; each block's calibration inputs are the outputs of the already pruned
-block before it, so memory holds one block's inputs and one layer's H at a time. Prunable layers
+block before it, so memory holds one block's inputs and one layer's H at a time. Inside a block
+the layers go one at a time in module order, each seeing inputs through the block's already
+pruned layers (the forward pass stops at the layer being measured). Prunable layers
 outside such a list (an MLP's layers, a head) are pruned one at a time, in order, each with inputs
 from a full forward pass of the model as pruned so far.
 
@@ -32,12 +34,17 @@ CALIBRATED = ("magnitude", "wanda", "sparsegpt")
 LAZY_COLUMNS = 128
 
 
+class _Stop(Exception):
+    """Raised by a hook once a layer's input is recorded, to cut the forward pass short."""
+
+
 # -- statistics of one layer's inputs -----------------------------------------------------------
 class InputStats:
     """Accumulates X^T X (float64, in x in) over the rows of every input a Linear sees."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, stop: bool = False):
         n_in = weight_2d(module).shape[1]
+        self.stop = stop  # raise _Stop after recording: the rest of the forward pass is not needed
         self.xtx = torch.zeros(n_in, n_in, dtype=torch.float64)
         self.rows = 0
         self.handle = module.register_forward_hook(self._hook)
@@ -49,6 +56,8 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         self.xtx += x.T @ x
         self.rows += x.shape[0]
+        if self.stop:
+            raise _Stop
 
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n, the Hessian of the layer's squared reconstruction error."""
@@ -181,10 +190,6 @@ def prune_layer(module: nn.Module, stats: InputStats | None, method: str, gran: 
 
 
 # -- the sequential driver ----------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
 def _as_args(batch) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
@@ -244,17 +249,22 @@ def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparseg
     masks, report = {}, {}
     log = log or (lambda _msg: None)
 
-    def prune_group(group: dict[str, nn.Module], run: Callable[[], None]) -> None:
-        stats = {n: InputStats(m) for n, m in group.items()}  # magnitude too: its error is reported
+    def prune_one(name: str, module: nn.Module, run: Callable[[], None]) -> None:
+        """Capture the layer's inputs (the forward stops right after it), then prune it."""
+        stats = InputStats(module, stop=True)  # magnitude too: its error is reported
         try:
             run()
         finally:
-            for s in stats.values():
-                s.remove()
-        for n, m in group.items():
-            masks[n], report[n] = prune_layer(m, stats.get(n), method, gran, sparsity)
-            log(f"{n}: sparsity {report[n]['sparsity']:.3f}"
-                + (f", relative output error {report[n]['error']:.4f}" if "error" in report[n] else ""))
+            stats.remove()
+        masks[name], report[name] = prune_layer(module, stats, method, gran, sparsity)
+        log(f"{name}: sparsity {report[name]['sparsity']:.3f}, relative output error {report[name]['error']:.4f}")
+
+    def each(fn, items):
+        for item in items:
+            try:
+                fn(item)
+            except _Stop:
+                pass
 
     try:
         found = find_blocks(model, layers)
@@ -263,18 +273,16 @@ def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparseg
             prefix, blocks = found
             inputs = _block_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
-                group = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{i}.")}
-
-                def run_block(b=block):
-                    for args, kwargs in inputs:
-                        b(*args, **kwargs)
-                prune_group(group, run_block)
-                done.update(group)
+                # Layers in module order, each from inputs through the block's already pruned layers.
+                for n, m in layers.items():
+                    if n.startswith(f"{prefix}.{i}."):
+                        prune_one(n, m, lambda b=block: each(lambda a: b(*a[0], **a[1]), inputs))
+                        done.add(n)
                 inputs = [((_first_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
                           for args, kwargs in inputs]
         for n, m in layers.items():  # the rest, one at a time, through the whole (pruned) model
             if n not in done:
-                prune_group({n: m}, lambda: [model(*_as_args(b)) for b in batches])
+                prune_one(n, m, lambda: each(lambda b: model(*_as_args(b)), batches))
     finally:
         model.train(was_training)
     return MaskSet(masks), report

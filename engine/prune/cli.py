@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .calibrate import CALIBRATED
 from .criteria import METHODS
 from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
 from .granularity import PruneError, check_sparsity, parse_granularity
@@ -39,9 +40,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--dense", metavar="CKPT", help="start from this trained dense state_dict instead of "
                      "training one (loaded with weights_only=True)")
     src.add_argument("--dense-epochs", type=int, default=60, help="epochs of dense training (default 60)")
+    src.add_argument("--hf", metavar="DIR", help="a Hugging Face / sentence-transformers encoder folder "
+                     "(e.g. all-MiniLM-L6-v2): calibrated pruning on text, optional distillation; -o is then "
+                     "a new folder")
+
+    h = parser.add_argument_group("--hf folders (calibration text, distillation)")
+    h.add_argument("--text", metavar="FILE", help="UTF-8 text, one passage per line, instead of the built-in "
+                   "corpus (the Python standard library's documentation)")
+    h.add_argument("--calib-samples", type=int, default=128, help="calibration passages (default 128)")
+    h.add_argument("--seq-len", type=int, default=128, help="tokens per calibration / training passage")
+    h.add_argument("--val-sentences", type=int, default=256, help="validation sentences measured (default 256)")
+    h.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
+    h.add_argument("--distill-lr", type=float, default=1e-4, help="AdamW learning rate of distillation")
+    h.add_argument("--distill-batch", type=int, default=16, help="sentences per distillation step")
+    h.add_argument("--eval-every", type=int, default=50, help="validate every N distillation steps")
+    h.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop distillation after this many seconds (the best state so far is kept)")
 
     p = parser.add_argument_group("pruning")
-    p.add_argument("--method", default="magnitude", choices=METHODS)
+    p.add_argument("--method", default=None, choices=METHODS + CALIBRATED[1:],
+                   help="default: magnitude; sparsegpt for --hf. wanda and sparsegpt take --hf folders")
     p.add_argument("--granularity", default="unstructured", metavar="G",
                    help="unstructured | block:RxC (e.g. block:4x4) | nm:N:M (e.g. nm:2:4)")
     p.add_argument("--scope", default="layer", choices=SCOPES, help="rank weights per layer or globally")
@@ -166,6 +184,7 @@ def _own_argv(args) -> list[str]:
 def run(args, argv: list[str] | None = None) -> dict:
     """Everything `main` does, returning the report (rank 0 also writes the files)."""
     started = time.time()
+    args.method = args.method or "magnitude"
     distributed.init_from_env()
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main()
     gran = parse_granularity(args.granularity)
@@ -298,6 +317,25 @@ def run(args, argv: list[str] | None = None) -> dict:
     return report
 
 
+def run_hf(args) -> dict:
+    """`--hf DIR`: the folder pipeline of hf.py."""
+    from .hf import prune_folder
+    if args.example or args.model or args.data or args.dense:
+        raise PruneError("--hf takes no --example, --model, --data or --dense")
+    if args.sparsity is None:
+        raise PruneError("--hf needs --sparsity S (the accuracy search is for --example / --model)")
+    method = args.method or "sparsegpt"
+    if method not in CALIBRATED:
+        raise PruneError(f"--hf --method {method!r}: folders are pruned with {', '.join(CALIBRATED)}")
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    return prune_folder(args.hf, args.output, method=method, granularity=args.granularity, sparsity=args.sparsity,
+                        skip=args.skip, text=args.text, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                        val_sentences=args.val_sentences, distill_steps=args.distill_steps,
+                        schedule=args.schedule, log=log,
+                        distill=dict(lr=args.distill_lr, batch=args.distill_batch, eval_every=args.eval_every,
+                                     time_budget=args.time_budget, seed=args.seed))
+
+
 def main(args) -> int:
     threads = torch.get_num_threads()
     try:
@@ -305,6 +343,17 @@ def main(args) -> int:
             raise PruneError(f"--threads must be >= 0, got {args.threads}")
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.hf:
+            report = run_hf(args)
+            if not args.quiet:
+                f = report["final"]
+                print(f"pruned {report['method']} {report['granularity']} sparsity {report['measured_sparsity']:.4f}: "
+                      f"cosine to dense {f['cosine_mean']:.4f}, NN agreement {f['nn_agreement']:.3f}; "
+                      f"wrote {args.output}")
+            return 0
+        if args.method in CALIBRATED[1:]:
+            raise PruneError(f"--method {args.method} prunes --hf folders; for --example / --model use the "
+                             "Python API engine.prune.calibrate.calibrated_prune")
         report = run(args)
         main_rank = distributed.is_main()
     except PruneError as e:
