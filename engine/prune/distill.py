@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embeddings import fidelity, token_batches, tokenizer
 from .masks import MaskSet
 
 
@@ -39,7 +40,6 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     """Trains `student` in place; -> (one {"step", "seconds", "cosine_mean", ...} per evaluation,
     the final masks).
     With `reprune` and `plan` ({step: sparsity}), masks are recomputed at those steps (gradual)."""
-    from .hf import fidelity, token_batches
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(student.parameters(), lr=lr,
                             weight_decay=weight_decay)
@@ -47,7 +47,7 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     masks.enforce(student, opt)
     t0 = time.time()
     history, best, best_state = [], -2.0, None
-    train = texts.train
+    train, tok = texts.train, tokenizer(tokenizer_json, seq_len)
 
     def evaluate(step: int) -> None:
         nonlocal best, best_state
@@ -69,7 +69,7 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
                 masks = reprune(plan[step - 1])
                 masks.enforce(student, opt)
             idx = torch.randint(0, len(train), (batch,), generator=gen).tolist()
-            (ids, mask), = token_batches(tokenizer_json, [train[i] for i in idx], seq_len, batch)
+            (ids, mask), = token_batches(tok, [train[i] for i in idx], batch)
             loss = distill_loss(student, teacher, ids, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import corpus as corpus_io
 from .calibrate import calibrated_prune
+from .embeddings import fidelity, token_batches, tokenizer
 from .granularity import PruneError, check_sparsity, parse_granularity
 from .masks import MaskSet, prunable_layers
 from .schedule import SCHEDULES, pruning_plan
@@ -71,42 +72,8 @@ def load_folder(path: str | os.PathLike) -> Encoder:
     if not (hasattr(model, "encode") and hasattr(model, "pool")):
         raise PruneError(f"--hf {str(path)!r}: the {family.name} family gives no sentence embeddings "
                          "(encode/pool), which calibrated pruning of a folder measures")
-    family.attach_tokenizer(model, config, _tokenizer(tok))
+    family.attach_tokenizer(model, config, tokenizer(tok))
     return Encoder(family, config, model.eval(), tok, path)
-
-
-def _tokenizer(text: str, seq_len: int | None = None):
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_str(text)
-    if seq_len is not None:
-        tok.enable_truncation(max_length=seq_len)
-        tok.enable_padding()
-    return tok
-
-
-def token_batches(tokenizer_json: str, texts: list[str], seq_len: int, batch: int = 16) -> list[tuple]:
-    """(input_ids, attention_mask) batches of `texts`, truncated to `seq_len` tokens."""
-    tok = _tokenizer(tokenizer_json, seq_len)
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tok.encode_batch(texts[i:i + batch])
-        out.append((torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])))
-    return out
-
-
-def fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict:
-    """Mean / min cosine of L2-normalised embeddings to dense, and nearest-neighbour agreement: how
-    often a sentence's nearest other sentence is the same under both models."""
-    d = torch.nn.functional.normalize(dense.float(), dim=-1)
-    p = torch.nn.functional.normalize(pruned.float(), dim=-1)
-    cos = (d * p).sum(-1)
-
-    def nearest(e):
-        sim = e @ e.T
-        sim.fill_diagonal_(float("-inf"))
-        return sim.argmax(-1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "nn_agreement": float((nearest(d) == nearest(p)).float().mean())}
 
 
 def select_layers(model: nn.Module, skip: list[str]) -> tuple[str, ...]:
@@ -209,7 +176,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     student = copy.deepcopy(teacher)
     val = texts.val[:val_sentences]
     dense_emb = teacher.encode(val)
-    calib = token_batches(enc.tokenizer_json, texts.passages("calib", calib_samples, chars=seq_len * 5), seq_len)
+    calib = token_batches(tokenizer(enc.tokenizer_json, seq_len), texts.passages("calib", calib_samples, chars=seq_len * 5))
     if schedule not in SCHEDULES:
         raise PruneError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule == "gradual" and (not distill_steps or gran.kind == "nm"):
