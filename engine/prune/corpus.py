@@ -32,18 +32,10 @@ class Corpus:
     val: list[str]
     source: str
 
-    def passages(self, split: str, n: int, chars: int) -> list[str]:
-        """`n` passages of about `chars` characters, consecutive sentences of `split` joined (so a
-        calibration sample fills its sequence length), cycling when the split runs short."""
-        sentences = getattr(self, split)
-        out, cur, i = [], [], 0
-        while len(out) < n and sentences:
-            cur.append(sentences[i % len(sentences)])
-            i += 1
-            if sum(len(s) + 1 for s in cur) >= chars or i % len(sentences) == 0:
-                out.append(" ".join(cur))
-                cur = []
-        return out
+    def samples(self, split: str, n: int) -> list[str]:
+        """`n` texts of `split` in order, cycling when the split is shorter."""
+        texts = getattr(self, split)
+        return [texts[i % len(texts)] for i in range(n)] if texts else []
 
 
 def _sentences(text: str) -> list[str]:

@@ -155,7 +155,7 @@ def plot(report: dict, path: Path) -> None:
 
 def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str = "sparsegpt",
                  granularity: str = "unstructured", sparsity: float = 0.5, skip: list[str] = (),
-                 text: str | None = None, calib_samples: int = 128, seq_len: int = 128,
+                 text: str | None = None, calib_samples: int = 512, seq_len: int = 128,
                  val_sentences: int = 256, distill_steps: int = 0, schedule: str = "oneshot",
                  distill: dict | None = None,
                  log: Callable[[str], None] = print) -> dict:
@@ -176,7 +176,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     student = copy.deepcopy(teacher)
     val = texts.val[:val_sentences]
     dense_emb = teacher.encode(val)
-    calib = token_batches(tokenizer(enc.tokenizer_json, seq_len), texts.passages("calib", calib_samples, chars=seq_len * 5))
+    calib = token_batches(tokenizer(enc.tokenizer_json, seq_len), texts.samples("calib", calib_samples))
     if schedule not in SCHEDULES:
         raise PruneError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if schedule == "gradual" and (not distill_steps or gran.kind == "nm"):
