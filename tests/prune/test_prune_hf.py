@@ -15,23 +15,11 @@ from engine.cli import main as cli
 from engine.convert import convert
 from engine.prune import PruneError
 from engine.prune.hf import REPORT_JSON, REPORT_PNG, load_folder, prune_folder
+from tests.models.test_bert import WORDS, tiny_tokenizer
 
-CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+CONFIG = dict(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
               max_position_embeddings=40, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
-WORDS = ("the a cat dog sat on mat sparse dense kernels run fast slow model prune weights block engine tests "
-         "pass fail red green blue house tree river stone bird fish sings swims under over").split()
 quiet = dict(log=lambda *_: None)
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", ".", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +28,7 @@ def folder(tmp_path_factory):
     torch.manual_seed(7)
     path = tmp_path_factory.mktemp("hf") / "tiny"
     BertModel(BertConfig(**CONFIG), add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
-    _tokenizer().save(str(path / "tokenizer.json"))
+    tiny_tokenizer().save(str(path / "tokenizer.json"))
     return path
 
 
@@ -77,7 +65,7 @@ def test_folder_round_trips_through_convert_and_load(folder, text, tmp_path, met
     convert(out, tmp_path / "m.sparse", **quiet)
     sparse = engine.load(tmp_path / "m.sparse")
     pruned = load_folder(out).model
-    sentences = ["the cat sat on the mat.", "sparse kernels run fast", "a red bird sings over the river."]
+    sentences = ["the cat sat on the mat.", "sparse kernels run fast", "prune the model weights in block"]
     torch.testing.assert_close(sparse.encode(sentences), pruned.encode(sentences), atol=1e-5, rtol=1e-4)
     # and transformers still loads it, with the pruned weights
     from transformers import BertModel
