@@ -112,3 +112,19 @@ def test_python_api_and_bad_input():
         sparsegpt(model, [], sparsity=0.5)
     with pytest.raises(PruneError, match="unknown calibrated method 'obs'"):
         calibrated_prune(model, [torch.randn(4, 8)], "obs")
+
+
+def test_sparsegpt_mlp_exports_what_convert_reads(tmp_path):
+    """The digits MLP's shape, SparseGPT 2:4 but the head: export_state_dict -> convert -> engine.load
+    gives the pruned model's outputs."""
+    import engine
+    from engine.convert import convert
+    from engine.prune import export_state_dict
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 10))
+    x = torch.rand(200, 64)
+    masks = sparsegpt(model, [x[:100], x[100:]], granularity="nm:2:4", skip=("4",))
+    torch.save(export_state_dict(model, masks), tmp_path / "m.pt")
+    convert(tmp_path / "m.pt", tmp_path / "m.sparse", format="csr", arch="mlp:relu", log=lambda *_: None)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.load(tmp_path / "m.sparse")(x), model(x), atol=1e-5, rtol=1e-4)
