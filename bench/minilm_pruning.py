@@ -19,7 +19,7 @@ HEADER = ("| method | granularity | sparsity | distillation | cosine mean | cosi
 def row(folder: Path) -> str:
     r = json.loads((folder / "prune.report.json").read_text())
     first, final = r["steps"][0], r["final"]
-    distilled = (f"{final['step']} steps, {final['seconds'] - first['seconds']:.0f} s"
+    distilled = (f"{final['step']} steps, {final['seconds']:.0f} s"
                  if final["step"] else "none (one-shot)")
     return (f"| {r['method']} | {r['granularity']} | {r['measured_sparsity']:.3f} | {distilled} | "
             f"{final['cosine_mean']:.4f} | {final['cosine_min']:.4f} | {final['nn_agreement']:.3f} | "
