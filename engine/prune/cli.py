@@ -3,7 +3,10 @@ pruned state_dict with its masks plus `<out>.report.json` and `<out>.report.png`
 
 A fixed `--sparsity S` runs one trial; `--max-drop D` / `--min-accuracy A` search for the highest
 sparsity that keeps validation accuracy at the target. Under torchrun every rank trains (DDP) and
-rank 0 writes the files."""
+rank 0 writes the files.
+
+`--hf DIR` instead prunes a Hugging Face encoder folder with calibrated one-shot pruning (sparsegpt,
+wanda, magnitude), optionally distils it, and writes a new folder (engine/prune/hf.py)."""
 from __future__ import annotations
 
 import argparse
@@ -80,7 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="post: prune the trained model then fine-tune; pre: prune at initialisation then "
                         "train from scratch; auto (default): pre for snip, post otherwise")
     p.add_argument("--skip", action="append", default=[], metavar="LAYER",
-                   help="leave this layer dense (repeatable), e.g. --skip 4 for the digits MLP's head")
+                   help="leave this layer dense (repeatable), e.g. --skip 4 for the digits MLP's head; with "
+                        "--hf an fnmatch pattern, e.g. 'encoder.layer.0.*'")
     p.add_argument("--layer-sparsity", action="append", default=[], metavar="LAYER=S",
                    help="per-layer sparsity override (repeatable)")
     p.add_argument("--calib-batches", type=int, default=8, help="batches scored by gradient/taylor/snip")
