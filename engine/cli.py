@@ -11,7 +11,7 @@ import sys
 from .version import __version__
 
 VERBS = {
-    "prune": ("engine.prune.cli", "prune + fine-tune a built-in example or a model given by import path"),
+    "prune": ("engine.prune.cli", "prune + fine-tune a built-in example, a model given by import path, or a HF encoder folder"),
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
     "keygen": ("engine.signing", "write an Ed25519 key pair to sign (convert --sign-key) and verify artifacts"),
     "inspect": ("engine.inspect", "per-layer table of an artifact: format, block, sparsity, bytes, speedup"),

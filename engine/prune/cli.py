@@ -3,7 +3,10 @@ pruned state_dict with its masks plus `<out>.report.json` and `<out>.report.png`
 
 A fixed `--sparsity S` runs one trial; `--max-drop D` / `--min-accuracy A` search for the highest
 sparsity that keeps validation accuracy at the target. Under torchrun every rank trains (DDP) and
-rank 0 writes the files."""
+rank 0 writes the files.
+
+`--hf DIR` instead prunes a Hugging Face encoder folder with calibrated one-shot pruning (sparsegpt,
+wanda, magnitude), optionally distils it, and writes a new folder (engine/prune/hf.py)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .calibrate import CALIBRATED
 from .criteria import METHODS
 from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
 from .granularity import PruneError, check_sparsity, parse_granularity
@@ -39,25 +43,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--dense", metavar="CKPT", help="start from this trained dense state_dict instead of "
                      "training one (loaded with weights_only=True)")
     src.add_argument("--dense-epochs", type=int, default=60, help="epochs of dense training (default 60)")
+    src.add_argument("--hf", metavar="DIR", help="a Hugging Face / sentence-transformers encoder folder "
+                     "(e.g. all-MiniLM-L6-v2): calibrated pruning on text, optional distillation; -o is then "
+                     "a new folder")
+
+    h = parser.add_argument_group("--hf folders (calibration text, distillation)")
+    h.add_argument("--text", metavar="FILE", help="UTF-8 text, one passage per line, instead of the built-in "
+                   "corpus (the Python standard library's documentation)")
+    h.add_argument("--calib-samples", type=int, default=512,
+                   help="calibration sentences (default 512: sentences as the model will see them; on "
+                        "MiniLM they beat 128 joined 128-token passages, docs/pruning.md)")
+    h.add_argument("--seq-len", type=int, default=128, help="tokens kept of each calibration / training text")
+    h.add_argument("--val-sentences", type=int, default=256, help="validation sentences measured (default 256)")
+    h.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
+    h.add_argument("--distill-lr", type=float, default=1e-4, help="AdamW learning rate of distillation")
+    h.add_argument("--distill-batch", type=int, default=16, help="sentences per distillation step")
+    h.add_argument("--eval-every", type=int, default=50, help="validate every N distillation steps")
+    h.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop distillation after this many seconds (the best state so far is kept)")
 
     p = parser.add_argument_group("pruning")
-    p.add_argument("--method", default="magnitude", choices=METHODS)
+    p.add_argument("--method", default=None, choices=METHODS + CALIBRATED[1:],
+                   help="default: magnitude; sparsegpt for --hf. wanda and sparsegpt take --hf folders")
     p.add_argument("--granularity", default="unstructured", metavar="G",
                    help="unstructured | block:RxC (e.g. block:4x4) | nm:N:M (e.g. nm:2:4)")
-    p.add_argument("--scope", default="layer", choices=SCOPES, help="rank weights per layer or globally")
+    p.add_argument("--scope", default="global", choices=SCOPES,
+                   help="rank weights across all layers (global, default: keeps 90 %% within a point on the "
+                        "digits MLP) or within each layer")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
     target.add_argument("--max-drop", type=float, metavar="D",
                         help="search: highest sparsity whose validation accuracy >= dense - D (0.01 = 1 point)")
     target.add_argument("--min-accuracy", type=float, metavar="A",
                         help="search: highest sparsity whose validation accuracy >= A")
-    p.add_argument("--schedule", default="oneshot", choices=SCHEDULES,
-                   help="oneshot, or gradual (Zhu & Gupta cubic ramp over the first half of training)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="gradual (Zhu & Gupta cubic ramp over the first half of training; default when "
+                        "fine-tuning a trained model) or oneshot (default for --when pre, N:M, --epochs 0 and --hf)")
     p.add_argument("--when", default="auto", choices=("auto",) + WHEN,
                    help="post: prune the trained model then fine-tune; pre: prune at initialisation then "
                         "train from scratch; auto (default): pre for snip, post otherwise")
     p.add_argument("--skip", action="append", default=[], metavar="LAYER",
-                   help="leave this layer dense (repeatable), e.g. --skip 4 for the digits MLP's head")
+                   help="leave this layer dense (repeatable), e.g. --skip 4 for the digits MLP's head; with "
+                        "--hf an fnmatch pattern, e.g. 'encoder.layer.0.*'")
     p.add_argument("--layer-sparsity", action="append", default=[], metavar="LAYER=S",
                    help="per-layer sparsity override (repeatable)")
     p.add_argument("--calib-batches", type=int, default=8, help="batches scored by gradient/taylor/snip")
@@ -166,10 +193,12 @@ def _own_argv(args) -> list[str]:
 def run(args, argv: list[str] | None = None) -> dict:
     """Everything `main` does, returning the report (rank 0 also writes the files)."""
     started = time.time()
+    args.method = args.method or "magnitude"
     distributed.init_from_env()
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main()
     gran = parse_granularity(args.granularity)
     when = args.when if args.when != "auto" else ("pre" if args.method == "snip" else "post")
+    args.schedule = args.schedule or ("oneshot" if when == "pre" or gran.kind == "nm" or args.epochs == 0 else "gradual")
     searching = args.max_drop is not None or args.min_accuracy is not None
     if searching and gran.fixed_sparsity is not None:
         raise PruneError(f"granularity {gran} fixes the sparsity at {gran.fixed_sparsity:g}; there is "
@@ -298,6 +327,25 @@ def run(args, argv: list[str] | None = None) -> dict:
     return report
 
 
+def run_hf(args) -> dict:
+    """`--hf DIR`: the folder pipeline of hf.py."""
+    from .hf import prune_folder
+    if args.example or args.model or args.data or args.dense:
+        raise PruneError("--hf takes no --example, --model, --data or --dense")
+    if args.sparsity is None:
+        raise PruneError("--hf needs --sparsity S (the accuracy search is for --example / --model)")
+    method = args.method or "sparsegpt"
+    if method not in CALIBRATED:
+        raise PruneError(f"--hf --method {method!r}: folders are pruned with {', '.join(CALIBRATED)}")
+    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    return prune_folder(args.hf, args.output, method=method, granularity=args.granularity, sparsity=args.sparsity,
+                        skip=args.skip, text=args.text, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                        val_sentences=args.val_sentences, distill_steps=args.distill_steps,
+                        schedule=args.schedule or "oneshot", log=log,
+                        distill=dict(lr=args.distill_lr, batch=args.distill_batch, eval_every=args.eval_every,
+                                     time_budget=args.time_budget, seed=args.seed))
+
+
 def main(args) -> int:
     threads = torch.get_num_threads()
     try:
@@ -305,6 +353,17 @@ def main(args) -> int:
             raise PruneError(f"--threads must be >= 0, got {args.threads}")
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.hf:
+            report = run_hf(args)
+            if not args.quiet:
+                f = report["final"]
+                print(f"pruned {report['method']} {report['granularity']} sparsity {report['measured_sparsity']:.4f}: "
+                      f"cosine to dense {f['cosine_mean']:.4f}, NN agreement {f['nn_agreement']:.3f}; "
+                      f"wrote {args.output}")
+            return 0
+        if args.method in CALIBRATED[1:]:
+            raise PruneError(f"--method {args.method} prunes --hf folders; for --example / --model use the "
+                             "Python API engine.prune.calibrate.calibrated_prune")
         report = run(args)
         main_rank = distributed.is_main()
     except PruneError as e:

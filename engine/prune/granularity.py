@@ -67,36 +67,39 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
 
 
 def check_fits(name: str, shape: tuple[int, int], gran: Granularity) -> None:
-    """Raise a PruneError naming the layer when its 2-D weight shape does not tile by `gran`."""
+    """Raise a PruneError naming the layer when its 2-D weight shape does not fit `gran`. Blocks
+    always fit: a side that does not divide the shape leaves partial tiles at the bottom / right
+    edge, ranked like whole ones (convert pads them for BSR or stores the layer in another format)."""
     out_f, in_f = shape
-    if gran.kind == "block":
-        r, c = gran.block
-        if out_f % r or in_f % c:
-            raise PruneError(f"layer {name!r}: block {r}x{c} does not divide its weight shape "
-                             f"{out_f}x{in_f} (out x in); skip the layer or choose another block")
-    elif gran.kind == "nm":
-        if in_f % gran.nm[1]:
-            raise PruneError(f"layer {name!r}: N:M group size M={gran.nm[1]} does not divide its "
-                             f"{in_f} input features; skip the layer or choose another M")
+    if gran.kind == "nm" and in_f % gran.nm[1]:
+        raise PruneError(f"layer {name!r}: N:M group size M={gran.nm[1]} does not divide its "
+                         f"{in_f} input features; skip the layer or choose another M")
 
 
 def unit_scores(scores: torch.Tensor, gran: Granularity) -> torch.Tensor:
     """Per-unit scores: elements for unstructured, the mean element score of each aligned tile for
-    blocks (shape (out/R, in/C)). Tiles holding an already-pruned (-inf) element score -inf."""
+    blocks (shape (ceil(out/R), ceil(in/C))). Partial edge tiles average their real elements only.
+    Tiles holding an already-pruned (-inf) element score -inf."""
     if gran.kind != "block":
         return scores
     r, c = gran.block
     out_f, in_f = scores.shape
-    tiles = scores.reshape(out_f // r, r, in_f // c, c)
-    return tiles.mean(dim=(1, 3))
+    pad = (0, -in_f % c, 0, -out_f % r)
+    def tile_sum(t):
+        t = torch.nn.functional.pad(t, pad)
+        return t.reshape(t.shape[0] // r, r, t.shape[1] // c, c).sum(dim=(1, 3))
+    return tile_sum(scores.float()) / tile_sum(torch.ones_like(scores, dtype=torch.float32))
 
 
-def expand_units(keep_units: torch.Tensor, gran: Granularity) -> torch.Tensor:
-    """Inverse of `unit_scores` for masks: a tile-level keep-mask back to element level."""
+def expand_units(keep_units: torch.Tensor, gran: Granularity, shape: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+    """Inverse of `unit_scores` for masks: a tile-level keep-mask back to element level, cut to
+    `shape` (the weight's) where edge tiles are partial."""
     if gran.kind != "block":
         return keep_units
     r, c = gran.block
-    return keep_units.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
+    full = keep_units.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
+    return full if shape is None else full[:shape[0], :shape[1]]
 
 
 def keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -130,7 +133,7 @@ def layer_masks(scores: dict[str, torch.Tensor], gran: Granularity, sparsity: fl
             continue
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
         units = unit_scores(s, gran)
-        masks[name] = expand_units(keep_top(units, round(target * units.numel())), gran)
+        masks[name] = expand_units(keep_top(units, round(target * units.numel())), gran, tuple(s.shape))
     return masks
 
 
@@ -149,6 +152,6 @@ def global_masks(scores: dict[str, torch.Tensor], gran: Granularity, sparsity: f
     keep = keep_top(flat, round(sparsity * flat.numel()))
     masks, start = {}, 0
     for name, u in units.items():
-        masks[name] = expand_units(keep[start:start + u.numel()].view_as(u), gran)
+        masks[name] = expand_units(keep[start:start + u.numel()].view_as(u), gran, tuple(scores[name].shape))
         start += u.numel()
     return masks

@@ -19,7 +19,7 @@ def _prune(tmp_path, *extra, name="pruned.pt"):
 
 def test_fixed_sparsity_writes_checkpoint_masks_and_report(tmp_path):
     rc, out = _prune(tmp_path, "--example", "mlp-digits", "--sparsity", "0.8", "--skip", "4",
-                     "--schedule", "gradual")
+                     "--schedule", "gradual", "--scope", "layer")
     assert rc == 0
     state = torch.load(out, weights_only=True)
     assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias",
@@ -43,6 +43,21 @@ def test_fixed_sparsity_writes_checkpoint_masks_and_report(tmp_path):
     assert all(part in cmd for part in ("--sparsity 0.8", "--skip 4", "--schedule gradual", "--epochs 3"))
     assert report["config"]["schedule"] == "gradual" and report["search"] is None
     assert (tmp_path / "pruned.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_recipe_is_global_gradual(tmp_path):
+    """The defaults are the recipe that keeps 90 % within a point (bench/results/pruning.md)."""
+    rc, _ = _prune(tmp_path, "--example", "mlp-digits", "--sparsity", "0.9")
+    assert rc == 0
+    config = json.loads((tmp_path / "pruned.report.json").read_text())["config"]
+    assert (config["scope"], config["schedule"], config["method"]) == ("global", "gradual", "magnitude")
+
+
+def test_block_4x4_with_partial_edge_tiles_runs(tmp_path):
+    rc, out = _prune(tmp_path, "--example", "mlp-digits", "--sparsity", "0.8", "--granularity", "block:4x4")
+    assert rc == 0
+    state = torch.load(out, weights_only=True)
+    assert state["2.weight_mask"].shape == (50, 100)  # 50 rows: the last tile row holds 2
 
 
 def test_max_drop_search_reports_the_sparsity_found(tmp_path):
@@ -113,7 +128,6 @@ def test_start_from_a_given_dense_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--sparsity", "1.0"], r"sparsity must be in \[0, 1\), got 1.0"),
-    (["--sparsity", "0.8", "--granularity", "block:4x4"], r"layer '2': block 4x4 does not divide its weight shape 50x100"),
     (["--max-drop", "0.01", "--granularity", "nm:2:4"], "fixes the sparsity at 0.5"),
     (["--sparsity", "0.8", "--granularity", "nm:2:4"], "means sparsity 0.5, but --sparsity 0.8"),
     (["--sparsity", "0.5", "--skip", "7"], r"cannot skip \['7'\]"),

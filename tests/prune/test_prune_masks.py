@@ -104,9 +104,23 @@ def test_sparsity_outside_unit_interval_fails(sparsity):
         compute_masks(_mlp(), sparsity, PruneConfig())
 
 
-def test_block_not_dividing_a_layer_names_the_layer():
-    with pytest.raises(PruneError, match=r"layer '2': block 4x4 does not divide its weight shape 18x36"):
-        compute_masks(_mlp(sizes=(24, 36, 18, 8)), 0.5, PruneConfig(granularity="block:4x4", skip=("4",)))
+def test_block_not_dividing_a_layer_gives_partial_edge_tiles():
+    """A 18x36 layer with 4x4 blocks: 5x9 tiles, the last tile row holds only 2 rows. Masks stay
+    aligned to the 4x4 grid, edge tiles are kept or dropped whole, and the sparsity is reached."""
+    torch.manual_seed(3)
+    model = _mlp(sizes=(24, 36, 18, 8))
+    masks = compute_masks(model, 0.5, PruneConfig(granularity="block:4x4", skip=("4",))).masks
+    m = masks["2"]
+    assert m.shape == (18, 36)
+    padded = torch.nn.functional.pad(m, (0, 0, 0, 2))  # 20x36: whole 4x4 tiles again
+    tiles = padded.reshape(5, 4, 9, 4).permute(0, 2, 1, 3).reshape(5, 9, 16)
+    edge = tiles[4, :, :8]  # the real rows of the partial edge tiles
+    assert ((tiles[:4].all(-1)) | (~tiles[:4].any(-1))).all()
+    assert ((edge.all(-1)) | (~edge.any(-1))).all()
+    assert round(0.5 * 45) == int((~tiles[:, :, 0]).sum())
+
+
+def test_nm_group_not_dividing_a_layer_names_the_layer():
     with pytest.raises(PruneError, match=r"layer '0': N:M group size M=8 does not divide its 36 input"):
         compute_masks(_mlp(sizes=(36, 16, 8)), 0.75, PruneConfig(granularity="nm:2:8"))
 
