@@ -477,3 +477,24 @@ def test_gpu_check_tiny_runs_end_to_end_in_interpreter(tmp_path):
     text = out.read_text()
     assert "correctness: all" in proc.stdout and "FAIL" not in text
     assert "bsr" in text and "csr" in text and "dense" in text
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_nan_input_stays_nan_through_every_epilogue(fmt, act):
+    """A NaN in x reaches exactly the outputs whose stored weights read it, through bias and every
+    activation. (The interpreter's NumPy maximum keeps NaN where the GPU's maxnum would not; the
+    epilogue avoids tl.maximum, see kernels/epilogue.py.)"""
+    gen = torch.Generator().manual_seed(ACTS.index(act))
+    w = _csr(48, 64, 0.5, torch.float32, gen) if fmt == "csr" else _bsr(48, 64, (16, 16), 0.5, torch.float32, gen)
+    ref = csr_linear_ref if fmt == "csr" else bsr_linear_ref
+    bias = torch.randn(48, generator=gen)
+    read = int(w.col_indices[0]) * (1 if fmt == "csr" else 16)  # an input column a stored weight reads
+    for n in (1, 7):
+        x = torch.randn(n, 64, generator=gen)
+        x[0, read] = float("nan")  # row 0 only: the other rows stay finite
+        y = engine.sparse_linear(x, w, bias, activation=act, backend="triton")
+        expect = _oracle(ref, x, w, bias, act)
+        assert expect[0].isnan().any() and not expect[1:].isnan().any()
+        assert torch.equal(y.isnan(), expect.isnan())
+        torch.testing.assert_close(y.double(), expect, equal_nan=True, **TOL[torch.float32])
