@@ -14,6 +14,7 @@ import argparse
 import copy
 import platform
 import shutil
+import sys
 import statistics
 import tempfile
 import time
@@ -29,6 +30,9 @@ from engine import checkpoint as checkpoint_io
 from engine.convert import convert
 from engine.models import bert
 from engine.prune import corpus as corpus_io
+
+sys.path.insert(0, str(Path(__file__).parent))
+from report import publish  # noqa: E402
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -217,11 +221,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['s']:.0%} | {r['cos_pruned']:.4f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['bytes']:.2f} | "
                      f"{', '.join(r['formats'])} | "
                      + " | ".join(cells(lat[b]) for b in (1, 32)) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + table)
+    publish(lines, args.out)
     return 0
 
 

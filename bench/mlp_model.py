@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ import engine
 from engine.convert import convert
 from engine.examples import accuracy, digits_data, mlp_digits, train_dense
 from engine.timing import median_and_min, time_samples
+
+sys.path.insert(0, str(Path(__file__).parent))
+from report import publish  # noqa: E402
 
 
 def median_latency(fns: dict, x: torch.Tensor, rounds: int = 15, min_time: float = 0.02) -> dict:
@@ -130,11 +134,7 @@ def main(argv=None) -> int:
     for s, acc_d, acc_p, acc_e, agree, rel, fmts, lat in rows:
         lines.append(f"| {s:.0%} | {acc_d:.3f} | {acc_p:.3f} | {acc_e:.3f} | {agree:.3f} | {rel:.1e} | {fmts} | "
                      + " | ".join(cells(lat[b]) for b in (1, 32)) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + table)
+    publish(lines, args.out)
     return 0
 
 

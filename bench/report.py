@@ -17,6 +17,15 @@ from collections import defaultdict
 MODELS: dict = defaultdict(dict)
 
 
+def publish(lines: list[str], out: str | None) -> None:
+    """Prints a results table (its lines) and appends it to the file `out` when one is given."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write("\n" + table)
+
+
 def model_table() -> str:
     rows = ["| model | batch | sparsity | dense ms | engine ms | speedup |", "|---|---|---|---|---|---|"]
     for (model, n, s), t in sorted(MODELS.items()):

@@ -46,6 +46,8 @@ CPU = {
                 scalar_spmv=0.25, narrow_rows=0.75),
 }
 # ---- CPU, bf16 compute (bf16 x and weights: a model cast to bf16) ---------------------------------
+# (Laid out like CPU_FITTED / CPU on purpose: one provenance record and one rate table per
+# compute type; `duplicates` sees the same shape.)
 CPU_BF16_FITTED = {
     "date": "2026-12-05",
     "source": "bench/results/bf16.md (bench/bf16_layers.py --threads 1 --cpu-time: MLP 4096x784, "

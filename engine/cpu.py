@@ -113,19 +113,22 @@ def _panels(w: CSR):
     return _cached("panels", (w.values, w.col_indices), lambda: _build_panels(w))
 
 
+def _panel_slots(w: CSR, stride: int) -> tuple[torch.Tensor, int]:
+    """Each stored entry's (input panel, output row) as panel * stride + row; and the panel count."""
+    o, i = w.shape
+    rows = torch.repeat_interleave(torch.arange(o), (w.crow_indices[1:] - w.crow_indices[:-1]).long())
+    return (w.col_indices.long() // _PANEL_WIDTH) * stride + rows, -(-i // _PANEL_WIDTH)
+
+
 def _build_panels(w: CSR):
     val, col = w.values, w.col_indices
-    o, i = w.shape
-    n_panels = -(-i // _PANEL_WIDTH)
-    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(o), counts)
-    slot = (col.long() // _PANEL_WIDTH) * o + rows          # (panel, row), panel-major
+    o = w.shape[0]
+    slot, n_panels = _panel_slots(w, o)                     # (panel, row), panel-major
     order = torch.argsort(slot, stable=True)                # keeps columns sorted within a slot
     seg = torch.zeros(n_panels * o + 1, dtype=torch.int64)
     seg[1:] = torch.cumsum(torch.bincount(slot, minlength=n_panels * o), 0)
     built = (seg.to(torch.int32), col[order].to(torch.int16).contiguous(), val[order].contiguous())
     return built
-
 
 
 def _groups(w: CSR):
@@ -135,14 +138,9 @@ def _groups(w: CSR):
 
 def _build_groups(w: CSR):
     val, col = w.values, w.col_indices
-    o, i = w.shape
-    n_panels = -(-i // _PANEL_WIDTH)
-    o_pad = -(-o // 64) * 64
+    o_pad = -(-w.shape[0] // 64) * 64
     n_win = o_pad // 64
-    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(o), counts)
-    panel = col.long() // _PANEL_WIDTH
-    slot = panel * o_pad + rows                                        # (panel, row)
+    slot, n_panels = _panel_slots(w, o_pad)                            # (panel, row)
     length = torch.bincount(slot, minlength=n_panels * o_pad).reshape(n_panels, n_win, 64)
     # Rows sorted by length (longest first) inside each 64-row window of each panel, so the 4 rows
     # of a group have similar lengths and little padding.

@@ -95,13 +95,9 @@ def parse_blocksize(blocksize, fn: str = "BSR") -> tuple[int, int]:
 
 
 @dataclass
-class CSR:
-    """Compressed sparse rows of W[O, I].
-
-    crow_indices: (O + 1,) int32, row r's entries are [crow[r], crow[r+1])
-    col_indices:  (nnz,) int32, input-feature index of each entry, increasing within a row
-    values:       (nnz,) fp32 | bf16 | fp16
-    """
+class _Compressed:
+    """What CSR and BSR share: row pointers, column indices, values and the dense shape [O, I];
+    validated on construction (each layout's own `validate`)."""
 
     crow_indices: torch.Tensor
     col_indices: torch.Tensor
@@ -111,6 +107,51 @@ class CSR:
     def __post_init__(self):
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def trusted(cls, crow_indices, col_indices, values, shape):
+        """Wraps buffers that were validated before (e.g. a module's own), skipping the checks."""
+        self = object.__new__(cls)
+        self.crow_indices, self.col_indices, self.values, self.shape = crow_indices, col_indices, values, shape
+        return self
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (for BSR, explicit zeros inside kept blocks included)."""
+        return self.values.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values))
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        return type(self)(self.crow_indices.to(device), self.col_indices.to(device),
+                          self.values.to(device=device, dtype=dtype or self.dtype), self.shape)
+
+
+@dataclass
+class CSR(_Compressed):
+    """Compressed sparse rows of W[O, I].
+
+    crow_indices: (O + 1,) int32, row r's entries are [crow[r], crow[r+1])
+    col_indices:  (nnz,) int32, input-feature index of each entry, increasing within a row
+    values:       (nnz,) fp32 | bf16 | fp16
+    """
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "CSR":
@@ -134,33 +175,6 @@ class CSR:
                       f"({self.col_indices.numel()}), got shape {tuple(self.values.shape)}")
         _check_index_arrays(fn, self.crow_indices, self.col_indices, o, i, self.values.numel())
 
-    @classmethod
-    def trusted(cls, crow_indices, col_indices, values, shape) -> "CSR":
-        """Wraps buffers that were validated before (e.g. a module's own), skipping the checks."""
-        self = object.__new__(cls)
-        self.crow_indices, self.col_indices, self.values, self.shape = crow_indices, col_indices, values, shape
-        return self
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values))
-
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         o, i = self.shape
         out = torch.zeros(o, i, dtype=dtype or self.dtype, device=self.device)
@@ -169,28 +183,15 @@ class CSR:
         out[rows, self.col_indices.long()] = self.values.to(out.dtype)
         return out
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "CSR":
-        return CSR(self.crow_indices.to(device), self.col_indices.to(device),
-                   self.values.to(device=device, dtype=dtype or self.dtype), self.shape)
-
 
 @dataclass
-class BSR:
+class BSR(_Compressed):
     """Block sparse rows of W[O, I] with blocks of R×C (R divides O, C divides I).
 
     crow_indices: (O/R + 1,) int32, block row b's blocks are [crow[b], crow[b+1])
     col_indices:  (nnzb,) int32, block-column index of each block, increasing within a block row
     values:       (nnzb, R, C) fp32 | bf16 | fp16, each block row-major
     """
-
-    crow_indices: torch.Tensor
-    col_indices: torch.Tensor
-    values: torch.Tensor
-    shape: tuple[int, int]
-
-    def __post_init__(self):
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
-        self.validate()
 
     @property
     def blocksize(self) -> tuple[int, int]:
@@ -244,27 +245,6 @@ class BSR:
     def nnzb(self) -> int:
         return self.values.shape[0]
 
-    @property
-    def nnz(self) -> int:
-        """Stored values, explicit zeros inside kept blocks included."""
-        return self.values.numel()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def density(self) -> float:
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values))
-
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         o, i = self.shape
         r, c = self.blocksize
@@ -274,9 +254,6 @@ class BSR:
         tiles[brows, self.col_indices.long()] = self.values.to(tiles.dtype)
         return tiles.transpose(1, 2).reshape(o, i)
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "BSR":
-        return BSR(self.crow_indices.to(device), self.col_indices.to(device),
-                   self.values.to(device=device, dtype=dtype or self.dtype), self.shape)
 
 
 SparseWeight = CSR | BSR

@@ -22,20 +22,45 @@ log = logging.getLogger("engine.server")
 MB = 1 << 20
 
 
-class Settings:
-    """The serve limits (see `sparse-engine serve --help` for each)."""
+# Every serve limit: flag name -> (type, default, help). The command line, its --help and
+# Settings' defaults all read this table. Each must be > 0, except max_delay_ms (>= 0).
+LIMITS: dict[str, tuple[type, float, str]] = {
+    "max_batch": (int, 32, "rows merged into one batch"),
+    "max_delay_ms": (float, 5.0, "longest a request waits for others to join its batch"),
+    "max_body_mb": (float, 16.0, "request body limit"),
+    "max_rows": (int, 1024, "rows allowed in one request"),
+    "max_queue": (int, 1024, "queued requests per model before answering 503"),
+    "timeout_s": (float, 30.0, "per-request limit from body read to answer; 504 past it"),
+    "max_response_mb": (float, 64.0, "largest JSON answer; a request whose answer would pass it is "
+                                     "refused with 413 before the model runs"),
+    "max_buffered_mb": (float, 256.0, "bytes held across all in-flight requests (bodies and predicted "
+                                      "answers); past it 503 with Retry-After"),
+    "max_connections": (int, 256, "open connections; one more is answered 503 and closed"),
+    "header_timeout_s": (float, 10.0, "time a connection has to send complete request headers, from its "
+                                      "start or its last answer; then it is closed"),
+    "body_timeout_s": (float, 30.0, "time to receive a request body once its headers arrived; 408 past it"),
+}
 
-    def __init__(self, *, max_batch=32, max_delay_ms=5.0, max_body_mb=16.0, max_rows=1024,
-                 max_queue=1024, timeout_s=30.0, token=None, max_response_mb=64.0,
-                 max_buffered_mb=256.0, max_connections=256, header_timeout_s=10.0, body_timeout_s=30.0):
-        self.max_batch, self.max_delay_s = int(max_batch), float(max_delay_ms) / 1000.0
-        self.max_body = int(float(max_body_mb) * MB)
-        self.max_rows, self.max_queue = int(max_rows), int(max_queue)
-        self.timeout_s, self.token = float(timeout_s), token
-        self.max_response = int(float(max_response_mb) * MB)
-        self.max_buffered = int(float(max_buffered_mb) * MB)
-        self.max_connections = int(max_connections)
-        self.header_timeout_s, self.body_timeout_s = float(header_timeout_s), float(body_timeout_s)
+
+class Settings:
+    """The serve limits (LIMITS, in the units the command line takes) in the units the code uses
+    (seconds, bytes), checked; `token` is the bearer token clients must send (None: no auth)."""
+
+    def __init__(self, token: str | None = None, **limits):
+        unknown = sorted(set(limits) - set(LIMITS))
+        if unknown:
+            raise TypeError(f"Settings: unknown limit(s) {unknown}; expected some of {sorted(LIMITS)}")
+        v = {name: typ(limits.get(name, default)) for name, (typ, default, _) in LIMITS.items()}
+        for name, value in v.items():
+            if value < 0 or (value == 0 and name != "max_delay_ms"):
+                raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'max_delay_ms' else '> 0'}, "
+                                 f"got {value}")
+        self.token = token
+        self.max_batch, self.max_delay_s = v["max_batch"], v["max_delay_ms"] / 1000.0
+        self.max_body, self.max_response = int(v["max_body_mb"] * MB), int(v["max_response_mb"] * MB)
+        self.max_buffered = int(v["max_buffered_mb"] * MB)
+        self.max_rows, self.max_queue, self.max_connections = v["max_rows"], v["max_queue"], v["max_connections"]
+        self.timeout_s, self.header_timeout_s, self.body_timeout_s = v["timeout_s"], v["header_timeout_s"], v["body_timeout_s"]
 
 
 class BudgetExceeded(Exception):

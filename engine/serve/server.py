@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client import disable_created_metrics
 
 from .app import InferenceApp
-from .limits import Settings, guarded_protocol
+from .limits import LIMITS, Settings, guarded_protocol
 from .runner import ModelRunner
 
 log = logging.getLogger("engine.server")
@@ -35,28 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default 8000)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--max-batch", type=int, default=32, help="rows merged into one batch (default 32)")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0,
-                        help="longest a request waits for others to join its batch (default 5)")
-    parser.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit (default 16)")
-    parser.add_argument("--max-rows", type=int, default=1024, help="rows allowed in one request (default 1024)")
-    parser.add_argument("--max-queue", type=int, default=1024,
-                        help="queued requests per model before answering 503 (default 1024)")
-    parser.add_argument("--timeout-s", type=float, default=30.0,
-                        help="per-request limit from body read to answer; 504 past it (default 30)")
-    parser.add_argument("--max-response-mb", type=float, default=64.0,
-                        help="largest JSON answer; a request whose answer would pass it is refused with 413 "
-                             "before the model runs (default 64)")
-    parser.add_argument("--max-buffered-mb", type=float, default=256.0,
-                        help="bytes held across all in-flight requests (bodies and predicted answers); "
-                             "past it 503 with Retry-After (default 256)")
-    parser.add_argument("--max-connections", type=int, default=256,
-                        help="open connections; one more is answered 503 and closed (default 256)")
-    parser.add_argument("--header-timeout-s", type=float, default=10.0,
-                        help="time a connection has to send complete request headers, from its start or "
-                             "its last answer; then it is closed (default 10)")
-    parser.add_argument("--body-timeout-s", type=float, default=30.0,
-                        help="time to receive a request body once its headers arrived; 408 past it (default 30)")
+    for name, (typ, default, text) in LIMITS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{text} (default {default:g})")
     parser.add_argument("--token-file", type=Path, help="file holding a bearer token clients must send")
     parser.add_argument("--trust-module", action="store_true",
                         help="allow 'custom' artifacts, whose Python factory is imported (runs its code)")
@@ -115,20 +95,7 @@ def _settings(args) -> Settings:
         token = args.token_file.read_text().strip()
         if not token:
             raise ValueError(f"--token-file {args.token_file} is empty")
-    for flag in ("max_batch", "max_rows", "max_queue", "max_connections"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("max_body_mb", "timeout_s", "max_response_mb", "max_buffered_mb", "header_timeout_s",
-                 "body_timeout_s"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
-    if args.max_delay_ms < 0:
-        raise ValueError("--max-delay-ms must be >= 0")
-    return Settings(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_body_mb=args.max_body_mb,
-                    max_rows=args.max_rows, max_queue=args.max_queue, timeout_s=args.timeout_s, token=token,
-                    max_response_mb=args.max_response_mb, max_buffered_mb=args.max_buffered_mb,
-                    max_connections=args.max_connections, header_timeout_s=args.header_timeout_s,
-                    body_timeout_s=args.body_timeout_s)
+    return Settings(token=token, **{name: getattr(args, name) for name in LIMITS})
 
 
 def _load(args) -> list[ModelRunner]:

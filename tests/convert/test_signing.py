@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import engine
 from engine import artifact as artifact_io
 from engine.signing import SIGNATURE_KEY, SignatureError
+from tests.fixtures import random_sparse
 
 pytest.importorskip("cryptography", reason="signing needs the 'cryptography' package (serve extra)")
 
@@ -45,11 +46,7 @@ def signed(tmp_path_factory):
     assert "alice.key" in r.stdout and "alice.pub" in r.stdout
     from engine.signing import keygen
     keygen(tmp / "mallory")
-    gen = torch.Generator().manual_seed(11)
-    sd = mlp(SIZES).state_dict()
-    for v in sd.values():
-        if v.dim() == 2:
-            v[torch.rand(v.shape, generator=gen) < 0.7] = 0
+    sd = {k: random_sparse(*v.shape, 0.7) if v.dim() == 2 else v for k, v in mlp(SIZES).state_dict().items()}
     torch.save(sd, tmp / "mlp.pt")
     quiet = lambda *a, **k: None
     convert(tmp / "mlp.pt", tmp / "signed.spz", arch="mlp:relu", sign_key=tmp / "alice.key", log=quiet)
