@@ -40,13 +40,14 @@ def detect_blocksize(keep: torch.Tensor, max_padding: float = MAX_BLOCK_PADDING)
 
 def choose_layout(weight: torch.Tensor, mask: torch.Tensor | None = None, *, batch: int = 8,
                   device: str = "cpu", value_bytes: int = 4, blocksize=None,
-                  isa: str | None = None) -> tuple[str, tuple[int, int] | None, str]:
+                  isa: str | None = None, compute: str = "fp32") -> tuple[str, tuple[int, int] | None, str]:
     """-> (format, blocksize, reason) for one layer, by the cost model's predicted time.
 
     Every registered layout the cost model has rates for competes; a blocked one with the block
     detected from the mask (or `blocksize`, when given), and never with a block that does not
     divide the weight's shape. isa: the CPU kernels' instruction set to predict for (default: this
-    machine's)."""
+    machine's). compute="bf16": a bf16 model (bf16 x and weights), so dense is torch's bf16 GEMM
+    (oneDNN, AMX where present) and BSR blocks that fit an AMX tile run the bf16 kernels."""
     keep = (weight != 0) if mask is None else (mask != 0)
     shape = tuple(weight.shape)
     isa = isa or costmodel.current_isa()
@@ -61,7 +62,8 @@ def choose_layout(weight: torch.Tensor, mask: torch.Tensor | None = None, *, bat
             continue
         blk = block if fmt.blocked else None
         times[fmt.name] = costmodel.predict_seconds(fmt.name, shape, fmt.stored(keep, blk), batch, blk,
-                                                    value_bytes=value_bytes, device=device, isa=isa)
+                                                    value_bytes=value_bytes, device=device, isa=isa,
+                                                    compute=compute)
     best = "dense"  # the baseline: a sparse layout is chosen only when predicted strictly faster
     for name, t in times.items():
         if t < times[best]:
@@ -70,7 +72,7 @@ def choose_layout(weight: torch.Tensor, mask: torch.Tensor | None = None, *, bat
     density = int(keep.sum()) / max(1, weight.numel())
     target = f"{device} ({isa})" if device == "cpu" else device
     reason = (f"density {density:.3f}, block structure {block or 'none'}: {best} predicted "
-              f"{speedup:.2f}x vs dense at batch {batch} on {target}")
+              f"{speedup:.2f}x vs dense {compute} at batch {batch} on {target}")
     return best, (block if formats.get(best).blocked else None), reason
 
 
@@ -152,7 +154,8 @@ class SparseLinear(nn.Module):
                     activation: str | None = None, batch: int = 8) -> "SparseLinear":
         """Converts a (pruned) nn.Linear. The mask defaults to `linear.weight_mask` when
         torch.nn.utils.prune left one, else to the weight's non-zeros. With format="auto", a
-        `blocksize` that does not divide the weight's shape rules the blocked layouts out."""
+        `blocksize` that does not divide the weight's shape rules the blocked layouts out, and
+        bf16 values (`dtype` or the weight's) are judged against dense bf16 (see choose_layout)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         if format != "auto" and format not in formats.names():
@@ -165,9 +168,12 @@ class SparseLinear(nn.Module):
         if mask is not None:
             weight = weight * (mask != 0)
         if format == "auto":
-            value_bytes = torch.tensor([], dtype=dtype or weight.dtype).element_size()
+            value_dtype = dtype or weight.dtype
+            # bf16 weights: taken as a bf16 model, whose dense baseline is torch's bf16 GEMM.
+            compute = "bf16" if value_dtype is torch.bfloat16 and costmodel.bf16_compute_available() else "fp32"
             format, blocksize, _ = choose_layout(weight, mask, batch=batch, device=weight.device.type,
-                                                 value_bytes=value_bytes, blocksize=blocksize)
+                                                 value_bytes=value_dtype.itemsize, blocksize=blocksize,
+                                                 compute=compute)
         fmt = formats.get(format)
         if dtype is not None:
             weight = weight.to(dtype)

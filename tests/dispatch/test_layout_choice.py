@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from engine import costmodel, cpu
 from engine.formats import BSR, FormatError
 from engine.modules import SparseLinear, choose_layout, detect_blocksize, sparsify
 from tests.fixtures import random_sparse
@@ -62,3 +63,30 @@ def test_forced_bsr_without_block_picks_a_dividing_one():
     layer = SparseLinear.from_linear(_pruned(100, 50, 0.8), "bsr")
     r, c = layer.sparse_weight.blocksize
     assert 50 % r == 0 and 100 % c == 0
+
+
+needs_bf16 = pytest.mark.skipif(not costmodel.bf16_compute_available(),
+                                reason="this CPU has neither AMX nor AVX512-BF16: no bf16-compute kernels")
+
+
+@needs_bf16
+def test_auto_for_a_bf16_model_weighs_sparse_against_dense_bf16():
+    """A bf16 model's baseline is torch's bf16 GEMM: at a large batch unstructured CSR (fp32 FMAs)
+    loses to it and stays dense, while 16x16 blocks (AMX tiles) still win."""
+    loose = random_sparse(768, 3072, 0.9)
+    tiles = random_sparse(768, 3072, 0.9, block=(16, 16))
+    assert choose_layout(loose, batch=1024)[0] == "csr"  # against dense fp32 it wins
+    fmt, _, reason = choose_layout(loose, batch=1024, value_bytes=2, compute="bf16")
+    assert fmt == "dense" and "vs dense bf16" in reason
+    assert choose_layout(tiles, batch=1024, value_bytes=2, compute="bf16")[:2] == ("bsr", (16, 16))
+
+    model = nn.Sequential(_pruned(3072, 768, 0.9), nn.GELU(), _pruned(768, 3072, 0.9, (16, 16))).to(torch.bfloat16)
+    x = torch.randn(1024, 3072, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+    sparsify(model, batch=1024)
+    assert type(model[0]) is nn.Linear                       # dense bf16 kept
+    assert isinstance(model[2], SparseLinear) and model[2].format == "bsr"
+    assert cpu.bf16_kernel_for(model[2].sparse_weight) != "none"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=2e-2, atol=2e-2)
