@@ -208,8 +208,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also time the whole pruned 784-4096-4096-10 MLP (ReLU, unstructured "
                              "90 %% and 95 %%) at batch 64: dense torch vs engine.sparsify(format='csr')")
     parser.add_argument("--model", metavar="ARTIFACT",
-                        help="time a converted model instead: dense torch twin vs engine, at --batch "
-                             "(default 1,32; BERT inputs use sequence --seq)")
+                        help="time a converted model instead: dense torch twin (fp32 and bf16) vs engine, "
+                             "at --batch (default 1,32; BERT inputs use sequence --seq)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length for --model on a BERT artifact")
     parser.add_argument("--bound", action="store_true",
                         help="measure bandwidth and FMA peak first and print each cell's roofline bound")
