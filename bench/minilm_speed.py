@@ -5,7 +5,8 @@ one process, medians (and minima) of `rounds` rounds:
   for speed only, no distillation), the whole `encode` path (tokenizer, embeddings, 6 layers,
   pooling) on texts of exactly `--seq` tokens at batch 1 and 32: dense torch fp32, dense torch bf16,
   the engine before this change (layer by layer: SparseLinear per projection) and after (one
-  SparseEncoderLayer per layer; also with GELU in the kernel epilogue instead of after the kernel).
+  SparseEncoderLayer per layer; also with GELU in the kernel epilogue instead of after the kernel;
+  and the engine model cast to bf16, against dense bf16).
 - bert: the issue-12 encoder (2 layers x 768, 12 heads, FFN 3072, GELU, post-LN, seq 128) pruned per
   layer by L1 magnitude (unstructured) at 80/90/95 %, batch 1 and 8: dense torch vs
   engine.modules.sparsify (linear layers only, the "before") vs engine.sparsify (blocks).
@@ -57,7 +58,7 @@ def texts(batch: int, seq: int, tokenizer) -> list[str]:
 
 def load_variants(art: Path, seq: int) -> dict[str, nn.Module]:
     """{'before': layer by layer, 'after': fast blocks (GELU after the kernel), 'after, GELU in the
-    kernel epilogue'} of one artifact."""
+    kernel epilogue', 'after, bf16'} of one artifact."""
     fam = get_family("bert")
     prepare = fam.prepare_runtime
     try:
@@ -69,7 +70,9 @@ def load_variants(art: Path, seq: int) -> dict[str, nn.Module]:
     fused = engine.load(art)
     for layer in fused.encoder.layer:
         layer.ffn_in.activation, layer.post_activation = layer.activation, None
-    return {"before": before, "after": after, "after, GELU in the kernel epilogue": fused}
+    # The whole model cast to bf16, as a user casts the dense one: AMX / AVX512-BF16 BSR kernels.
+    in_bf16 = engine.load(art).to(torch.bfloat16)
+    return {"before": before, "after": after, "after, GELU in the kernel epilogue": fused, "after, bf16": in_bf16}
 
 
 def report(title: str, samples: dict, base: str = "dense fp32") -> None:
