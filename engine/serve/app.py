@@ -70,6 +70,16 @@ class SlicedResponse(Response):
             await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
+def _header_length(request: Request) -> int | None:
+    """The binary tensor extension's JSON header length (None: a plain JSON body)."""
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise RequestError(400, f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -197,7 +207,7 @@ class InferenceApp:
 
     async def server_metadata(self, request):
         from ..version import __version__
-        return JSONResponse({"name": "sparse-engine", "version": __version__, "extensions": [],
+        return JSONResponse({"name": "sparse-engine", "version": __version__, "extensions": ["binary_tensor_data"],
                              "models": list(self.models)})
 
     async def model_metadata(self, request):
@@ -215,8 +225,9 @@ class InferenceApp:
             return error(503, f"model '{runner.name}' is still warming up; retry shortly")
         held = [0]  # bytes this request holds in the budget, given back however it ends
         try:
+            header_length = _header_length(request)
             body = await self._read_body(request, held)
-            return await self._answer(runner, body, held, start)
+            return await self._answer(runner, body, header_length, held, start)
         except BudgetExceeded as exc:
             return busy(str(exc))
         except ClientDisconnect:  # gone mid-body: nobody to answer, nothing worth a traceback
@@ -258,11 +269,12 @@ class InferenceApp:
             raise RequestError(408, f"request body not received within {self.settings.body_timeout_s:g} s "
                                     f"(--body-timeout-s)") from None
 
-    async def _answer(self, runner: ModelRunner, body: bytes, held: list, start: float) -> Response:
+    async def _answer(self, runner: ModelRunner, body: bytes, header_length: int | None, held: list,
+                      start: float) -> Response:
         s = self.settings
 
         async def parse_and_run():
-            parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows)
+            parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
             parsed = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
             runner.prepare(parsed)
             predicted = predicted_response_bytes(runner.output_shapes(parsed))
@@ -279,10 +291,13 @@ class InferenceApp:
             return busy(str(exc))
         except InferenceError as exc:
             return error(500, f"inference failed in model '{runner.name}': {exc}")
-        content = await asyncio.to_thread(encode_infer_response, runner.spec, parsed, outputs)
+        content, json_length = await asyncio.to_thread(encode_infer_response, runner.spec, parsed, outputs)
         self._check_response_size(len(content), "is")  # shapes the family could not predict
         self.metrics.latency.labels(runner.name).observe(time.perf_counter() - start)
-        return SlicedResponse(content, media_type="application/json")
+        if json_length is None:
+            return SlicedResponse(content, media_type="application/json")
+        return SlicedResponse(content, media_type="application/octet-stream",
+                              headers={"Inference-Header-Content-Length": str(json_length)})
 
     def _check_response_size(self, size: int, verb: str) -> None:
         if size > self.settings.max_response:

@@ -1,6 +1,14 @@
 """Open Inference Protocol (KServe v2) REST bodies: parse and validate an infer request against a
 model's `spec`, and build the metadata and infer responses.
 
+Both body forms of the protocol are read and written: plain JSON, and the binary tensor data
+extension (what tritonclient sends by default): the JSON header first, its length in the
+`Inference-Header-Content-Length` HTTP header, then the raw tensors in input order, each input
+saying its byte count in `parameters.binary_data_size` (little-endian values; BYTES elements each
+a 4-byte little-endian length and the UTF-8 bytes). An output asked for with
+`parameters.binary_data` (or every output, with the request's `binary_data_output`) comes back the
+same way.
+
 Everything the wire format lets a client get wrong (names, shapes, datatypes, values, sizes) is
 checked here, once, and raised as `RequestError` with the HTTP status and a message that names the
 input and the problem. What the inputs mean to the model (which are required, how they relate) is
@@ -47,6 +55,7 @@ class InferRequest:
     rows: int  # batch dimension shared by every input     default (the runner fills it in)
     id: str | None = None
     extra: dict = field(default_factory=dict)  # per-request scratch for the runner
+    binary_outputs: frozenset = frozenset()  # output names to answer as raw bytes (binary extension)
 
 
 def model_metadata(spec: dict) -> dict:
@@ -61,8 +70,33 @@ def model_metadata(spec: dict) -> dict:
     return body
 
 
-def parse_infer(body: bytes, spec: dict, *, max_rows: int) -> InferRequest:
-    """Bytes of a POST /infer body -> a validated InferRequest (raises RequestError)."""
+class _Binary:
+    """The raw-tensor part of a binary-extension body, read front to back by the inputs."""
+
+    def __init__(self, data: memoryview):
+        self.data, self.offset = data, 0
+
+    def take(self, name: str, size) -> memoryview:
+        if type(size) is not int or size < 0:
+            raise RequestError(400, f"input '{name}': parameters.binary_data_size must be a non-negative "
+                                    f"integer, got {size!r}")
+        if self.offset + size > len(self.data):
+            raise RequestError(400, f"input '{name}': binary_data_size {size} runs past the end of the body "
+                                    f"({len(self.data) - self.offset} bytes of binary data left)")
+        self.offset += size
+        return self.data[self.offset - size:self.offset]
+
+
+def parse_infer(body: bytes, spec: dict, *, max_rows: int, header_length: int | None = None) -> InferRequest:
+    """Bytes of a POST /infer body -> a validated InferRequest (raises RequestError).
+    header_length: the Inference-Header-Content-Length of a binary-extension body (None: all JSON)."""
+    binary = None
+    if header_length is not None:
+        if header_length > len(body):
+            raise RequestError(400, f"Inference-Header-Content-Length {header_length} is longer than the "
+                                    f"body ({len(body)} bytes)")
+        binary = _Binary(memoryview(body)[header_length:])
+        body = body[:header_length]
     try:
         # json accepts NaN/Infinity tokens; they are rejected per input below with a clear message.
         doc = json.loads(body)
@@ -86,24 +120,31 @@ def parse_infer(body: bytes, spec: dict, *, max_rows: int) -> InferRequest:
     declared = {t["name"]: t for t in spec["inputs"]}
     arrays: dict = {}
     for i, item in enumerate(raw_inputs):
-        name, array = _parse_input(i, item, declared, spec)
+        name, array = _parse_input(i, item, declared, spec, binary)
         if name in arrays:
             raise RequestError(400, f"input '{name}' is given twice")
         arrays[name] = array
+    if binary is not None and binary.offset != len(binary.data):
+        raise RequestError(400, f"the body holds {len(binary.data)} bytes of binary data but the inputs' "
+                                f"binary_data_size add up to {binary.offset}")
 
     rows = _common_rows(arrays)
     if rows == 0:
         raise RequestError(400, "empty batch: the inputs have 0 rows")
     if rows > max_rows:
         raise RequestError(413, f"{rows} rows in one request; this server accepts at most {max_rows}")
-    outputs = _requested_outputs(doc.get("outputs"), spec)
-    return InferRequest(inputs=arrays, outputs=outputs, rows=rows, id=request_id)
+    outputs, binary_outputs = _requested_outputs(doc.get("outputs"), doc.get("parameters"), spec)
+    return InferRequest(inputs=arrays, outputs=outputs, rows=rows, id=request_id, binary_outputs=binary_outputs)
 
 
-def _parse_input(i: int, item, declared: dict, spec: dict):
+def _parse_input(i: int, item, declared: dict, spec: dict, binary: _Binary | None):
     if not isinstance(item, dict):
         raise RequestError(400, f"inputs[{i}] must be an object with name, shape, datatype, data")
-    for key in ("name", "shape", "datatype", "data"):
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, f"inputs[{i}]: 'parameters' must be an object")
+    in_binary = "binary_data_size" in params
+    for key in ("name", "shape", "datatype") + (() if in_binary else ("data",)):
         if key not in item:
             raise RequestError(400, f"inputs[{i}] is missing field '{key}'")
     name = item["name"]
@@ -125,9 +166,49 @@ def _parse_input(i: int, item, declared: dict, spec: dict):
                                 f"takes {want['datatype']} (accepted: "
                                 f"{', '.join(ACCEPTED.get(want['datatype'], ()))})")
     count = math.prod(shape)
+    if in_binary:
+        if "data" in item:
+            raise RequestError(400, f"input '{name}': has both 'data' and parameters.binary_data_size; "
+                                    f"send one")
+        if binary is None:
+            raise RequestError(400, f"input '{name}': parameters.binary_data_size needs a binary body "
+                                    f"(the Inference-Header-Content-Length header is missing)")
+        raw = binary.take(name, params["binary_data_size"])
+        if want["datatype"] == "BYTES":
+            return name, _binary_text(name, raw, count)
+        return name, _binary_numbers(name, raw, shape, count, datatype, want["datatype"])
     if want["datatype"] == "BYTES":
         return name, _parse_text(name, item["data"], count)
     return name, _parse_numbers(name, item["data"], shape, count, datatype, want["datatype"])
+
+
+def _binary_numbers(name, raw: memoryview, shape, count, wire: str, model_dtype: str) -> np.ndarray:
+    wire_dtype = np.dtype(NUMPY[wire]).newbyteorder("<")
+    if len(raw) != count * wire_dtype.itemsize:
+        raise RequestError(400, f"input '{name}': binary_data_size {len(raw)} does not match shape {shape} "
+                                f"of {wire} ({count} x {wire_dtype.itemsize} = {count * wire_dtype.itemsize} bytes)")
+    return _checked_numbers(name, np.frombuffer(raw, dtype=wire_dtype), shape, count, wire, model_dtype)
+
+
+def _binary_text(name, raw: memoryview, count) -> list[str]:
+    """`count` BYTES elements: each a uint32 little-endian length, then that many UTF-8 bytes."""
+    out, pos = [], 0
+    for j in range(count):
+        if pos + 4 > len(raw):
+            raise RequestError(400, f"input '{name}': binary data ends inside element {j}'s length prefix")
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + n > len(raw):
+            raise RequestError(400, f"input '{name}': element {j} says {n} bytes, but only "
+                                    f"{len(raw) - pos - 4} remain")
+        try:
+            out.append(str(raw[pos + 4:pos + 4 + n], "utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError(400, f"input '{name}': element {j} is not UTF-8 text") from None
+        pos += 4 + n
+    if pos != len(raw):
+        raise RequestError(400, f"input '{name}': binary_data_size {len(raw)} holds more than the "
+                                f"{count} elements its shape needs ({pos} bytes)")
+    return out
 
 
 def _parse_numbers(name, data, shape, count, wire: str, model_dtype: str) -> np.ndarray:
@@ -137,6 +218,11 @@ def _parse_numbers(name, data, shape, count, wire: str, model_dtype: str) -> np.
         flat = np.asarray(data).reshape(-1)
     except (ValueError, OverflowError) as exc:  # ragged nesting, ints beyond 64 bits
         raise RequestError(400, f"input '{name}': 'data' is not a regular array of numbers ({exc})") from None
+    return _checked_numbers(name, flat, shape, count, wire, model_dtype)
+
+
+def _checked_numbers(name, flat: np.ndarray, shape, count, wire: str, model_dtype: str) -> np.ndarray:
+    """The values of one input, from JSON or raw bytes, checked and cast to the model's dtype."""
     if flat.size != count:
         raise RequestError(400, f"input '{name}': data holds {flat.size} values but shape {shape} "
                                 f"needs {count}")
@@ -182,20 +268,38 @@ def _common_rows(arrays: dict) -> int:
     return next(iter(rows.values()))
 
 
-def _requested_outputs(raw, spec: dict) -> list[str] | None:
+def _requested_outputs(raw, parameters, spec: dict) -> tuple[list[str] | None, frozenset]:
+    """-> (output names in the model's order, or None for the family's default; the ones to answer
+    in binary). The request's parameters.binary_data_output makes every output binary."""
     names = [t["name"] for t in spec["outputs"]]
+    if parameters is not None and not isinstance(parameters, dict):
+        raise RequestError(400, "'parameters' must be an object")
+    all_binary = _flag((parameters or {}).get("binary_data_output", False), "parameters.binary_data_output")
     if raw is None:
-        return None  # the model family's default
+        return None, frozenset(names if all_binary else ())
     if not isinstance(raw, list) or not raw:
         raise RequestError(400, "'outputs' must be a non-empty list of {name}")
-    wanted = []
+    wanted, binary = [], set(names if all_binary else ())
     for i, item in enumerate(raw):
         name = item.get("name") if isinstance(item, dict) else None
         if name not in names:
             raise RequestError(400, f"outputs[{i}]: unknown output {name!r}; model '{spec['name']}' "
                                     f"gives {', '.join(repr(n) for n in names)}")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestError(400, f"outputs[{i}]: 'parameters' must be an object")
+        if _flag(params.get("binary_data", all_binary), f"outputs[{i}].parameters.binary_data"):
+            binary.add(name)
+        else:
+            binary.discard(name)
         wanted.append(name)
-    return [n for n in names if n in wanted]
+    return [n for n in names if n in wanted], frozenset(binary)
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _log_depth_once() -> None:
@@ -213,22 +317,30 @@ def predicted_response_bytes(shapes: dict) -> int | None:
     return 256 + sum(128 + BYTES_PER_VALUE * math.prod(shape) for shape in shapes.values())
 
 
-def encode_infer_response(spec: dict, request: InferRequest, outputs: dict) -> bytes:
-    """POST /infer response body (JSON bytes) for one request; `outputs` maps name -> np.ndarray of
-    finite values. Encoded a chunk of values at a time: run on a worker thread, it lets the event loop
-    in between chunks, and it never holds every value as a Python float at once."""
+def encode_infer_response(spec: dict, request: InferRequest, outputs: dict) -> tuple[bytes, int | None]:
+    """POST /infer response body for one request, and the length of its JSON header when outputs
+    are answered in binary (the Inference-Header-Content-Length; None: a plain JSON body).
+    `outputs` maps name -> np.ndarray of finite values. JSON data is encoded a chunk of values at a
+    time: run on a worker thread, it lets the event loop in between chunks, and it never holds every
+    value as a Python float at once."""
     parts = [b'{"model_name":', json.dumps(spec["name"]).encode(), b',"model_version":"1"']
     if request.id is not None:
         parts += [b',"id":', json.dumps(request.id).encode()]
     parts.append(b',"outputs":[')
+    raw = []
     for i, name in enumerate(request.outputs):
         flat = outputs[name].reshape(-1)
         head = (f'{"," if i else ""}{{"name":{json.dumps(name)},"datatype":"FP32","shape":'
-                f'{json.dumps(list(outputs[name].shape))},"data":[')
-        parts.append(head.encode())
+                f'{json.dumps(list(outputs[name].shape))}')
+        if name in request.binary_outputs:
+            raw.append(flat.astype("<f4").tobytes())
+            parts.append(f'{head},"parameters":{{"binary_data_size":{len(raw[-1])}}}}}'.encode())
+            continue
+        parts.append((head + ',"data":[').encode())
         for start in range(0, flat.size, ENCODE_CHUNK):
             chunk = json.dumps(flat[start:start + ENCODE_CHUNK].tolist(), allow_nan=False, separators=(",", ":"))
             parts.append(((',' if start else '') + chunk[1:-1]).encode())
         parts.append(b"]}")
     parts.append(b"]}")
-    return b"".join(parts)
+    header = b"".join(parts)
+    return (header + b"".join(raw), len(header)) if raw else (header, None)

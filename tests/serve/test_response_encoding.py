@@ -26,7 +26,7 @@ def test_chunked_encoding_is_the_protocol_document(request_id, monkeypatch):
     outputs = _outputs(rng, {"a": (3, 11), "b": (2, 5, 3)})
     outputs["a"][0, 0], outputs["a"][0, 1] = -0.0, np.float32(-3.4028235e38)
     request = InferRequest(inputs={}, outputs=["a", "b"], rows=3, id=request_id)
-    doc = json.loads(encode_infer_response(SPEC, request, outputs))
+    doc = json.loads(encode_infer_response(SPEC, request, outputs)[0])
     want = {"model_name": SPEC["name"], "model_version": "1", "outputs": [
         {"name": n, "datatype": "FP32", "shape": list(outputs[n].shape), "data": outputs[n].reshape(-1).tolist()}
         for n in ("a", "b")]}
@@ -37,7 +37,7 @@ def test_chunked_encoding_is_the_protocol_document(request_id, monkeypatch):
 
 def test_empty_and_single_outputs():
     request = InferRequest(inputs={}, outputs=["a"], rows=0)
-    doc = json.loads(encode_infer_response(SPEC, request, {"a": np.zeros((0, 4), np.float32)}))
+    doc = json.loads(encode_infer_response(SPEC, request, {"a": np.zeros((0, 4), np.float32)})[0])
     assert doc["outputs"] == [{"name": "a", "datatype": "FP32", "shape": [0, 4], "data": []}]
 
 
@@ -53,6 +53,6 @@ def test_predicted_size_bounds_the_real_one():
     worst = {n: np.full(s, -1.2345679e-38, np.float32) for n, s in shapes.items()}  # the longest reprs
     for outputs in (worst, _outputs(rng, shapes)):
         request = InferRequest(inputs={}, outputs=["a", "b"], rows=4, id="x" * 40)
-        real = len(encode_infer_response(SPEC, request, outputs))
+        real = len(encode_infer_response(SPEC, request, outputs)[0])
         assert real <= predicted_response_bytes(shapes) + len(request.id)
     assert predicted_response_bytes({"a": None}) is None
