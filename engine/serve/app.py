@@ -277,7 +277,7 @@ class InferenceApp:
             parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
             parsed = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
             runner.prepare(parsed)
-            predicted = predicted_response_bytes(runner.output_shapes(parsed))
+            predicted = predicted_response_bytes(runner.output_shapes(parsed), parsed.binary_outputs)
             if predicted is not None:
                 self._check_response_size(predicted, "would be")
                 self._hold(held, predicted)  # the answer's bytes, reserved before the model runs
@@ -301,7 +301,7 @@ class InferenceApp:
 
     def _check_response_size(self, size: int, verb: str) -> None:
         if size > self.settings.max_response:
-            raise RequestError(413, f"the answer {verb} about {size / (1 << 20):.1f} MiB of JSON, above the "
+            raise RequestError(413, f"the answer {verb} about {size / (1 << 20):.1f} MiB, above the "
                                     f"limit of {self.settings.max_response / (1 << 20):g} MiB "
                                     f"(--max-response-mb): ask for fewer rows, shorter inputs or fewer outputs")
 

@@ -31,7 +31,7 @@ LIMITS: dict[str, tuple[type, float, str]] = {
     "max_rows": (int, 1024, "rows allowed in one request"),
     "max_queue": (int, 1024, "queued requests per model before answering 503"),
     "timeout_s": (float, 30.0, "per-request limit from body read to answer; 504 past it"),
-    "max_response_mb": (float, 64.0, "largest JSON answer; a request whose answer would pass it is "
+    "max_response_mb": (float, 64.0, "largest answer (JSON or binary); a request whose answer would pass it is "
                                      "refused with 413 before the model runs"),
     "max_buffered_mb": (float, 256.0, "bytes held across all in-flight requests (bodies and predicted "
                                       "answers); past it 503 with Retry-After"),

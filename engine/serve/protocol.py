@@ -310,11 +310,13 @@ def _log_depth_once() -> None:
                     "ones are refused without logging")
 
 
-def predicted_response_bytes(shapes: dict) -> int | None:
-    """Upper bound of the JSON answer's size for {output: shape}, or None if a shape is unknown."""
+def predicted_response_bytes(shapes: dict, binary: frozenset = frozenset()) -> int | None:
+    """Upper bound of the answer's size for {output: shape} (4 bytes a value for the outputs in
+    `binary`, BYTES_PER_VALUE for JSON ones), or None if a shape is unknown."""
     if any(shape is None for shape in shapes.values()):
         return None
-    return 256 + sum(128 + BYTES_PER_VALUE * math.prod(shape) for shape in shapes.values())
+    return 256 + sum(128 + (4 if name in binary else BYTES_PER_VALUE) * math.prod(shape)
+                     for name, shape in shapes.items())
 
 
 def encode_infer_response(spec: dict, request: InferRequest, outputs: dict) -> tuple[bytes, int | None]:

@@ -55,4 +55,8 @@ def test_predicted_size_bounds_the_real_one():
         request = InferRequest(inputs={}, outputs=["a", "b"], rows=4, id="x" * 40)
         real = len(encode_infer_response(SPEC, request, outputs)[0])
         assert real <= predicted_response_bytes(shapes) + len(request.id)
+        for binary in ({"a"}, {"a", "b"}):  # raw FP32 outputs: 4 bytes a value, JSON header included
+            request.binary_outputs = frozenset(binary)
+            real = len(encode_infer_response(SPEC, request, outputs)[0])
+            assert real <= predicted_response_bytes(shapes, request.binary_outputs) + len(request.id)
     assert predicted_response_bytes({"a": None}) is None
