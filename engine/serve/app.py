@@ -42,7 +42,8 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("sparse_engine_requests", "HTTP requests by endpoint, model and status",
+        self.requests = Counter("sparse_engine_requests", "Requests (HTTP routes; gRPC RPCs as 'grpc:RPC' "
+                                "with the status code's name) by endpoint, model and status",
                                 ["endpoint", "model", "status"], registry=self.registry)
         self.latency = Histogram("sparse_engine_request_latency_seconds", "Latency of successful infer "
                                  "requests, body read to response", ["model"], registry=self.registry,
@@ -92,13 +93,17 @@ class InferenceApp:
     """`InferenceApp(runners, settings)` is an ASGI app serving `runners` (already loaded); warm-up
     runs at startup, off the loop. Around every route: bearer-token check, per-status counting.
 
-    `ready`/`failed` say how warm-up went; `drain()` (safe from a signal handler) runs every queued
-    request now; `on_failure` (set by the caller) is called when warm-up fails."""
+    With `grpc_address`, the v2 gRPC API is served there too, on the same loop (grpc_service).
+    `ready`/`failed` say how start-up and warm-up went; `drain()` (safe from a signal handler) runs
+    every queued request now; `on_failure` (set by the caller) is called when warm-up fails."""
 
     OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # probes need no token
 
-    def __init__(self, runners: list[ModelRunner], settings: Settings, metrics: Metrics | None = None):
+    def __init__(self, runners: list[ModelRunner], settings: Settings, metrics: Metrics | None = None,
+                 grpc_address: tuple[str, int] | None = None):
         self.settings, self.metrics = settings, metrics or Metrics()
+        self.grpc_address = grpc_address  # (host, port): also serve gRPC there (engine.serve.grpc_service)
+        self.grpc_port = None  # the bound port, once started
         self.models = {r.name: r for r in runners}
         self.batchers: dict[str, Batcher] = {}
         self.budget = ByteBudget(settings.max_buffered)
@@ -135,7 +140,10 @@ class InferenceApp:
             self.metrics.requests.labels(endpoint, model, str(status["code"])).inc()
 
     def _authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return self.authorized(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+
+    def authorized(self, header: str) -> bool:
+        """Whether an Authorization header value carries this server's bearer token."""
         scheme, _, given = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
                                                                   self.settings.token.encode())
@@ -164,11 +172,24 @@ class InferenceApp:
                                                             m.batch_requests.labels(name).observe(n)))
             self.batchers[runner.name].start()
         self.loop = asyncio.get_running_loop()
-        warm = self.loop.create_task(self._warm_up())
+        grpc_server = None
+        if self.grpc_address is not None:
+            from . import grpc_service
+            try:
+                grpc_server, self.grpc_port = await grpc_service.start(self, *self.grpc_address)
+                # Tests and scripts read this line to find the port when --grpc-port 0 was given.
+                log.info("serving gRPC (v2 GRPCInferenceService) on %s:%d", self.grpc_address[0], self.grpc_port)
+            except (OSError, RuntimeError) as exc:  # e.g. the port is taken: stop, as a failed warm-up does
+                self.failed = f"cannot serve gRPC on {self.grpc_address[0]}:{self.grpc_address[1]}: {exc}"
+                self.on_failure()
+        warm = self.loop.create_task(self._warm_up()) if self.failed is None else None
         try:
             yield
         finally:
-            warm.cancel()
+            if warm is not None:
+                warm.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(s.timeout_s)  # in-flight RPCs finish, new ones are refused
             for batcher in self.batchers.values():
                 await batcher.close()
 
@@ -180,7 +201,7 @@ class InferenceApp:
             self.ready = True
         except Exception as exc:
             log.exception("warm-up failed")
-            self.failed = f"{type(exc).__name__}: {exc}"
+            self.failed = f"warm-up failed: {type(exc).__name__}: {exc}"
             self.on_failure()  # a model that cannot run one batch should not sit there unready
 
     def drain(self) -> None:
@@ -190,11 +211,13 @@ class InferenceApp:
 
     # -- routes --------------------------------------------------------------------------------------
     def find(self, request: Request) -> ModelRunner:
-        name = request.path_params["name"]
+        return self.model(request.path_params["name"], request.path_params.get("version"))
+
+    def model(self, name: str, version: str | None = None) -> ModelRunner:
+        """The runner serving `name` (and `version`, when given), else RequestError 404."""
         if name not in self.models:
             raise RequestError(404, f"unknown model {name!r}; this server has "
                                     f"{', '.join(repr(n) for n in self.models)}")
-        version = request.path_params.get("version")
         if version is not None and version not in VERSIONS:
             raise RequestError(404, f"model {name!r} has no version {version!r} (versions: {', '.join(VERSIONS)})")
         return self.models[name]
@@ -269,13 +292,13 @@ class InferenceApp:
             raise RequestError(408, f"request body not received within {self.settings.body_timeout_s:g} s "
                                     f"(--body-timeout-s)") from None
 
-    async def _answer(self, runner: ModelRunner, body: bytes, header_length: int | None, held: list,
-                      start: float) -> Response:
-        s = self.settings
-
+    async def execute(self, runner: ModelRunner, parse, held: list, heavy: bool):
+        """-> (InferRequest, {output: np.ndarray}): parse() the request (off the loop when `heavy`),
+        refuse an answer predicted above max_response, hold its bytes, run it in the model's batch,
+        all within timeout_s. Shared by REST and gRPC; raises RequestError, BudgetExceeded,
+        QueueFull, InferenceError or asyncio.TimeoutError for the caller to answer."""
         async def parse_and_run():
-            parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
-            parsed = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
+            parsed = await asyncio.to_thread(parse) if heavy else parse()
             runner.prepare(parsed)
             predicted = predicted_response_bytes(runner.output_shapes(parsed), parsed.binary_outputs)
             if predicted is not None:
@@ -283,8 +306,14 @@ class InferenceApp:
                 self._hold(held, predicted)  # the answer's bytes, reserved before the model runs
             return parsed, await self.batchers[runner.name].submit(parsed, parsed.rows)
 
+        return await asyncio.wait_for(parse_and_run(), self.settings.timeout_s)
+
+    async def _answer(self, runner: ModelRunner, body: bytes, header_length: int | None, held: list,
+                      start: float) -> Response:
+        s = self.settings
+        parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
         try:
-            parsed, outputs = await asyncio.wait_for(parse_and_run(), s.timeout_s)
+            parsed, outputs = await self.execute(runner, parse, held, len(body) > PARSE_IN_THREAD_BYTES)
         except asyncio.TimeoutError:
             return error(504, f"request timed out after {s.timeout_s:g} s")
         except QueueFull as exc:

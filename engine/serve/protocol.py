@@ -108,6 +108,12 @@ def parse_infer(body: bytes, spec: dict, *, max_rows: int, header_length: int | 
                                 "plus one per tensor dimension)") from None
     if not isinstance(doc, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(doc).__name__}")
+    return request_from_doc(doc, spec, max_rows=max_rows, binary=binary)
+
+
+def request_from_doc(doc: dict, spec: dict, *, max_rows: int, binary: _Binary | None = None) -> InferRequest:
+    """A decoded v2 request ({"id", "inputs", "outputs", "parameters"}; the raw tensors in `binary`)
+    -> a validated InferRequest. REST bodies and gRPC messages both come through here."""
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError(400, "'id' must be a string")
@@ -346,3 +352,46 @@ def encode_infer_response(spec: dict, request: InferRequest, outputs: dict) -> t
     parts.append(b"]}")
     header = b"".join(parts)
     return (header + b"".join(raw), len(header)) if raw else (header, None)
+
+
+# gRPC typed contents: the InferTensorContents field of each wire datatype (FP16 has none: raw only).
+TYPED_CONTENTS = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents",
+                  "BYTES": "bytes_contents"}
+
+
+def request_from_grpc(msg, spec: dict, *, max_rows: int) -> InferRequest:
+    """A gRPC ModelInferRequest (engine.serve.grpc_service) -> a validated InferRequest, through the
+    checks a REST body gets. Inputs come as typed `contents` or, all of them, as
+    `raw_input_contents` (what tritonclient sends); every output is answered raw."""
+    raw = list(msg.raw_input_contents)
+    if raw and len(raw) != len(msg.inputs):
+        raise RequestError(400, f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+                                f"give one per input, or none and typed contents")
+    inputs = []
+    for i, tensor in enumerate(msg.inputs):
+        item = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if raw:
+            item["parameters"] = {"binary_data_size": len(raw[i])}
+        else:
+            item["data"] = _typed_contents(tensor)
+        inputs.append(item)
+    doc = {"inputs": inputs, "id": msg.id or None,
+           "outputs": [{"name": o.name} for o in msg.outputs] or None}
+    request = request_from_doc(doc, spec, max_rows=max_rows,
+                               binary=_Binary(memoryview(b"".join(raw))) if raw else None)
+    request.binary_outputs = frozenset(t["name"] for t in spec["outputs"])
+    return request
+
+
+def _typed_contents(tensor) -> list:
+    field_name = TYPED_CONTENTS.get(tensor.datatype)
+    if field_name is None:
+        raise RequestError(400, f"input '{tensor.name}': datatype {tensor.datatype!r} has no typed contents "
+                                f"field; send it in raw_input_contents")
+    values = list(getattr(tensor.contents, field_name))
+    if tensor.datatype != "BYTES":
+        return values
+    try:
+        return [v.decode("utf-8") for v in values]
+    except UnicodeDecodeError:
+        raise RequestError(400, f"input '{tensor.name}': bytes_contents holds text that is not UTF-8") from None

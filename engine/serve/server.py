@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one; default 8000)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--grpc-port", type=int, metavar="PORT",
+                        help="also serve the v2 gRPC API (GRPCInferenceService) on this port of --host, "
+                             "with the same models, limits and token (0 picks a free one; default: off)")
     for name, (typ, default, text) in LIMITS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{text} (default {default:g})")
     parser.add_argument("--token-file", type=Path, help="file holding a bearer token clients must send")
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     # The event loop shares the GIL with the batch and encoding threads; a thread waiting for the GIL
     # gets it after this interval (default 5 ms), paid at every hand-over while one request is served.
     sys.setswitchinterval(0.001)
-    app = InferenceApp(runners, settings)
+    app = InferenceApp(runners, settings, grpc_address=None if args.grpc_port is None else (args.host, args.grpc_port))
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -84,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
              f"[{host}]" if family == socket.AF_INET6 else host, port)
     server.run(sockets=[sock])
     if app.failed:
-        print(f"sparse-engine serve: warm-up failed: {app.failed}", file=sys.stderr)
+        print(f"sparse-engine serve: {app.failed}", file=sys.stderr)
         return 1
     return 0
 
