@@ -13,7 +13,7 @@ import torch
 import engine
 from engine.serve.protocol import InferRequest, RequestError, encode_infer_response, parse_infer
 from tests.models.test_bert import hf_bert  # noqa: F401  (fixture)
-from tests.serve.test_server import MLP_SIZES, Server, _prune
+from tests.serve.test_server import MLP_SIZES, Server, mlp_and_bert_artifacts
 
 pytestmark = pytest.mark.timeout(300)
 SPEC = {"name": "m", "family": "test",
@@ -124,14 +124,9 @@ def test_binary_outputs_round_trip_and_mix_with_json():
 
 @pytest.fixture(scope="module")
 def served(hf_bert, tmp_path_factory):  # noqa: F811
-    from engine.convert import convert
-    from engine.examples import mlp
-    tmp = tmp_path_factory.mktemp("binary")
-    torch.save(_prune(mlp(MLP_SIZES).state_dict(), 0.8, torch.Generator().manual_seed(3)), tmp / "mlp.pt")
-    convert(tmp / "mlp.pt", tmp / "mlp.spz", arch="mlp:relu", log=lambda *a, **k: None)
-    convert(hf_bert[0], tmp / "bert.spz", log=lambda *a, **k: None)
-    srv = Server([str(tmp / "mlp.spz"), str(tmp / "bert.spz"), "--name", "mlp", "--name", "bert"])
-    yield srv, engine.load(tmp / "mlp.spz"), engine.load(tmp / "bert.spz")
+    mlp, bert = mlp_and_bert_artifacts(tmp_path_factory.mktemp("binary"), hf_bert[0], seed=3)
+    srv = Server([str(mlp), str(bert), "--name", "mlp", "--name", "bert"])
+    yield srv, engine.load(mlp), engine.load(bert)
     assert srv.stop() == 0, srv.log()
 
 

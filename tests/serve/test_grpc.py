@@ -19,7 +19,7 @@ import torch
 import engine
 from engine.serve.grpc_service import M, SERVICE
 from tests.models.test_bert import hf_bert  # noqa: F401  (fixture)
-from tests.serve.test_server import MLP_SIZES, PYTHONPATH, ROOT, Server, _prune
+from tests.serve.test_server import MLP_SIZES, PYTHONPATH, ROOT, Server, mlp_and_bert_artifacts
 
 pytestmark = pytest.mark.timeout(300)
 TOKEN = "s3cret-grpc"
@@ -33,12 +33,8 @@ def grpc_port(srv: Server) -> int:
 
 @pytest.fixture(scope="module")
 def artifacts(hf_bert, tmp_path_factory):  # noqa: F811
-    from engine.convert import convert
-    from engine.examples import mlp
     tmp = tmp_path_factory.mktemp("grpc")
-    torch.save(_prune(mlp(MLP_SIZES).state_dict(), 0.8, torch.Generator().manual_seed(9)), tmp / "mlp.pt")
-    convert(tmp / "mlp.pt", tmp / "mlp.spz", arch="mlp:relu", log=lambda *a, **k: None)
-    convert(hf_bert[0], tmp / "bert.spz", log=lambda *a, **k: None)
+    mlp_and_bert_artifacts(tmp, hf_bert[0], seed=9)
     (tmp / "token").write_text(TOKEN)
     return tmp
 

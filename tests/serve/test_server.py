@@ -171,6 +171,16 @@ def output(body: dict, name: str) -> np.ndarray:
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
+def mlp_and_bert_artifacts(tmp: Path, bert_folder: Path, seed: int) -> tuple[Path, Path]:
+    """A pruned MLP (MLP_SIZES) and the given BERT folder converted into `tmp`: (mlp.spz, bert.spz)."""
+    from engine.convert import convert
+    from engine.examples import mlp
+    torch.save(_prune(mlp(MLP_SIZES).state_dict(), 0.8, torch.Generator().manual_seed(seed)), tmp / "mlp.pt")
+    convert(tmp / "mlp.pt", tmp / "mlp.spz", arch="mlp:relu", log=lambda *a, **k: None)
+    convert(bert_folder, tmp / "bert.spz", log=lambda *a, **k: None)
+    return tmp / "mlp.spz", tmp / "bert.spz"
+
+
 def expected_mlp(local, x) -> np.ndarray:
     with torch.inference_mode():
         return local["mlp"](torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
