@@ -1,7 +1,8 @@
 """The v2 binary tensor data extension, both directions: bodies framed by
 Inference-Header-Content-Length parse to the same arrays as their JSON twins, every framing error
-is a 400 naming the input, binary outputs round-trip; and tritonclient with its default settings
-(binary data on) gets the engine's numbers from a real server, MLP and BERT (ids and text)."""
+is a 400 naming the input, binary outputs round-trip; fuzzed binary bodies and gRPC requests get a
+4xx or a valid request, never anything else; and tritonclient with its default settings (binary
+data on) gets the engine's numbers from a real server, MLP and BERT (ids and text)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import engine
 from engine.serve.protocol import InferRequest, RequestError, encode_infer_response, parse_infer
@@ -161,3 +163,50 @@ def test_tritonclient_with_its_defaults_gets_the_engines_numbers(served):
         np.testing.assert_allclose(result.as_numpy("last_hidden_state"), want, rtol=1e-5, atol=1e-5)
     finally:
         client.close()
+
+DATATYPES = ("FP32", "FP16", "INT64", "INT32", "BYTES", "FP64", "BOOL", "")
+dims = st.lists(st.integers(-2, 4), min_size=0, max_size=3)
+tensor = st.fixed_dictionaries({"name": st.sampled_from(["x", "ids", "text", "nope"]),
+                                "datatype": st.sampled_from(DATATYPES), "shape": dims,
+                                "size": st.integers(-1, 40), "raw": st.booleans()})
+
+
+def _check_outcome(call):
+    try:
+        request = call()
+    except RequestError as exc:
+        assert 400 <= exc.status < 500, exc
+        return
+    for name, value in request.inputs.items():
+        want = {t["name"]: t for t in SPEC["inputs"]}[name]
+        if want["datatype"] == "BYTES":
+            assert all(isinstance(v, str) for v in value)
+        else:
+            assert value.dtype == {"FP32": np.float32, "INT64": np.int64}[want["datatype"]]
+            assert value.ndim == len(want["shape"]) and np.isfinite(value.astype(np.float64)).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensors=st.lists(tensor, min_size=0, max_size=3), blob=st.binary(max_size=120), cut=st.integers(-5, 400))
+def test_fuzzed_binary_bodies_get_a_4xx_or_a_valid_request(tensors, blob, cut):
+    doc = {"inputs": [{"name": t["name"], "datatype": t["datatype"], "shape": t["shape"],
+                       **({"parameters": {"binary_data_size": t["size"]}} if t["raw"] else {"data": [1] * max(0, t["size"])})}
+                      for t in tensors]}
+    header = json.dumps(doc).encode()
+    body = header + blob
+    n = len(header) if cut < 0 else min(cut, len(body) + 3)  # also header lengths that cut the JSON
+    _check_outcome(lambda: parse_infer(body, SPEC, max_rows=8, header_length=n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tensors=st.lists(tensor, min_size=0, max_size=3), blobs=st.lists(st.binary(max_size=60), max_size=4),
+       numbers=st.lists(st.floats(allow_nan=True, width=32), max_size=12))
+def test_fuzzed_grpc_requests_get_a_4xx_or_a_valid_request(tensors, blobs, numbers):
+    from engine.serve.grpc_service import M
+    from engine.serve.protocol import request_from_grpc
+    msg = M["ModelInferRequest"](model_name="m", raw_input_contents=blobs)
+    for t in tensors:
+        item = msg.inputs.add(name=t["name"], datatype=t["datatype"], shape=[max(d, 0) for d in t["shape"]])
+        item.contents.fp32_contents.extend(numbers)
+        item.contents.bytes_contents.extend(b[:8] for b in blobs)
+    _check_outcome(lambda: request_from_grpc(msg, SPEC, max_rows=8))
