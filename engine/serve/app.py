@@ -2,7 +2,8 @@
 `ModelRunner`s, on Starlette, with dynamic batching (engine.serve.batching) and Prometheus metrics.
 
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}[/versions/1],
-/v2/models/{name}[/versions/1]/ready, POST /v2/models/{name}[/versions/1]/infer, GET /metrics.
+/v2/models/{name}[/versions/1]/ready, POST /v2/models/{name}[/versions/1]/infer,
+POST /v2/repository/index, GET /metrics.
 Every error is JSON `{"error": "..."}` naming the problem.
 
 Per request: body read within `body_timeout_s` (408) and under `max_body` (413); its bytes and the
@@ -110,7 +111,8 @@ class InferenceApp:
         self.ready, self.failed, self.loop = False, None, None
         self.on_failure = lambda: None
         routes = [Route("/v2/health/live", self.live), Route("/v2/health/ready", self.server_ready),
-                  Route("/v2", self.server_metadata), Route("/metrics", self.prometheus)]
+                  Route("/v2", self.server_metadata), Route("/metrics", self.prometheus),
+                  Route("/v2/repository/index", self.repository_index, methods=["POST"])]
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             routes += [Route(prefix, self.model_metadata), Route(prefix + "/ready", self.model_ready),
                        Route(prefix + "/infer", self.infer, methods=["POST"])]
@@ -232,6 +234,11 @@ class InferenceApp:
         from ..version import __version__
         return JSONResponse({"name": "sparse-engine", "version": __version__, "extensions": ["binary_tensor_data"],
                              "models": list(self.models)})
+
+    async def repository_index(self, request):
+        """The model repository extension's index: every served model, version "1", and its state."""
+        return JSONResponse([{"name": r.name, "version": VERSIONS[0], "state": "READY" if r.ready else "LOADING"}
+                             for r in self.models.values()])
 
     async def model_metadata(self, request):
         return JSONResponse(model_metadata(self.find(request).spec))

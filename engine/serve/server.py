@@ -29,7 +29,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # -- command line -----------------------------------------------------------------------------
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="sparse artifact(s) to serve")
+    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                        help="sparse artifact(s) to serve; a directory serves every *.spz / *.sparse file in it")
     parser.add_argument("--name", action="append", default=[],
                         help="model name in URLs, once per artifact in order (default: the artifact's name)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
@@ -101,17 +102,35 @@ def _settings(args) -> Settings:
     return Settings(token=token, **{name: getattr(args, name) for name in LIMITS})
 
 
+ARTIFACT_SUFFIXES = (".spz", ".sparse")  # what a directory argument serves
+
+
+def _artifact_paths(given: list[str]) -> list[Path]:
+    """The ARTIFACT arguments with each directory replaced by its artifacts, sorted by name."""
+    paths = []
+    for arg in map(Path, given):
+        if not arg.is_dir():
+            paths.append(arg)
+            continue
+        found = sorted(p for p in arg.iterdir() if p.suffix in ARTIFACT_SUFFIXES and p.is_file())
+        if not found:
+            raise ValueError(f"directory {arg} holds no artifact (*{' / *'.join(ARTIFACT_SUFFIXES)})")
+        paths += found
+    return paths
+
+
 def _load(args) -> list[ModelRunner]:
     import engine
-    if args.name and len(args.name) != len(args.artifacts):
-        raise ValueError(f"--name given {len(args.name)} times for {len(args.artifacts)} artifacts; "
+    paths = _artifact_paths(args.artifacts)
+    if args.name and len(args.name) != len(paths):
+        raise ValueError(f"--name given {len(args.name)} times for {len(paths)} artifacts; "
                          f"give it once per artifact or not at all")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
     runners = []
-    for i, path in enumerate(args.artifacts):
+    for i, path in enumerate(paths):
         # trust_module is passed only when asked, so loading stays refuse-by-default.
         extra = {"trust_module": True} if args.trust_module else {}
         if args.verify_key is not None:
