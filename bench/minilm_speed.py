@@ -10,11 +10,14 @@ one process, medians (and minima) of `rounds` rounds:
 - bert: the issue-12 encoder (2 layers x 768, 12 heads, FFN 3072, GELU, post-LN, seq 128) pruned per
   layer by L1 magnitude (unstructured) at 80/90/95 %, batch 1 and 8: dense torch vs
   engine.modules.sparsify (linear layers only, the "before") vs engine.sparsify (blocks).
+- bert-bf16: that encoder at --sparsity in 16x32 tiles, batch 1 and 8: dense fp32 / bf16 vs the
+  engine (engine.sparsify, BSR 16x32) in fp32 and cast to bf16 (AMX / AVX512-BF16 kernels).
 - profile: where the time of one fast MiniLM layer goes (each op timed alone on the layer's real
   intermediate tensors, x 6 layers), beside the whole encode time.
 
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py minilm --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py bert --threads 2
+    PYTHONPATH=. .venv/bin/python bench/minilm_speed.py bert-bf16 --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py profile --threads 2
     ... --cpu-time: 1 thread timed by its own CPU time, for a box shared with other jobs
 """
@@ -170,6 +173,40 @@ def bert_grid(args) -> None:
                    f"{args.threads} threads", time_samples(fns, args.min_time, args.rounds, args.clock))
 
 
+def tile_prune_(model: nn.Module, sparsity: float, tile: tuple[int, int]) -> None:
+    """Per encoder linear layer: zero the `sparsity` share of R x C tiles with the lowest L2 norm."""
+    r, c = tile
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name.startswith("encoder."):
+                o, i = m.weight.shape
+                norms = m.weight.reshape(o // r, r, i // c, c).pow(2).sum(dim=(1, 3))
+                keep = torch.ones_like(norms, dtype=torch.bool)
+                keep.view(-1)[norms.view(-1).argsort()[:int(round(sparsity * norms.numel()))]] = False
+                m.weight.mul_(keep.repeat_interleave(r, 0).repeat_interleave(c, 1))
+
+
+def bert_bf16(args) -> None:
+    """Issue 17's BERT bar: 90 % in 16x32 tiles (one AMX tile each), fp32 and cast to bf16, engine vs dense."""
+    torch.manual_seed(0)
+    dense = bert.build(BERT).eval()
+    tile_prune_(dense, args.sparsity, (16, 32))
+    engine_fp32 = transformer.sparsify(copy.deepcopy(dense), "bsr", (16, 32))
+    models = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16),
+              "engine fp32": engine_fp32, "engine bf16": copy.deepcopy(engine_fp32).to(torch.bfloat16)}
+    for batch in args.bert_batch:
+        ids = torch.randint(1000, BERT["vocab_size"], (batch, args.seq), generator=torch.Generator().manual_seed(batch))
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            ref = dense(ids, mask)
+            for name, m in models.items():
+                print(f"batch {batch} {name}: max |diff| vs dense fp32 {float((m(ids, mask).float() - ref).abs().max()):.2e}")
+        print(f"bf16 kernel family that ran: {engine.cpu.last_bf16_kernel()}")
+        fns = {name: (lambda m=m: m(ids, mask)) for name, m in models.items()}
+        report(f"BERT 2x768 encoder, {args.sparsity:.0%} in 16x32 tiles, batch {batch}, seq {args.seq}, "
+               f"{args.threads} threads", time_samples(fns, args.min_time, args.rounds, args.clock), base="dense bf16")
+
+
 def profile(args) -> None:
     """Each op of one fast MiniLM layer timed alone on the layer's real inputs, x layers."""
     src, dense = teacher_and_tokenizer()
@@ -223,7 +260,7 @@ def profile(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("minilm", "bert", "profile"))
+    p.add_argument("part", choices=("minilm", "bert", "bert-bf16", "profile"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.9, help="MiniLM sparsity")
     p.add_argument("--sparsities", type=float, nargs="+", default=(0.8, 0.9, 0.95), help="BERT grid")
@@ -243,7 +280,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, C++ kernels isa="
           f"{engine.cpu.isa()}, {args.threads} threads, clock {args.clock.__name__}")
-    {"minilm": minilm, "bert": bert_grid, "profile": profile}[args.part](args)
+    {"minilm": minilm, "bert": bert_grid, "bert-bf16": bert_bf16, "profile": profile}[args.part](args)
     return 0
 
 
