@@ -12,11 +12,13 @@ from .version import __version__
 
 VERBS = {
     "prune": ("engine.prune.cli", "prune + fine-tune a built-in example, a model given by import path, or a HF encoder folder"),
+    "profile": ("engine.prune.latency", "measure each layer's latency and sensitivity per format and sparsity; "
+                "allocate per-layer sparsity under a latency budget"),
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
     "keygen": ("engine.signing", "write an Ed25519 key pair to sign (convert --sign-key) and verify artifacts"),
     "inspect": ("engine.inspect", "per-layer table of an artifact: format, block, sparsity, bytes, speedup"),
     "run": ("engine.runtime", "offline inference: .npy in, .npy or JSON out"),
-    "serve": ("engine.serve.server", "HTTP server (Open Inference Protocol v2) with dynamic batching"),
+    "serve": ("engine.serve.server", "Open Inference Protocol v2 server (HTTP, and gRPC with --grpc-port) with dynamic batching"),
     "bench": ("engine.bench", "speed comparison against dense torch and torch.sparse"),
 }
 

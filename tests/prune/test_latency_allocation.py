@@ -1,0 +1,74 @@
+"""Latency-aware allocation (engine/prune/latency.py): the allocator meets the budget, prefers
+insensitive layers and names the fastest reachable latency when a budget is infeasible; a profile
+measures every layer's options on this machine with errors that grow with sparsity."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from engine.cli import main as cli
+from engine.prune.granularity import PruneError
+from engine.prune.latency import Option, allocate, options_of, profile
+
+
+def _opts(dense_ms: float, sensitivity: float) -> list[Option]:
+    """Dense plus four sparsity levels: time falls with sparsity, error grows with it x sensitivity."""
+    out = [Option("dense", 0.0, "dense", dense_ms / 1e3, 0.0)]
+    for s in (0.5, 0.7, 0.9, 0.95):
+        out.append(Option("unstructured", s, "csr", dense_ms * (1.05 - s) / 1e3, sensitivity * s ** 2))
+    return out
+
+
+def test_allocation_meets_the_budget_and_prefers_insensitive_layers():
+    table = {"sensitive": _opts(1.0, 10.0), "robust": _opts(1.0, 0.1), "small": _opts(0.2, 1.0)}
+    for budget_ms in (2.2, 1.5, 1.0, 0.5):
+        plan = allocate(table, budget_ms / 1e3)
+        assert sum(o.seconds for o in plan.values()) <= budget_ms / 1e3 + 1e-12
+        assert plan["robust"].sparsity >= plan["sensitive"].sparsity
+    plan = allocate(table, 1.0 / 1e3)
+    assert plan["robust"].sparsity >= 0.9 > plan["sensitive"].sparsity
+    # the exact optimum of a small case, checked by brute force
+    import itertools
+    best = min(itertools.product(*table.values()),
+               key=lambda c: (sum(o.seconds for o in c) > 1e-3, sum(o.error for o in c)))
+    assert sum(o.error for o in plan.values()) == pytest.approx(sum(o.error for o in best), rel=1e-9)
+
+
+def test_infeasible_budget_names_the_fastest_reachable_latency():
+    table = {"a": _opts(1.0, 1.0), "b": _opts(1.0, 1.0)}
+    fastest = 2 * 0.1  # ms: both layers at 95 %
+    with pytest.raises(PruneError, match=f"fastest reachable latency is {fastest:.3f} ms"):
+        allocate(table, 0.15e-3)
+    with pytest.raises(PruneError, match="at least one option"):
+        allocate({"a": []}, 1.0)
+
+
+def test_profile_measures_each_layer_and_errors_grow_with_sparsity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    batches = [torch.randn(16, 64) for _ in range(4)]
+    table = profile(model, batches, sparsities=(0.5, 0.9), granularities=("unstructured", "block:16x16"),
+                    min_time=0.005)
+    assert set(table["machine"]) >= {"cpu", "isa", "threads", "date"}
+    for name, layer in table["layers"].items():
+        assert layer["rows"] == 16
+        opts = options_of(table)[name]
+        assert [(o.granularity, o.sparsity) for o in opts] == [
+            ("dense", 0.0), ("unstructured", 0.5), ("unstructured", 0.9), ("block:16x16", 0.5), ("block:16x16", 0.9)]
+        assert all(o.seconds > 0 for o in opts) and opts[0].error == 0.0
+        assert opts[1].error < opts[2].error and opts[3].error < opts[4].error
+        assert opts[1].error < opts[3].error  # unstructured keeps more of the output than blocks
+
+
+def test_profile_cli_writes_the_table_and_a_plan(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--batch", "8", "--sparsities", "0.5,0.9",
+                "--granularities", "unstructured", "--min-time", "0.005", "--target-speedup", "0.5"]) == 0
+    table = json.loads(out.read_text())
+    assert list(table["layers"]) == ["0", "2", "4"]
+    printed = capsys.readouterr().out
+    assert "plan for" in printed and "predicted" in printed
+    assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--sparsities", "1.5"]) == 1
