@@ -32,6 +32,8 @@ void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#include "simd_kernels.h"
+
 namespace se {
 namespace {
 
@@ -54,6 +56,23 @@ inline __m256 bcast(const f16_t* p) { return _mm256_set1_ps(_cvtsh_ss(p->bits));
 inline float scalar(const float* p) { return *p; }
 inline float scalar(const bf16_t* p) { return to_f32(*p); }
 inline float scalar(const f16_t* p) { return _cvtsh_ss(p->bits); }
+
+// 8-wide ymm traits for the shared micro-kernels (simd_kernels.h).
+struct Avx2 {
+  using vec = __m256;
+  static constexpr int W = 8;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static vec load(const float* p) { return _mm256_load_ps(p); }
+  static void store(float* p, vec v) { _mm256_store_ps(p, v); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  template <typename WT>
+  static vec bcast(const WT* p) { return se::bcast(p); }
+  // 16 ymm registers: accumulator sets only while the chunk is narrow.
+  static constexpr int csr_unroll(int v) { return v >= 4 ? 1 : (v >= 2 ? 2 : 4); }
+  static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
+};
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -140,46 +159,13 @@ constexpr int64_t kTileRows = 16;  // output rows per epilogue tile: one 64-byte
 
 // =================================== CSR =========================================================
 
-// One output row, one chunk of V*8 batch columns: out[0 : 8V] = Σ_k w_k · Xt[col_k, :].
-// U independent accumulator sets hide FMA latency when V is small.
-template <typename WT, typename IT, int V>
-inline void csr_row_chunk(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
-                          int64_t np, float* out) {
-  constexpr int U = V >= 4 ? 1 : (V >= 2 ? 2 : 4);
-  __m256 acc[U][V];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
-  int32_t k = k0;
-  for (; k + U <= k1; k += U) {
-    for (int u = 0; u < U; ++u) {
-      const __m256 w = bcast(val + k + u);
-      const float* p = xt + int64_t(col[k + u]) * np;
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[u][v]);
-    }
-  }
-  for (; k < k1; ++k) {
-    const __m256 w = bcast(val + k);
-    const float* p = xt + int64_t(col[k]) * np;
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[0][v]);
-  }
-  for (int u = 1; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
-  for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
-}
-
+// One output row, one chunk of V (1..8) vectors of 8 batch columns (simd::csr_row).
 template <typename WT, typename IT>
 void csr_row_chunk_v(int V, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out) {
-  switch (V) {
-    case 1: return csr_row_chunk<WT, IT, 1>(col, val, k0, k1, xt, np, out);
-    case 2: return csr_row_chunk<WT, IT, 2>(col, val, k0, k1, xt, np, out);
-    case 3: return csr_row_chunk<WT, IT, 3>(col, val, k0, k1, xt, np, out);
-    case 4: return csr_row_chunk<WT, IT, 4>(col, val, k0, k1, xt, np, out);
-    case 5: return csr_row_chunk<WT, IT, 5>(col, val, k0, k1, xt, np, out);
-    case 6: return csr_row_chunk<WT, IT, 6>(col, val, k0, k1, xt, np, out);
-    case 7: return csr_row_chunk<WT, IT, 7>(col, val, k0, k1, xt, np, out);
-    default: return csr_row_chunk<WT, IT, 8>(col, val, k0, k1, xt, np, out);
-  }
+  simd::with_v<8>(V, [&](auto v) {
+    simd::csr_row<Avx2, WT, IT, decltype(v)::value>(col, val, k0, k1, xt, np, out);
+  });
 }
 
 // Σ_k w_k · x[col_k] over one row, 16 entries per step with two gathers in flight.
@@ -352,71 +338,15 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
 
 // =================================== BSR =========================================================
 
-// Rows [r0, r0 + RB) of one block row, one chunk of V*8 batch columns:
-// out[rb][0 : 8V] = Σ_blocks Σ_c W[block][r0 + rb][c] · Xt[col·C + c, :]. out row stride kChunk.
-template <typename WT, int RB, int V>
-inline void bsr_rows_chunk(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
-                           int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
-  constexpr int U = RB * V >= 4 ? 1 : (RB * V >= 2 ? 2 : 4);
-  __m256 acc[U][RB][V];
-  for (int u = 0; u < U; ++u)
-    for (int rb = 0; rb < RB; ++rb)
-      for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_setzero_ps();
-  for (int32_t k = k0; k < k1; ++k) {
-    const WT* w = val + (int64_t(k) * R + r0) * C;
-    const float* xb = xt + int64_t(bcol[k]) * C * np;
-    int64_t c = 0;
-    for (; c + U <= C; c += U) {
-      for (int u = 0; u < U; ++u) {
-        __m256 xv[V];
-        for (int v = 0; v < V; ++v) xv[v] = _mm256_loadu_ps(xb + (c + u) * np + 8 * v);
-        for (int rb = 0; rb < RB; ++rb) {
-          const __m256 wv = bcast(w + rb * C + c + u);
-          for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_fmadd_ps(wv, xv[v], acc[u][rb][v]);
-        }
-      }
-    }
-    for (; c < C; ++c) {
-      for (int rb = 0; rb < RB; ++rb) {
-        const __m256 wv = bcast(w + rb * C + c);
-        for (int v = 0; v < V; ++v)
-          acc[0][rb][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + c * np + 8 * v), acc[0][rb][v]);
-      }
-    }
-  }
-  for (int rb = 0; rb < RB; ++rb)
-    for (int v = 0; v < V; ++v) {
-      for (int u = 1; u < U; ++u) acc[0][rb][v] = _mm256_add_ps(acc[0][rb][v], acc[u][rb][v]);
-      _mm256_store_ps(out + rb * kChunk + 8 * v, acc[0][rb][v]);
-    }
-}
-
-// Register budget: RB·V accumulators + V x vectors + 1 broadcast <= 16 ymm.
+// Rows [r0, r0 + RB) of one block row, V vectors of 8 batch columns (simd::bsr_rows), out row
+// stride kChunk. Register budget: RB·V accumulators + V x vectors + 1 broadcast <= 16 ymm, so
+// V <= 8 / RB (the callers split wider chunks).
 template <typename WT, int RB>
 void bsr_rows_chunk_v(int V, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
                       int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
-  if constexpr (RB == 4) {
-    if (V == 1) return bsr_rows_chunk<WT, 4, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    return bsr_rows_chunk<WT, 4, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-  } else if constexpr (RB == 2) {
-    switch (V) {
-      case 1: return bsr_rows_chunk<WT, 2, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 2: return bsr_rows_chunk<WT, 2, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 3: return bsr_rows_chunk<WT, 2, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      default: return bsr_rows_chunk<WT, 2, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    }
-  } else {
-    switch (V) {
-      case 1: return bsr_rows_chunk<WT, 1, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 2: return bsr_rows_chunk<WT, 1, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 3: return bsr_rows_chunk<WT, 1, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 4: return bsr_rows_chunk<WT, 1, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 5: return bsr_rows_chunk<WT, 1, 5>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 6: return bsr_rows_chunk<WT, 1, 6>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 7: return bsr_rows_chunk<WT, 1, 7>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      default: return bsr_rows_chunk<WT, 1, 8>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    }
-  }
+  simd::with_v<8 / RB>(V, [&](auto v) {
+    simd::bsr_rows<Avx2, WT, RB, decltype(v)::value>(bcol, val, k0, k1, R, C, r0, xt, np, out, kChunk);
+  });
 }
 
 template <typename WT>
