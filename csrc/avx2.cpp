@@ -25,12 +25,7 @@ void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
 
 #include "avx512.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+SE_TARGET_PUSH("avx2,fma,f16c")
 
 #include "simd_kernels.h"
 
@@ -41,7 +36,7 @@ constexpr int64_t kSpmmMinN = 4;  // batch from which packing X transposed pays 
 constexpr int kChunk = 64;        // batch columns per register pass: 8 ymm accumulators
 constexpr int64_t kPanelBytes = 1 << 20;  // Xt panel (I x panel columns) kept near L2 size
 
-// ---- loads of 8 weights / one broadcast weight, converted to fp32 in registers -------------------
+// ---- loads of 8 weights / one scalar weight, converted to fp32 ----------------------------------
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -50,25 +45,13 @@ inline __m256 load8(const bf16_t* p) {
 inline __m256 load8(const f16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline __m256 bcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline __m256 bcast(const bf16_t* p) { return _mm256_set1_ps(to_f32(*p)); }
-inline __m256 bcast(const f16_t* p) { return _mm256_set1_ps(_cvtsh_ss(p->bits)); }
 inline float scalar(const float* p) { return *p; }
 inline float scalar(const bf16_t* p) { return to_f32(*p); }
 inline float scalar(const f16_t* p) { return _cvtsh_ss(p->bits); }
 
 // 8-wide ymm traits for the shared micro-kernels (simd_kernels.h).
 struct Avx2 {
-  using vec = __m256;
-  static constexpr int W = 8;
-  static vec zero() { return _mm256_setzero_ps(); }
-  static vec loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static vec load(const float* p) { return _mm256_load_ps(p); }
-  static void store(float* p, vec v) { _mm256_store_ps(p, v); }
-  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
-  template <typename WT>
-  static vec bcast(const WT* p) { return se::bcast(p); }
+  SE_SIMD_FP32_TRAITS(_mm256, __m256, 8)
   // 16 ymm registers: accumulator sets only while the chunk is narrow.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 1 : (v >= 2 ? 2 : 4); }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
@@ -120,6 +103,23 @@ void pack_xt(const float* x, int64_t N, int64_t I, int64_t n0, int64_t np, float
   }
   for (; i < i1; ++i)
     for (int64_t n = 0; n < np; ++n) xt[i * np + n] = n < nv ? x[(n0 + n) * I + i] : 0.f;
+}
+
+// Batch columns per Xt panel: the panel (I x columns) stays near kPanelBytes (L2), whole chunks.
+inline int64_t panel_columns(int64_t I, int64_t n_pad) {
+  const int64_t cols = kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk;
+  return std::min(std::max<int64_t>(kChunk, cols), n_pad);
+}
+
+// Called by every thread t of a team of nt for each panel: waits until the team is done with the
+// previous panel, packs this thread's 8-aligned share of the input features, waits for the rest.
+void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, float* xt, int t, int nt) {
+  const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
+  if (p0) {
+#pragma omp barrier
+  }
+  pack_xt(x, N, I, p0, np, xt, i0, i1);
+#pragma omp barrier
 }
 
 // ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
@@ -270,9 +270,7 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     return;
   }
 
-  const int64_t n_pad = (N + 7) / 8 * 8;
-  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
-  panel = std::min(panel, n_pad);
+  const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
   // The panelled layout needs every chunk 16-aligned (n_pad % 16 == 0) and AVX-512.
   const bool panelled = w512 && a.panel_seg && n_pad % 16 == 0;
@@ -284,14 +282,9 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     float* tile = scratch(1, kTileRows * kChunk);
     const int64_t align = grouped ? 64 : kTileRows;  // grouped: whole 64-row windows per thread
     const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
-    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      if (p0) {
-#pragma omp barrier
-      }
-      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
-#pragma omp barrier
+      pack_panel(a.x, N, I, p0, np, xt, t, nt);
       if (grouped) {
         const int64_t w0 = o0 / 64, w1 = (o1 + 63) / 64;  // o0, o1: multiples of 64 (or O)
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
@@ -492,9 +485,7 @@ void bsr_avx2(const LinearArgs& a) {
     return;
   }
 
-  const int64_t n_pad = (N + 7) / 8 * 8;
-  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
-  panel = std::min(panel, n_pad);
+  const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
@@ -502,14 +493,9 @@ void bsr_avx2(const LinearArgs& a) {
     float* tile = scratch(1, size_t(gb * R * kChunk));
     const int64_t b0 = split_begin(crow, BR, gb, row_cost, t, nt);
     const int64_t b1 = split_begin(crow, BR, gb, row_cost, t + 1, nt);
-    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      if (p0) {
-#pragma omp barrier
-      }
-      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
-#pragma omp barrier
+      pack_panel(a.x, N, I, p0, np, xt, t, nt);
       for (int64_t bg = b0; bg < b1; bg += gb) {
         const int64_t nb = std::min(gb, b1 - bg);
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
@@ -525,34 +511,20 @@ void bsr_avx2(const LinearArgs& a) {
 
 }  // namespace
 
-template <typename IT>
-void csr_linear_avx2_idx(const LinearArgs& a, const IT* col) {
-  switch (a.wdtype) {
-    case W_BF16: return csr_avx2<bf16_t, IT>(a, col);
-    case W_F16: return csr_avx2<f16_t, IT>(a, col);
-    default: return csr_avx2<float, IT>(a, col);
-  }
-}
-
 void csr_linear_avx2(const LinearArgs& a) {
-  if (a.col16) csr_linear_avx2_idx<uint16_t>(a, a.col16);
-  else csr_linear_avx2_idx<int32_t>(a, a.col);
+  with_wtype(a.wdtype, [&](auto w) {
+    using WT = decltype(w);
+    if (a.col16) csr_avx2<WT, uint16_t>(a, a.col16);
+    else csr_avx2<WT, int32_t>(a, a.col);
+  });
 }
 
 void bsr_linear_avx2(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return bsr_avx2<bf16_t>(a);
-    case W_F16: return bsr_avx2<f16_t>(a);
-    default: return bsr_avx2<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { bsr_avx2<decltype(w)>(a); });
 }
 
 }  // namespace se
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SE_TARGET_POP
 
 #endif  // x86

@@ -5,12 +5,7 @@
 
 #include "avx512.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
-#endif
+SE_TARGET_PUSH("avx512f,avx2,fma,f16c")
 
 #include "simd_kernels.h"
 
@@ -18,17 +13,7 @@ namespace se {
 namespace {
 
 struct Avx512 {
-  using vec = __m512;
-  static constexpr int W = 16;
-  static vec zero() { return _mm512_setzero_ps(); }
-  static vec loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static vec load(const float* p) { return _mm512_load_ps(p); }
-  static void store(float* p, vec v) { _mm512_store_ps(p, v); }
-  static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
-  static vec bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static vec bcast(const bf16_t* p) { return _mm512_set1_ps(to_f32(*p)); }
-  static vec bcast(const f16_t* p) { return _mm512_set1_ps(_cvtsh_ss(p->bits)); }
+  SE_SIMD_FP32_TRAITS(_mm512, __m512, 16)
   // FMA latency 4 x 2 ports wants ~8 accumulators in flight.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 2 : 4; }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 8 ? 1 : (rbv >= 4 ? 2 : 4); }
@@ -91,10 +76,6 @@ SE_INSTANTIATE(f16_t)
 
 }  // namespace se
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SE_TARGET_POP
 
 #endif  // x86

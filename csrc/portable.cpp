@@ -64,19 +64,11 @@ void bsr_portable(const LinearArgs& a) {
 }  // namespace
 
 void csr_linear_portable(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return csr_portable<bf16_t>(a);
-    case W_F16: return csr_portable<f16_t>(a);
-    default: return csr_portable<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { csr_portable<decltype(w)>(a); });
 }
 
 void bsr_linear_portable(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return bsr_portable<bf16_t>(a);
-    case W_F16: return bsr_portable<f16_t>(a);
-    default: return bsr_portable<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { bsr_portable<decltype(w)>(a); });
 }
 
 }  // namespace se

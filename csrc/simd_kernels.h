@@ -6,6 +6,7 @@
 //   using vec;  static constexpr int W;               // register type, fp32 lanes
 //   zero(), loadu(const float*), load(const float*), store(float*, vec), fmadd(a, b, c), add(a, b)
 //   bcast(const float* / const bf16_t* / const f16_t*) // one weight, widened to fp32 in all lanes
+// (SE_SIMD_FP32_TRAITS below writes all of these from the intrinsic prefix), and
 //   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
@@ -13,6 +14,21 @@
 
 // No standard headers here: anything first included inside a target region would take its ISA.
 #include "common.h"  // (already included by the TU before its target region)
+
+// The fp32 part of a traits struct for the x86 intrinsic family P (_mm256, _mm512): every
+// operation is P##_op_ps on VEC; a 16-bit weight is widened by scalar code and broadcast.
+#define SE_SIMD_FP32_TRAITS(P, VEC, LANES)                                              \
+  using vec = VEC;                                                                      \
+  static constexpr int W = LANES;                                                       \
+  static vec zero() { return P##_setzero_ps(); }                                        \
+  static vec loadu(const float* p) { return P##_loadu_ps(p); }                          \
+  static vec load(const float* p) { return P##_load_ps(p); }                            \
+  static void store(float* p, vec v) { P##_store_ps(p, v); }                            \
+  static vec fmadd(vec a, vec b, vec c) { return P##_fmadd_ps(a, b, c); }               \
+  static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
+  static vec bcast(const float* p) { return P##_set1_ps(*p); }                          \
+  static vec bcast(const bf16_t* p) { return P##_set1_ps(to_f32(*p)); }                 \
+  static vec bcast(const f16_t* p) { return P##_set1_ps(_cvtsh_ss(p->bits)); }
 
 namespace se {
 namespace simd {
