@@ -6,6 +6,9 @@
 namespace se {
 namespace {
 
+// csr_portable and bsr_portable share their outline (thread split, batch loop, bias, activation)
+// on purpose: each is the plain scalar reference of its format, kept in the reference's order so
+// it can be read against engine/reference.py line by line.
 template <typename WT>
 void csr_portable(const LinearArgs& a) {
   const WT* val = static_cast<const WT*>(a.values);
