@@ -25,12 +25,9 @@ void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
 
 #include "avx512.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+SE_TARGET_PUSH("avx2,fma,f16c")
+
+#include "simd_kernels.h"
 
 namespace se {
 namespace {
@@ -39,7 +36,7 @@ constexpr int64_t kSpmmMinN = 4;  // batch from which packing X transposed pays 
 constexpr int kChunk = 64;        // batch columns per register pass: 8 ymm accumulators
 constexpr int64_t kPanelBytes = 1 << 20;  // Xt panel (I x panel columns) kept near L2 size
 
-// ---- loads of 8 weights / one broadcast weight, converted to fp32 in registers -------------------
+// ---- loads of 8 weights / one scalar weight, converted to fp32 ----------------------------------
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -48,12 +45,17 @@ inline __m256 load8(const bf16_t* p) {
 inline __m256 load8(const f16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline __m256 bcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline __m256 bcast(const bf16_t* p) { return _mm256_set1_ps(to_f32(*p)); }
-inline __m256 bcast(const f16_t* p) { return _mm256_set1_ps(_cvtsh_ss(p->bits)); }
 inline float scalar(const float* p) { return *p; }
 inline float scalar(const bf16_t* p) { return to_f32(*p); }
 inline float scalar(const f16_t* p) { return _cvtsh_ss(p->bits); }
+
+// 8-wide ymm traits for the shared micro-kernels (simd_kernels.h).
+struct Avx2 {
+  SE_SIMD_FP32_TRAITS(_mm256, __m256, 8)
+  // 16 ymm registers: accumulator sets only while the chunk is narrow.
+  static constexpr int csr_unroll(int v) { return v >= 4 ? 1 : (v >= 2 ? 2 : 4); }
+  static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
+};
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -103,6 +105,23 @@ void pack_xt(const float* x, int64_t N, int64_t I, int64_t n0, int64_t np, float
     for (int64_t n = 0; n < np; ++n) xt[i * np + n] = n < nv ? x[(n0 + n) * I + i] : 0.f;
 }
 
+// Batch columns per Xt panel: the panel (I x columns) stays near kPanelBytes (L2), whole chunks.
+inline int64_t panel_columns(int64_t I, int64_t n_pad) {
+  const int64_t cols = kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk;
+  return std::min(std::max<int64_t>(kChunk, cols), n_pad);
+}
+
+// Called by every thread t of a team of nt for each panel: waits until the team is done with the
+// previous panel, packs this thread's 8-aligned share of the input features, waits for the rest.
+void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, float* xt, int t, int nt) {
+  const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
+  if (p0) {
+#pragma omp barrier
+  }
+  pack_xt(x, N, I, p0, np, xt, i0, i1);
+#pragma omp barrier
+}
+
 // ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
 // Batch column outer, 8-row blocks inner: a 16-row tile writes each Y row's 64-byte segment with two
 // back-to-back stores. (8-row tiles wrote half lines; with Y rows 12-16 KiB apart they alias in L1
@@ -140,46 +159,13 @@ constexpr int64_t kTileRows = 16;  // output rows per epilogue tile: one 64-byte
 
 // =================================== CSR =========================================================
 
-// One output row, one chunk of V*8 batch columns: out[0 : 8V] = Σ_k w_k · Xt[col_k, :].
-// U independent accumulator sets hide FMA latency when V is small.
-template <typename WT, typename IT, int V>
-inline void csr_row_chunk(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
-                          int64_t np, float* out) {
-  constexpr int U = V >= 4 ? 1 : (V >= 2 ? 2 : 4);
-  __m256 acc[U][V];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
-  int32_t k = k0;
-  for (; k + U <= k1; k += U) {
-    for (int u = 0; u < U; ++u) {
-      const __m256 w = bcast(val + k + u);
-      const float* p = xt + int64_t(col[k + u]) * np;
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[u][v]);
-    }
-  }
-  for (; k < k1; ++k) {
-    const __m256 w = bcast(val + k);
-    const float* p = xt + int64_t(col[k]) * np;
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[0][v]);
-  }
-  for (int u = 1; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
-  for (int v = 0; v < V; ++v) _mm256_store_ps(out + 8 * v, acc[0][v]);
-}
-
+// One output row, one chunk of V (1..8) vectors of 8 batch columns (simd::csr_row).
 template <typename WT, typename IT>
 void csr_row_chunk_v(int V, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out) {
-  switch (V) {
-    case 1: return csr_row_chunk<WT, IT, 1>(col, val, k0, k1, xt, np, out);
-    case 2: return csr_row_chunk<WT, IT, 2>(col, val, k0, k1, xt, np, out);
-    case 3: return csr_row_chunk<WT, IT, 3>(col, val, k0, k1, xt, np, out);
-    case 4: return csr_row_chunk<WT, IT, 4>(col, val, k0, k1, xt, np, out);
-    case 5: return csr_row_chunk<WT, IT, 5>(col, val, k0, k1, xt, np, out);
-    case 6: return csr_row_chunk<WT, IT, 6>(col, val, k0, k1, xt, np, out);
-    case 7: return csr_row_chunk<WT, IT, 7>(col, val, k0, k1, xt, np, out);
-    default: return csr_row_chunk<WT, IT, 8>(col, val, k0, k1, xt, np, out);
-  }
+  simd::with_v<8>(V, [&](auto v) {
+    simd::csr_row<Avx2, WT, IT, decltype(v)::value>(col, val, k0, k1, xt, np, out);
+  });
 }
 
 // Σ_k w_k · x[col_k] over one row, 16 entries per step with two gathers in flight.
@@ -284,9 +270,7 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     return;
   }
 
-  const int64_t n_pad = (N + 7) / 8 * 8;
-  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
-  panel = std::min(panel, n_pad);
+  const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
   // The panelled layout needs every chunk 16-aligned (n_pad % 16 == 0) and AVX-512.
   const bool panelled = w512 && a.panel_seg && n_pad % 16 == 0;
@@ -298,14 +282,9 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     float* tile = scratch(1, kTileRows * kChunk);
     const int64_t align = grouped ? 64 : kTileRows;  // grouped: whole 64-row windows per thread
     const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
-    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      if (p0) {
-#pragma omp barrier
-      }
-      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
-#pragma omp barrier
+      pack_panel(a.x, N, I, p0, np, xt, t, nt);
       if (grouped) {
         const int64_t w0 = o0 / 64, w1 = (o1 + 63) / 64;  // o0, o1: multiples of 64 (or O)
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
@@ -352,71 +331,15 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
 
 // =================================== BSR =========================================================
 
-// Rows [r0, r0 + RB) of one block row, one chunk of V*8 batch columns:
-// out[rb][0 : 8V] = Σ_blocks Σ_c W[block][r0 + rb][c] · Xt[col·C + c, :]. out row stride kChunk.
-template <typename WT, int RB, int V>
-inline void bsr_rows_chunk(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
-                           int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
-  constexpr int U = RB * V >= 4 ? 1 : (RB * V >= 2 ? 2 : 4);
-  __m256 acc[U][RB][V];
-  for (int u = 0; u < U; ++u)
-    for (int rb = 0; rb < RB; ++rb)
-      for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_setzero_ps();
-  for (int32_t k = k0; k < k1; ++k) {
-    const WT* w = val + (int64_t(k) * R + r0) * C;
-    const float* xb = xt + int64_t(bcol[k]) * C * np;
-    int64_t c = 0;
-    for (; c + U <= C; c += U) {
-      for (int u = 0; u < U; ++u) {
-        __m256 xv[V];
-        for (int v = 0; v < V; ++v) xv[v] = _mm256_loadu_ps(xb + (c + u) * np + 8 * v);
-        for (int rb = 0; rb < RB; ++rb) {
-          const __m256 wv = bcast(w + rb * C + c + u);
-          for (int v = 0; v < V; ++v) acc[u][rb][v] = _mm256_fmadd_ps(wv, xv[v], acc[u][rb][v]);
-        }
-      }
-    }
-    for (; c < C; ++c) {
-      for (int rb = 0; rb < RB; ++rb) {
-        const __m256 wv = bcast(w + rb * C + c);
-        for (int v = 0; v < V; ++v)
-          acc[0][rb][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + c * np + 8 * v), acc[0][rb][v]);
-      }
-    }
-  }
-  for (int rb = 0; rb < RB; ++rb)
-    for (int v = 0; v < V; ++v) {
-      for (int u = 1; u < U; ++u) acc[0][rb][v] = _mm256_add_ps(acc[0][rb][v], acc[u][rb][v]);
-      _mm256_store_ps(out + rb * kChunk + 8 * v, acc[0][rb][v]);
-    }
-}
-
-// Register budget: RB·V accumulators + V x vectors + 1 broadcast <= 16 ymm.
+// Rows [r0, r0 + RB) of one block row, V vectors of 8 batch columns (simd::bsr_rows), out row
+// stride kChunk. Register budget: RB·V accumulators + V x vectors + 1 broadcast <= 16 ymm, so
+// V <= 8 / RB (the callers split wider chunks).
 template <typename WT, int RB>
 void bsr_rows_chunk_v(int V, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R,
                       int64_t C, int64_t r0, const float* xt, int64_t np, float* out) {
-  if constexpr (RB == 4) {
-    if (V == 1) return bsr_rows_chunk<WT, 4, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    return bsr_rows_chunk<WT, 4, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-  } else if constexpr (RB == 2) {
-    switch (V) {
-      case 1: return bsr_rows_chunk<WT, 2, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 2: return bsr_rows_chunk<WT, 2, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 3: return bsr_rows_chunk<WT, 2, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      default: return bsr_rows_chunk<WT, 2, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    }
-  } else {
-    switch (V) {
-      case 1: return bsr_rows_chunk<WT, 1, 1>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 2: return bsr_rows_chunk<WT, 1, 2>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 3: return bsr_rows_chunk<WT, 1, 3>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 4: return bsr_rows_chunk<WT, 1, 4>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 5: return bsr_rows_chunk<WT, 1, 5>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 6: return bsr_rows_chunk<WT, 1, 6>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      case 7: return bsr_rows_chunk<WT, 1, 7>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-      default: return bsr_rows_chunk<WT, 1, 8>(bcol, val, k0, k1, R, C, r0, xt, np, out);
-    }
-  }
+  simd::with_v<8 / RB>(V, [&](auto v) {
+    simd::bsr_rows<Avx2, WT, RB, decltype(v)::value>(bcol, val, k0, k1, R, C, r0, xt, np, out, kChunk);
+  });
 }
 
 template <typename WT>
@@ -562,9 +485,7 @@ void bsr_avx2(const LinearArgs& a) {
     return;
   }
 
-  const int64_t n_pad = (N + 7) / 8 * 8;
-  int64_t panel = std::max<int64_t>(kChunk, kPanelBytes / (4 * std::max<int64_t>(I, 1)) / kChunk * kChunk);
-  panel = std::min(panel, n_pad);
+  const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
@@ -572,14 +493,9 @@ void bsr_avx2(const LinearArgs& a) {
     float* tile = scratch(1, size_t(gb * R * kChunk));
     const int64_t b0 = split_begin(crow, BR, gb, row_cost, t, nt);
     const int64_t b1 = split_begin(crow, BR, gb, row_cost, t + 1, nt);
-    const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      if (p0) {
-#pragma omp barrier
-      }
-      pack_xt(a.x, N, I, p0, np, xt, i0, i1);
-#pragma omp barrier
+      pack_panel(a.x, N, I, p0, np, xt, t, nt);
       for (int64_t bg = b0; bg < b1; bg += gb) {
         const int64_t nb = std::min(gb, b1 - bg);
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
@@ -595,34 +511,20 @@ void bsr_avx2(const LinearArgs& a) {
 
 }  // namespace
 
-template <typename IT>
-void csr_linear_avx2_idx(const LinearArgs& a, const IT* col) {
-  switch (a.wdtype) {
-    case W_BF16: return csr_avx2<bf16_t, IT>(a, col);
-    case W_F16: return csr_avx2<f16_t, IT>(a, col);
-    default: return csr_avx2<float, IT>(a, col);
-  }
-}
-
 void csr_linear_avx2(const LinearArgs& a) {
-  if (a.col16) csr_linear_avx2_idx<uint16_t>(a, a.col16);
-  else csr_linear_avx2_idx<int32_t>(a, a.col);
+  with_wtype(a.wdtype, [&](auto w) {
+    using WT = decltype(w);
+    if (a.col16) csr_avx2<WT, uint16_t>(a, a.col16);
+    else csr_avx2<WT, int32_t>(a, a.col);
+  });
 }
 
 void bsr_linear_avx2(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return bsr_avx2<bf16_t>(a);
-    case W_F16: return bsr_avx2<f16_t>(a);
-    default: return bsr_avx2<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { bsr_avx2<decltype(w)>(a); });
 }
 
 }  // namespace se
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SE_TARGET_POP
 
 #endif  // x86

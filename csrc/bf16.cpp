@@ -153,15 +153,12 @@ bool amx_usable(std::string* reason) {
 
 }  // namespace se
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))), apply_to = function)
-#elif defined(__GNUC__)
+#if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps (GCC bug
 // 105593); nothing here reads an uninitialized value.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 #endif
+SE_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 
 namespace se {
 namespace {
@@ -402,10 +399,6 @@ void bsr_linear_bf16(const LinearArgs& a) {
 
 }  // namespace se
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+SE_TARGET_POP
 
 #endif  // SE_BF16_KERNELS

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -40,6 +41,30 @@ inline float to_f32(f16_t v) {
   if (exp == 31) return bits_to_f32(sign | 0x7f800000u | (man << 13));  // inf / nan
   return bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
 }
+
+// f(WT{}) with WT the C++ type of a values buffer of dtype wdtype (float, bf16_t or f16_t).
+template <typename F>
+inline void with_wtype(int wdtype, F&& f) {
+  switch (wdtype) {
+    case W_BF16: return f(bf16_t{});
+    case W_F16: return f(f16_t{});
+    default: return f(float{});
+  }
+}
+
+// Compile the functions between SE_TARGET_PUSH("isa,list") and SE_TARGET_POP for those ISA
+// extensions (GCC: push_options + target; clang: attribute push), without -m flags for the file.
+#define SE_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define SE_TARGET_PUSH(t) SE_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define SE_TARGET_POP SE_PRAGMA(clang attribute pop)
+#elif defined(__GNUC__)
+#define SE_TARGET_PUSH(t) SE_PRAGMA(GCC push_options) SE_PRAGMA(GCC target(t))
+#define SE_TARGET_POP SE_PRAGMA(GCC pop_options)
+#else
+#define SE_TARGET_PUSH(t)
+#define SE_TARGET_POP
+#endif
 
 inline float activate(float v, int act) {
   switch (act) {

@@ -123,6 +123,17 @@ se::LinearArgs make_args(uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t
   return a;
 }
 
+// make_args plus the R x C block shape, which must tile the (O, I) weight.
+se::LinearArgs make_bsr_args(uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
+                             uintptr_t crow, uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act,
+                             int nthreads) {
+  if (r <= 0 || c <= 0 || o % r || i % c) throw std::invalid_argument("block size must divide the shape");
+  se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
+  a.block_r = r;
+  a.block_c = c;
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -174,10 +185,7 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
            uintptr_t crow, uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act,
            int nthreads) {
-          if (r <= 0 || c <= 0 || o % r || i % c) throw std::invalid_argument("block size must divide the shape");
-          se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
-          a.block_r = r;
-          a.block_c = c;
+          se::LinearArgs a = make_bsr_args(y, x, n, i, o, r, c, crow, col, val, wdtype, bias, act, nthreads);
           py::gil_scoped_release nogil;
           se::bsr_linear(a);
         },
@@ -187,15 +195,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("values"),
         py::arg("wdtype"), py::arg("bias"), py::arg("act"), py::arg("nthreads"));
 
+  // The py::arg lists of csr_linear, bsr_linear and bsr_linear_bf16 look alike on purpose: each
+  // spells out its own Python signature (names, order, defaults) beside its docstring.
   m.def("bsr_linear_bf16",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
            uintptr_t crow, uintptr_t col, uintptr_t packed, uintptr_t bias, int act, int nthreads, bool x_bf16, bool y_bf16) {
-          if (r <= 0 || c <= 0 || o % r || i % c) throw std::invalid_argument("block size must divide the shape");
+          se::LinearArgs a = make_bsr_args(y, x, n, i, o, r, c, crow, col, packed, 1, bias, act, nthreads);
           if (r > 16 || c > 32 || c % 2) throw std::invalid_argument("bf16 kernels need R <= 16 and an even C <= 32");
           if (se::current_bf16_isa() == se::BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected (see bf16_support())");
-          se::LinearArgs a = make_args(y, x, n, i, o, crow, col, packed, 1, bias, act, nthreads);
-          a.block_r = r;
-          a.block_c = c;
           a.x_bf16 = x_bf16;
           a.y_bf16 = y_bf16;
           py::gil_scoped_release nogil;

@@ -6,6 +6,9 @@
 namespace se {
 namespace {
 
+// csr_portable and bsr_portable share their outline (thread split, batch loop, bias, activation)
+// on purpose: each is the plain scalar reference of its format, kept in the reference's order so
+// it can be read against engine/reference.py line by line.
 template <typename WT>
 void csr_portable(const LinearArgs& a) {
   const WT* val = static_cast<const WT*>(a.values);
@@ -64,19 +67,11 @@ void bsr_portable(const LinearArgs& a) {
 }  // namespace
 
 void csr_linear_portable(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return csr_portable<bf16_t>(a);
-    case W_F16: return csr_portable<f16_t>(a);
-    default: return csr_portable<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { csr_portable<decltype(w)>(a); });
 }
 
 void bsr_linear_portable(const LinearArgs& a) {
-  switch (a.wdtype) {
-    case W_BF16: return bsr_portable<bf16_t>(a);
-    case W_F16: return bsr_portable<f16_t>(a);
-    default: return bsr_portable<float>(a);
-  }
+  with_wtype(a.wdtype, [&](auto w) { bsr_portable<decltype(w)>(a); });
 }
 
 }  // namespace se

@@ -1,0 +1,161 @@
+// Register micro-kernels of the batched (packed-X) paths, written once for any SIMD width.
+//
+// Each ISA translation unit (avx2.cpp, avx512.cpp) defines a traits struct S inside its own
+// `#pragma GCC target` region and includes this header *inside that region*, so every
+// instantiation is compiled for that ISA. S provides:
+//   using vec;  static constexpr int W;               // register type, fp32 lanes
+//   zero(), loadu(const float*), load(const float*), store(float*, vec), fmadd(a, b, c), add(a, b)
+//   bcast(const float* / const bf16_t* / const f16_t*) // one weight, widened to fp32 in all lanes
+// (SE_SIMD_FP32_TRAITS below writes all of these from the intrinsic prefix), and
+//   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
+// The traits types live in each TU's anonymous namespace, so the two instantiations never meet
+// at link time.
+#pragma once
+
+// No standard headers here: anything first included inside a target region would take its ISA.
+#include "common.h"  // (already included by the TU before its target region)
+
+// The fp32 part of a traits struct for the x86 intrinsic family P (_mm256, _mm512): every
+// operation is P##_op_ps on VEC; a 16-bit weight is widened by scalar code and broadcast.
+#define SE_SIMD_FP32_TRAITS(P, VEC, LANES)                                              \
+  using vec = VEC;                                                                      \
+  static constexpr int W = LANES;                                                       \
+  static vec zero() { return P##_setzero_ps(); }                                        \
+  static vec loadu(const float* p) { return P##_loadu_ps(p); }                          \
+  static vec load(const float* p) { return P##_load_ps(p); }                            \
+  static void store(float* p, vec v) { P##_store_ps(p, v); }                            \
+  static vec fmadd(vec a, vec b, vec c) { return P##_fmadd_ps(a, b, c); }               \
+  static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
+  static vec bcast(const float* p) { return P##_set1_ps(*p); }                          \
+  static vec bcast(const bf16_t* p) { return P##_set1_ps(to_f32(*p)); }                 \
+  static vec bcast(const f16_t* p) { return P##_set1_ps(_cvtsh_ss(p->bits)); }
+
+namespace se {
+namespace simd {
+
+// f(std::integral_constant<int, V>) with V = clamp(v, 1, N): the run-time vector count of a
+// chunk turned into a compile-time unroll.
+template <int N, typename F>
+inline void with_v(int v, F&& f) {
+  if constexpr (N > 1) {
+    if (v >= N) return f(std::integral_constant<int, N>{});
+    return with_v<N - 1>(v, f);
+  } else {
+    return f(std::integral_constant<int, 1>{});
+  }
+}
+
+// One CSR row, V vectors of batch columns: out[0 : W·V] = Σ_{k in [k0,k1)} val[k] · xt[col[k]·np + ...].
+// S::csr_unroll(V) independent accumulator sets hide FMA latency when V is small. out: aligned.
+template <typename S, typename WT, typename IT, int V>
+inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                    int64_t np, float* out) {
+  constexpr int U = S::csr_unroll(V), W = S::W;
+  typename S::vec acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[u][v] = S::zero();
+  int32_t k = k0;
+  for (; k + U <= k1; k += U)
+    for (int u = 0; u < U; ++u) {
+      const auto w = S::bcast(val + k + u);
+      const float* p = xt + int64_t(col[k + u]) * np;
+      for (int v = 0; v < V; ++v) acc[u][v] = S::fmadd(w, S::loadu(p + W * v), acc[u][v]);
+    }
+  for (; k < k1; ++k) {
+    const auto w = S::bcast(val + k);
+    const float* p = xt + int64_t(col[k]) * np;
+    for (int v = 0; v < V; ++v) acc[0][v] = S::fmadd(w, S::loadu(p + W * v), acc[0][v]);
+  }
+  for (int v = 0; v < V; ++v) {
+    for (int u = 1; u < U; ++u) acc[0][v] = S::add(acc[0][v], acc[u][v]);
+    S::store(out + W * v, acc[0][v]);
+  }
+}
+
+// One row's entries [k0, k1) of one input panel: out[0 : W·V] (+)= Σ val[k] · xt[col[k]·np + ...];
+// adds to out when accumulate (partial sums of earlier panels), else overwrites it.
+template <typename S, typename WT, typename IT, int V>
+inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                        int64_t np, float* out, bool accumulate) {
+  constexpr int W = S::W;
+  typename S::vec a0[V], a1[V];
+  for (int v = 0; v < V; ++v) {
+    a0[v] = accumulate ? S::load(out + W * v) : S::zero();
+    a1[v] = S::zero();
+  }
+  int32_t k = k0;
+  for (; k + 2 <= k1; k += 2) {  // two entries in flight: 2·V independent FMA chains
+    const auto w0 = S::bcast(val + k), w1 = S::bcast(val + k + 1);
+    const float* p0 = xt + int64_t(col[k]) * np;
+    const float* p1 = xt + int64_t(col[k + 1]) * np;
+    for (int v = 0; v < V; ++v) {
+      a0[v] = S::fmadd(w0, S::loadu(p0 + W * v), a0[v]);
+      a1[v] = S::fmadd(w1, S::loadu(p1 + W * v), a1[v]);
+    }
+  }
+  if (k < k1) {
+    const auto w0 = S::bcast(val + k);
+    const float* p0 = xt + int64_t(col[k]) * np;
+    for (int v = 0; v < V; ++v) a0[v] = S::fmadd(w0, S::loadu(p0 + W * v), a0[v]);
+  }
+  for (int v = 0; v < V; ++v) S::store(out + W * v, S::add(a0[v], a1[v]));
+}
+
+// One SELL-4 group of one panel: 4 rows (lanes) with len entries each, slot (j, lane) at
+// col/val[4·j + lane]; acc rows rows[lane] (row stride `stride` floats) += Σ_j val · xt[col·np].
+template <typename S, typename WT, int V>
+inline void csr_group_acc(const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
+                          const float* xt, int64_t np, float* acc, int64_t stride) {
+  constexpr int W = S::W;
+  typename S::vec a[4][V];
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < V; ++v) a[r][v] = S::load(acc + rows[r] * stride + W * v);
+  for (int32_t j = 0; j < len; ++j, col += 4, val += 4)
+    for (int r = 0; r < 4; ++r) {
+      const auto w = S::bcast(val + r);
+      const float* p = xt + int64_t(col[r]) * np;
+      for (int v = 0; v < V; ++v) a[r][v] = S::fmadd(w, S::loadu(p + W * v), a[r][v]);
+    }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < V; ++v) S::store(acc + rows[r] * stride + W * v, a[r][v]);
+}
+
+// Rows [r0, r0 + RB) of one BSR block row, V vectors of batch columns:
+// out[rb][0 : W·V] = Σ_blocks Σ_c W[block][r0 + rb][c] · xt[(bcol·C + c)·np + ...].
+// val: the values (nnzb, R, C); out row stride: out_stride floats (aligned rows).
+template <typename S, typename WT, int RB, int V>
+inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1, int64_t R, int64_t C,
+                     int64_t r0, const float* xt, int64_t np, float* out, int64_t out_stride) {
+  constexpr int U = S::bsr_unroll(RB * V), W = S::W;
+  typename S::vec acc[U][RB][V];
+  for (int u = 0; u < U; ++u)
+    for (int rb = 0; rb < RB; ++rb)
+      for (int v = 0; v < V; ++v) acc[u][rb][v] = S::zero();
+  for (int32_t k = k0; k < k1; ++k) {
+    const WT* w = val + (int64_t(k) * R + r0) * C;
+    const float* xb = xt + int64_t(bcol[k]) * C * np;
+    int64_t c = 0;
+    for (; c + U <= C; c += U)
+      for (int u = 0; u < U; ++u) {
+        typename S::vec xv[V];
+        for (int v = 0; v < V; ++v) xv[v] = S::loadu(xb + (c + u) * np + W * v);
+        for (int rb = 0; rb < RB; ++rb) {
+          const auto wv = S::bcast(w + rb * C + c + u);
+          for (int v = 0; v < V; ++v) acc[u][rb][v] = S::fmadd(wv, xv[v], acc[u][rb][v]);
+        }
+      }
+    for (; c < C; ++c)
+      for (int rb = 0; rb < RB; ++rb) {
+        const auto wv = S::bcast(w + rb * C + c);
+        for (int v = 0; v < V; ++v) acc[0][rb][v] = S::fmadd(wv, S::loadu(xb + c * np + W * v), acc[0][rb][v]);
+      }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < V; ++v) {
+      for (int u = 1; u < U; ++u) acc[0][rb][v] = S::add(acc[0][rb][v], acc[u][rb][v]);
+      S::store(out + rb * out_stride + W * v, acc[0][rb][v]);
+    }
+}
+
+}  // namespace simd
+}  // namespace se
