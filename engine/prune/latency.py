@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,21 +74,6 @@ def _layer_inputs(model: nn.Module, layers: dict, batches: list) -> tuple[dict, 
     return stats, rows
 
 
-def _time_layer(linear: nn.Linear, keep: torch.Tensor | None, fmt: str, block, rows: int,
-                min_time: float) -> tuple[float, float]:
-    """(seconds of this layer as fmt with `keep`, seconds of its dense F.linear), interleaved."""
-    from ..modules import SparseLinear
-    from ..timing import time_interleaved
-    x = torch.randn(rows, linear.in_features)
-    w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-    fns = {"dense": lambda: F.linear(x, w, b)}
-    if keep is not None:
-        sparse = SparseLinear.from_linear(linear, fmt, block, mask=keep)
-        fns["sparse"] = lambda: sparse(x)
-    t = time_interleaved(fns, min_time=min_time, rounds=5)
-    return t.get("sparse", t["dense"]), t["dense"]
-
-
 @torch.no_grad()
 def profile(model: nn.Module, calib_batches: Iterable, *, sparsities: Iterable[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
             granularities: Iterable[str] = ("unstructured", "block:16x16"), skip: Iterable[str] = (),
@@ -105,21 +91,28 @@ def profile(model: nn.Module, calib_batches: Iterable, *, sparsities: Iterable[f
     grans = [parse_granularity(g) for g in granularities]
     stats, seen = _layer_inputs(model, layers, list(calib_batches))
     rows_of = {name: rows or seen[name] for name in layers}
+    from ..modules import SparseLinear
+    from ..timing import time_interleaved
     table = {}
     for name, linear in layers.items():
         w, hessian = weight_2d(linear).detach(), stats[name].hessian()
-        dense_s = None
-        options = []
+        x, bias = torch.randn(rows_of[name], w.shape[1]), None if linear.bias is None else linear.bias.detach()
+        dense = lambda: F.linear(x, w, bias)  # noqa: E731
+        options, dense_times = [], []
         for gran in grans:
             if gran.kind == "block" and (w.shape[0] % gran.block[0] or w.shape[1] % gran.block[1]):
                 continue  # blocks that do not tile this layer
             fmt, block = _format_of(gran)
             for s in levels:
                 keep = wanda_layer(w, hessian, gran, s)
-                seconds, dense_s = _time_layer(linear, keep, fmt, block, rows_of[name], min_time)
-                options.append(Option(str(gran), s, fmt, seconds, reconstruction_error(w, w * keep, hessian)))
-        options.insert(0, Option("dense", 0.0, "dense", dense_s or _time_layer(linear, None, "dense", None,
-                                                                                rows_of[name], min_time)[1], 0.0))
+                sparse = SparseLinear.from_linear(linear, fmt, block, mask=keep)
+                # interleaved with the dense layer, so load on the machine hits both alike
+                t = time_interleaved({"dense": dense, "sparse": lambda: sparse(x)}, min_time=min_time, rounds=5)
+                dense_times.append(t["dense"])
+                options.append(Option(str(gran), s, fmt, t["sparse"], reconstruction_error(w, w * keep, hessian)))
+        dense_s = (statistics.median(dense_times) if dense_times
+                   else time_interleaved({"dense": dense}, min_time=min_time, rounds=5)["dense"])
+        options.insert(0, Option("dense", 0.0, "dense", dense_s, 0.0))
         table[name] = {"shape": list(w.shape), "rows": rows_of[name], "options": [asdict(o) for o in options]}
     machine = {"cpu": platform.processor() or platform.machine(), "isa": cpu.isa() if cpu.available() else "none",
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
