@@ -17,7 +17,7 @@ import asyncio
 import hmac
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -27,13 +27,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .batching import Batcher, QueueFull
-from .limits import BudgetExceeded, ByteBudget, Settings
+from .limits import PARSE_IN_THREAD_BYTES, BudgetExceeded, ByteBudget, Settings
 from .protocol import RequestError, encode_infer_response, model_metadata, parse_infer, predicted_response_bytes
 from .runner import InferenceError, ModelRunner
 
 log = logging.getLogger("engine.server")
-# Bodies above this are parsed off the event loop so one large request does not stall the others.
-PARSE_IN_THREAD_BYTES = 1 << 20
 VERSIONS = ("1",)  # an artifact is one version of its model
 SEND_SLICE = 256 * 1024  # bytes of an answer handed to the transport per event-loop turn
 
@@ -215,6 +213,13 @@ class InferenceApp:
     def find(self, request: Request) -> ModelRunner:
         return self.model(request.path_params["name"], request.path_params.get("version"))
 
+    def ready_model(self, name: str, version: str | None = None) -> ModelRunner:
+        """`model(name, version)`, else RequestError 503 while it warms up."""
+        runner = self.model(name, version)
+        if not runner.ready:
+            raise RequestError(503, f"model '{runner.name}' is still warming up; retry shortly")
+        return runner
+
     def model(self, name: str, version: str | None = None) -> ModelRunner:
         """The runner serving `name` (and `version`, when given), else RequestError 404."""
         if name not in self.models:
@@ -250,24 +255,30 @@ class InferenceApp:
 
     async def infer(self, request: Request):
         start = time.perf_counter()
-        runner = self.find(request)
-        if not runner.ready:
-            return error(503, f"model '{runner.name}' is still warming up; retry shortly")
-        held = [0]  # bytes this request holds in the budget, given back however it ends
+        runner = self.ready_model(request.path_params["name"], request.path_params.get("version"))
+        with self.holding() as held:
+            try:
+                header_length = _header_length(request)
+                body = await self._read_body(request, held)
+                return await self._answer(runner, body, header_length, held, start)
+            except BudgetExceeded as exc:
+                return busy(str(exc))
+            except ClientDisconnect:  # gone mid-body: nobody to answer, nothing worth a traceback
+                log.debug("client disconnected while sending its body to %s", request.url.path)
+                return Response(status_code=400)
+
+    @contextmanager
+    def holding(self):
+        """held: a list whose [0] counts the bytes one request holds in the budget (`hold` adds to
+        it); all given back when the request ends, however it ends."""
+        held = [0]
         try:
-            header_length = _header_length(request)
-            body = await self._read_body(request, held)
-            return await self._answer(runner, body, header_length, held, start)
-        except BudgetExceeded as exc:
-            return busy(str(exc))
-        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing worth a traceback
-            log.debug("client disconnected while sending its body to %s", request.url.path)
-            return Response(status_code=400)
+            yield held
         finally:
             self.budget.give(held[0])
             self.metrics.buffered.set(self.budget.used)
 
-    def _hold(self, held: list, n: int) -> None:
+    def hold(self, held: list, n: int) -> None:
         self.budget.take(n)
         held[0] += n
         self.metrics.buffered.set(self.budget.used)
@@ -280,7 +291,7 @@ class InferenceApp:
             if int(declared) > limit:
                 raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} "
                                         f"bytes (--max-body-mb)")
-            self._hold(held, int(declared))
+            self.hold(held, int(declared))
 
         async def read() -> bytes:
             chunks, size = [], 0
@@ -289,7 +300,7 @@ class InferenceApp:
                 if size > limit:
                     raise RequestError(413, f"request body exceeds the limit of {limit} bytes (--max-body-mb)")
                 if declared is None:
-                    self._hold(held, len(chunk))
+                    self.hold(held, len(chunk))
                 chunks.append(chunk)
             return b"".join(chunks)
 
@@ -299,18 +310,18 @@ class InferenceApp:
             raise RequestError(408, f"request body not received within {self.settings.body_timeout_s:g} s "
                                     f"(--body-timeout-s)") from None
 
-    async def execute(self, runner: ModelRunner, parse, held: list, heavy: bool):
-        """-> (InferRequest, {output: np.ndarray}): parse() the request (off the loop when `heavy`),
-        refuse an answer predicted above max_response, hold its bytes, run it in the model's batch,
-        all within timeout_s. Shared by REST and gRPC; raises RequestError, BudgetExceeded,
+    async def execute(self, runner: ModelRunner, parse, held: list, size: int):
+        """-> (InferRequest, {output: np.ndarray}): parse() the request of `size` bytes (off the
+        loop past PARSE_IN_THREAD_BYTES), refuse an answer predicted above max_response, hold its
+        bytes, run it in the model's batch, all within timeout_s. Shared by REST and gRPC; raises RequestError, BudgetExceeded,
         QueueFull, InferenceError or asyncio.TimeoutError for the caller to answer."""
         async def parse_and_run():
-            parsed = await asyncio.to_thread(parse) if heavy else parse()
+            parsed = await asyncio.to_thread(parse) if size > PARSE_IN_THREAD_BYTES else parse()
             runner.prepare(parsed)
             predicted = predicted_response_bytes(runner.output_shapes(parsed), parsed.binary_outputs)
             if predicted is not None:
                 self._check_response_size(predicted, "would be")
-                self._hold(held, predicted)  # the answer's bytes, reserved before the model runs
+                self.hold(held, predicted)  # the answer's bytes, reserved before the model runs
             return parsed, await self.batchers[runner.name].submit(parsed, parsed.rows)
 
         return await asyncio.wait_for(parse_and_run(), self.settings.timeout_s)
@@ -320,7 +331,7 @@ class InferenceApp:
         s = self.settings
         parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
         try:
-            parsed, outputs = await self.execute(runner, parse, held, len(body) > PARSE_IN_THREAD_BYTES)
+            parsed, outputs = await self.execute(runner, parse, held, len(body))
         except asyncio.TimeoutError:
             return error(504, f"request timed out after {s.timeout_s:g} s")
         except QueueFull as exc:

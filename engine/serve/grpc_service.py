@@ -153,18 +153,12 @@ class GrpcService:
 
     async def model_infer(self, request):
         start, app = time.perf_counter(), self.app
-        runner = app.model(request.model_name, request.model_version or None)
-        if not runner.ready:
-            raise RequestError(503, f"model '{runner.name}' is still warming up; retry shortly")
-        held = [0]  # bytes this request holds in the budget, given back however it ends
-        try:
+        runner = app.ready_model(request.model_name, request.model_version or None)
+        with app.holding() as held:
             size = request.ByteSize()
-            app._hold(held, size)
-            parse = lambda: request_from_grpc(request, runner.spec, max_rows=app.settings.max_rows)
-            parsed, outputs = await app.execute(runner, parse, held, size > 1 << 20)
-        finally:
-            app.budget.give(held[0])
-            app.metrics.buffered.set(app.budget.used)
+            app.hold(held, size)
+            parse = lambda: request_from_grpc(request, runner.spec, max_rows=app.settings.max_rows)  # noqa: E731
+            parsed, outputs = await app.execute(runner, parse, held, size)
         answer = M["ModelInferResponse"](model_name=runner.name, model_version="1", id=parsed.id or "")
         for name in parsed.outputs:
             answer.outputs.add(name=name, datatype="FP32", shape=list(outputs[name].shape))

@@ -20,6 +20,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("engine.server")
 MB = 1 << 20
+# Requests above this are parsed off the event loop so one large request does not stall the others.
+PARSE_IN_THREAD_BYTES = 1 << 20
 
 
 # Every serve limit: flag name -> (type, default, help). The command line, its --help and
