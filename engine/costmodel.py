@@ -67,7 +67,6 @@ CPU_BF16 = {
     "bsr": dict(bandwidth=48e9, overhead=8e-6,
                 rate={1: 40e9, 8: 300e9, 64: 800e9, 128: 700e9, 1024: 600e9}),
 }
-BF16_TILE = (16, 32)  # the largest block one AMX tile holds (R outputs, C inputs)
 
 
 def bf16_compute_available() -> bool:
@@ -135,8 +134,8 @@ def _row(fmt: str, device: str) -> dict:
 
 def _bf16_row(fmt: str, blocksize) -> dict | None:
     """The bf16-compute rates of fmt, or None where the fp32-compute kernel serves bf16."""
-    if fmt == "bsr" and not (blocksize and blocksize[0] <= BF16_TILE[0] and blocksize[1] <= BF16_TILE[1]
-                             and blocksize[1] % 2 == 0):
+    from .cpu import bf16_block_fits
+    if fmt == "bsr" and not (blocksize and bf16_block_fits(blocksize)):
         return None
     return CPU_BF16.get(fmt)
 

@@ -203,7 +203,8 @@ def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
+        # a bf16 model's bias is bf16: its fp32 copy is made once, like the weight's VNNI copy
+        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
     return x, bias, x.new_empty((x.shape[0], o))
 
 
@@ -246,7 +247,13 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
 # `model.to(torch.bfloat16)` runs on oneDNN's AMX kernels); fp32 x keeps the fp32-compute kernels,
 # whose contract is fp32 arithmetic on upcast 16-bit weights. Products are bf16 x bf16, accumulated
 # in fp32; the output is rounded to bf16 like torch's bf16 F.linear.
-_BF16_MAX_R, _BF16_MAX_C = 16, 32   # one block = at most one AMX tile: 16 outputs x 32 inputs
+BF16_TILE = (16, 32)  # the largest block one AMX tile holds: R outputs x C inputs (C even: bf16 pairs)
+
+
+def bf16_block_fits(block: tuple[int, int]) -> bool:
+    """Whether R x C blocks run on the bf16 kernels (at most one tile, an even C)."""
+    r, c = block
+    return r <= BF16_TILE[0] and c <= BF16_TILE[1] and c % 2 == 0
 
 
 def bf16_support() -> dict:
@@ -277,10 +284,7 @@ def bf16_kernel_for(w: BSR) -> str:
     """The bf16 family that would serve bf16 x with this weight, or "none" (fp32-compute kernels)."""
     if not isinstance(w, BSR) or w.values.dtype is not torch.bfloat16 or _C is None:
         return "none"
-    r, c = w.values.shape[1], w.values.shape[2]
-    if r > _BF16_MAX_R or c > _BF16_MAX_C or c % 2:
-        return "none"
-    return _C.bf16_isa()
+    return _C.bf16_isa() if bf16_block_fits(tuple(w.values.shape[1:])) else "none"
 
 
 def _vnni(w: BSR) -> torch.Tensor:
@@ -296,7 +300,8 @@ def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation):
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
+        # a bf16 model's bias is bf16: its fp32 copy is made once, like the weight's VNNI copy
+        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
     packed = _vnni(w)
     _C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], packed.shape[2],
