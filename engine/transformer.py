@@ -31,6 +31,9 @@ from .modules import sparsify as sparsify_linears
 # (bench/results/minilm_speed.md).
 EPILOGUE_ACTIVATIONS = ("relu",)
 _ACTIVATION_FNS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
+# The activations applied after the kernel, in place on its output.
+_IN_PLACE = {"gelu": torch.ops.aten.gelu_, "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
+             "relu": torch.relu_}
 # Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
 _HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
@@ -96,10 +99,8 @@ class SparseEncoderLayer(nn.Module):
 
     def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
         f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
-        if self.post_activation == "gelu":
-            torch.ops.aten.gelu_(f)
-        elif self.post_activation is not None:
-            torch.ops.aten.gelu_(f, approximate="tanh") if self.post_activation == "gelu_tanh" else f.relu_()
+        if self.post_activation is not None:
+            _IN_PLACE[self.post_activation](f)
         return self.ffn_out(f)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
