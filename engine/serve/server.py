@@ -131,11 +131,7 @@ def _load(args) -> list[ModelRunner]:
             raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
     runners = []
     for i, path in enumerate(paths):
-        # trust_module is passed only when asked, so loading stays refuse-by-default.
-        extra = {"trust_module": True} if args.trust_module else {}
-        if args.verify_key is not None:
-            extra["verify_key"] = args.verify_key
-        model = engine.load(path, device=args.device, **extra)
+        model = engine.load(path, device=args.device, trust_module=args.trust_module, verify_key=args.verify_key)
         runners.append(ModelRunner(model, args.name[i] if args.name else None, device=args.device))
     names = [r.name for r in runners]
     if len(set(names)) != len(names):
