@@ -12,7 +12,6 @@ calling thread's CPU time only, immune to time slices lost to other processes.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 import engine
 from engine import cpu
 from engine.formats import BSR, CSR
-from engine.timing import median_and_min, time_samples
+from engine.timing import cpu_model, median_and_min, time_samples
 
 # (name, out_features, in_features, tile block, batches): MLP 784-4096-4096-10 hidden layers (the
 # 10x4096 head is too small to matter) and BERT-base layers (tokens = batch x 128). The tile block
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
     if a.cpu_time and a.threads != 1:
         p.error("--cpu-time counts the calling thread only; use it with --threads 1")
     torch.set_num_threads(a.threads)
-    head = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {platform.processor() or platform.machine()}, "
+    head = [f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {cpu_model()}, "
             f"{a.threads} threads, sparsity {a.sparsity}, engine ISA {cpu.isa()}, bf16 ISA {cpu.bf16_isa()}, "
             f"torch {torch.__version__}, {'CPU' if a.cpu_time else 'wall'} time",
             "",

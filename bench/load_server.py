@@ -167,15 +167,8 @@ def run_mode(label: str, artifact: Path, server_args: list[str], bodies, expecte
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__} "
+    from engine.timing import cpu_model
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} intra-op threads), Python {platform.python_version()}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 import tempfile
@@ -41,7 +40,7 @@ from engine import checkpoint as checkpoint_io
 from engine import modules, transformer
 from engine.convert import convert
 from engine.models import bert, get_family
-from engine.timing import median_and_min, time_samples
+from engine.timing import cpu_model, median_and_min, time_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
 from minilm import apply_masks, block_masks, model_folder, save_folder  # noqa: E402
@@ -278,7 +277,7 @@ def main(argv=None) -> int:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         args.threads, args.clock = 1, time.thread_time
     torch.set_num_threads(args.threads)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, C++ kernels isa="
+    print(f"{cpu_model()}, torch {torch.__version__}, C++ kernels isa="
           f"{engine.cpu.isa()}, {args.threads} threads, clock {args.clock.__name__}")
     {"minilm": minilm, "bert": bert_grid, "bert-bf16": bert_bf16, "profile": profile}[args.part](args)
     return 0

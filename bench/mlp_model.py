@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from torch import nn
 import engine
 from engine.convert import convert
 from engine.examples import accuracy, digits_data, mlp_digits, train_dense
-from engine.timing import median_and_min, time_samples
+from engine.timing import cpu_model, median_and_min, time_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
 from report import publish  # noqa: E402
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
              f"of the hidden layers, {args.finetune}-epoch masked fine-tune)", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `PYTHONPATH=. .venv/bin/python "
              f"bench/mlp_model.py --threads {args.threads}`; torch {torch.__version__}, "
-             f"{args.threads} threads, {platform.processor() or platform.machine()}, C++ kernels "
+             f"{args.threads} threads, {cpu_model()}, C++ kernels "
              f"{'on' if cpu else 'off (torch fallback)'}. Latency per forward call: median (minimum) of 15 "
              "interleaved rounds; dense = the same pruned weights in nn.Linear (torch F.linear).", "",
              "| sparsity | test acc dense | test acc pruned (torch) | test acc engine | argmax agreement | "

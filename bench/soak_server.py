@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -231,6 +230,7 @@ def _read_to_eof(sock) -> bool:
 
 
 def main(argv=None) -> int:
+    from engine.timing import cpu_model
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=120.0, help=f"seconds of load (max {MAX_DURATION_S})")
     ap.add_argument("--rss-growth-mb", type=float, default=100.0,
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1),
                    "growth_bound": args.rss_growth_mb},
         "server_exit": code, "failures": soak.failures,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
     }
     bad = [k for k in ("valid_wrong", "valid_lost", "malformed_unexpected", "oversized_unexpected",

@@ -5,6 +5,7 @@ lands on all alike; results are medians. `measure_machine` gives the bandwidth a
 roofline bounds are drawn against."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable
@@ -68,3 +69,15 @@ def measure_machine(threads: int, seconds: float = 1.0, clock: Callable[[], floa
         return {"bandwidth": bw, "peak": 2.0 * 2048 ** 3 / t["mm"]}
     finally:
         torch.set_num_threads(old)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

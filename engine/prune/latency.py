@@ -18,7 +18,6 @@ measured end-to-end check of a plan belongs to the prune pipeline (not built yet
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import sys
 import time
@@ -92,7 +91,7 @@ def profile(model: nn.Module, calib_batches: Iterable, *, sparsities: Iterable[f
     stats, seen = _layer_inputs(model, layers, list(calib_batches))
     rows_of = {name: rows or seen[name] for name in layers}
     from ..modules import SparseLinear
-    from ..timing import time_interleaved
+    from ..timing import cpu_model, time_interleaved
     table = {}
     for name, linear in layers.items():
         w, hessian = weight_2d(linear).detach(), stats[name].hessian()
@@ -114,7 +113,7 @@ def profile(model: nn.Module, calib_batches: Iterable, *, sparsities: Iterable[f
                    else time_interleaved({"dense": dense}, min_time=min_time, rounds=5)["dense"])
         options.insert(0, Option("dense", 0.0, "dense", dense_s, 0.0))
         table[name] = {"shape": list(w.shape), "rows": rows_of[name], "options": [asdict(o) for o in options]}
-    machine = {"cpu": platform.processor() or platform.machine(), "isa": cpu.isa() if cpu.available() else "none",
+    machine = {"cpu": cpu_model(), "isa": cpu.isa() if cpu.available() else "none",
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "torch": torch.__version__}
     return {"machine": machine, "layers": table}
