@@ -12,7 +12,7 @@ from .version import __version__
 
 VERBS = {
     "prune": ("engine.prune.cli", "prune + fine-tune a built-in example, a model given by import path, or a HF encoder folder"),
-    "profile": ("engine.prune.latency", "measure each layer's latency and sensitivity per format and sparsity; "
+    "profile": ("engine.prune.profile_cli", "measure each layer's latency and sensitivity per format and sparsity; "
                 "allocate per-layer sparsity under a latency budget"),
     "convert": ("engine.convert", "pruned checkpoint -> verified sparse artifact"),
     "keygen": ("engine.signing", "write an Ed25519 key pair to sign (convert --sign-key) and verify artifacts"),

@@ -67,8 +67,8 @@ def parse_arch(arch: str | None, ck) -> tuple[Family, dict]:
 
 
 def parse_block(block) -> tuple[int, int] | None:
-    if block is None or isinstance(block, tuple):
-        return block
+    if block is None or isinstance(block, (tuple, list)):
+        return None if block is None else tuple(block)
     parts = str(block).lower().split("x")
     try:
         r, c = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
@@ -117,9 +117,11 @@ def _rel_err(y, ref) -> float:
 
 def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format: str = "auto",
             block=None, dtype: str = "fp32", arch: str | None = None, batch: int = 8,
-            device: str = "cpu", seed: int = 0, sign_key=None, log=print) -> dict:
+            device: str = "cpu", seed: int = 0, sign_key=None, layouts: dict | None = None, log=print) -> dict:
     """Converts, verifies and writes; returns the artifact's metadata (with `verification`).
-    sign_key: an Ed25519 private key or its PEM path; the artifact is then signed (engine.signing)."""
+    sign_key: an Ed25519 private key or its PEM path; the artifact is then signed (engine.signing).
+    layouts: {layer name: (format, block or None)} chosen per layer (a latency plan's choice, see
+    engine/prune/target.py); the layers it does not name follow `format`."""
     if sign_key is not None:
         sign_key = signing.load_private(sign_key)  # an unusable key fails before the work
     if format not in FORMATS:
@@ -140,12 +142,19 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *, format:
 
     tensors, layers = {}, {}
     linear_names = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
+    unknown = sorted(set(layouts or {}) - set(linear_names))
+    if unknown:
+        raise ConvertError(f"convert: layouts name layers the model does not have: {unknown[:5]}; its linear "
+                           f"layers are named like {linear_names[:3]}")
     for name in linear_names:
         linear = dense.get_submodule(name)
         mask = masks.get(f"{name}.weight")
         w = linear.weight.detach()
         keep = (w != 0) if mask is None else mask
-        if format == "auto":
+        if layouts and name in layouts:
+            fmt, blk = layouts[name][0], parse_block(layouts[name][1])
+            reason = "chosen per layer by the caller (a latency plan)"
+        elif format == "auto":
             fmt, blk, reason = choose_layout(w, mask, batch=batch, device=device, value_bytes=value_bytes)
         else:
             fmt, blk, reason = format, block, f"forced by --format {format}"

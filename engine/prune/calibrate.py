@@ -229,18 +229,27 @@ def _first_output(out):
 @torch.no_grad()
 def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparsegpt", sparsity: float = 0.5,
                      granularity: str | Granularity = "unstructured", skip: Iterable[str] = (),
-                     log: Callable[[str], None] | None = None) -> tuple[MaskSet, dict]:
+                     log: Callable[[str], None] | None = None, per_layer: dict | None = None
+                     ) -> tuple[MaskSet, dict]:
     """Prunes every prunable layer of `model` (minus `skip`) in place, sequentially; -> (masks,
     {layer: {"sparsity", "error"}}). `batches`: the model's positional inputs per batch (a tensor
-    or a tuple); N:M ignores `sparsity` (it is 1 - N/M)."""
+    or a tuple); N:M ignores `sparsity` (it is 1 - N/M). `per_layer`: {layer: (granularity,
+    sparsity)} for the layers that differ from the default (a latency plan)."""
     if method not in CALIBRATED:
         raise PruneError(f"unknown calibrated method {method!r}; choose one of {', '.join(CALIBRATED)}")
     gran = parse_granularity(granularity)
     sparsity = gran.fixed_sparsity if gran.kind == "nm" else check_sparsity(sparsity)
     model = unwrap(model)
     layers = prunable_layers(model, tuple(skip))
+    choice = {name: (gran, sparsity) for name in layers}
+    for name, (g, s) in (per_layer or {}).items():
+        if name not in layers:
+            raise PruneError(f"calibration: the plan names {name!r}, which is not a prunable layer here "
+                             f"(layers are named like {list(layers)[:3]})")
+        g = parse_granularity(g)
+        choice[name] = (g, g.fixed_sparsity if g.kind == "nm" else check_sparsity(s))
     for name, m in layers.items():
-        check_fits(name, tuple(weight_2d(m).shape), gran)
+        check_fits(name, tuple(weight_2d(m).shape), choice[name][0])
     batches = list(batches)
     if not batches:
         raise PruneError("calibration: no calibration batches given")
@@ -256,7 +265,7 @@ def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparseg
             run()
         finally:
             stats.remove()
-        masks[name], report[name] = prune_layer(module, stats, method, gran, sparsity)
+        masks[name], report[name] = prune_layer(module, stats, method, *choice[name])
         log(f"{name}: sparsity {report[name]['sparsity']:.3f}, relative output error {report[name]['error']:.4f}")
 
     def each(fn, items):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, target
 from .calibrate import CALIBRATED
 from .criteria import METHODS
 from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
@@ -70,11 +70,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="global", choices=SCOPES,
                    help="rank weights across all layers (global, default: keeps 90 %% within a point on the "
                         "digits MLP) or within each layer")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
-    target.add_argument("--max-drop", type=float, metavar="D",
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
+    goal.add_argument("--max-drop", type=float, metavar="D",
                         help="search: highest sparsity whose validation accuracy >= dense - D (0.01 = 1 point)")
-    target.add_argument("--min-accuracy", type=float, metavar="A",
+    goal.add_argument("--min-accuracy", type=float, metavar="A",
                         help="search: highest sparsity whose validation accuracy >= A")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="gradual (Zhu & Gupta cubic ramp over the first half of training; default when "
@@ -107,6 +107,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default 1: small layers gain nothing from more, and on a busy "
                         "machine extra threads mostly spin); 0 keeps torch's default")
     t.add_argument("--seed", type=int, default=0, help="seeds the data split, init, shuffling and random scores")
+
+    target.add_arguments(parser)
 
     o = parser.add_argument_group("output")
     o.add_argument("-o", "--output", required=True, help="pruned checkpoint path, e.g. pruned.pt")
@@ -353,6 +355,15 @@ def main(args) -> int:
             raise PruneError(f"--threads must be >= 0, got {args.threads}")
         if args.threads:
             torch.set_num_threads(args.threads)
+        if target.targeted(args):
+            report = target.run_cli(args)
+            if not args.quiet:
+                print(f"plan for {report['budget_ms']:.3f} ms at batch {report['batch']}: predicted "
+                      f"{report['predicted_ms']:.3f} ms, measured {report['measured_ms']:.3f} ms "
+                      f"({report['measured_speedup']:.2f}x the engine's dense {report['dense_ms']:.3f} ms); quality "
+                      f"{report['quality']['quality']:.4f} (dense {report['dense_quality']['quality']:.4f}); wrote "
+                      f"{args.output}, {report['artifact']}, {target.side_path(Path(args.output), target.REPORT_SUFFIX)}")
+            return 0
         if args.hf:
             report = run_hf(args)
             if not args.quiet:

@@ -1,48 +1,68 @@
-"""Latency-aware allocation, first part (issue 13): where to prune, decided from how fast the
-result will run on this machine and how much each layer's output suffers.
+"""Latency-aware allocation (issue 13): where to prune, decided from how fast the result will run
+on this machine and how much the model's output suffers.
 
-- `profile(model, calib_batches, ...)`: for every prunable nn.Linear, over a grid of options
-  (dense; unstructured -> CSR; R x C blocks -> BSR; at each sparsity level), the layer's latency
-  *measured* here on inputs of the shape it sees in the model (rows = batch x sequence), interleaved
-  with its dense twin; and its sensitivity, the relative reconstruction error ||(W - W')X||^2 /
-  ||W X||^2 of a Wanda-pruned W' on the layer's calibration inputs X.
-- `allocate(table, budget_s)`: one option per layer minimising the summed error under a latency
-  budget: a multiple-choice knapsack solved exactly by dynamic programming over the budget cut in
-  `bins` steps, each option's time rounded *up* to a step (so the plan never exceeds the budget;
-  it may miss a plan that fits only within the rounding). An infeasible budget is an error naming
-  the fastest reachable latency.
+- `units(names)`: the layers that run as one kernel call in the engine. A BERT attention's query,
+  key and value are stacked into one matrix by engine.transformer, so they are one unit and take
+  one option together; every other layer is a unit of its own.
+- `profile(model, calib_batches, engine_model, inputs, ...)`: for every unit, over a grid of options
+  (dense; unstructured -> CSR; R x C blocks -> BSR; at each sparsity level), the unit's latency
+  *measured* here inside whole forward passes of the engine's model at the user's batch and
+  sequence length (every unit in that option at once, timed by hooks; medians of 15 passes), so
+  caches hold what they hold in the real model; the model's time outside its units; and its sensitivity: the relative change of the *model's* output on calibration data
+  when this unit alone is pruned that way by the calibrated criterion (wanda or sparsegpt), i.e.
+  ||f(x) - f'(x)||^2 / ||f(x)||^2, measured, not assumed.
+- `allocate(options, budget_s)`: one option per unit minimising the summed sensitivity under a
+  latency budget: a multiple-choice knapsack solved exactly by dynamic programming over the budget
+  cut in `bins` steps, each option's time rounded *up* to a step (so the plan never exceeds the
+  budget; it may miss a plan that fits only within the rounding). An infeasible budget is an error
+  naming the fastest reachable latency.
 
-Summing per-layer errors treats layers as independent (the OBS / SparseGPT assumption); the
-measured end-to-end check of a plan belongs to the prune pipeline (not built yet, see the issue).
+Summing per-unit sensitivities treats units as independent (the assumption OBS-style pruners make
+per weight); engine/prune/target.py prunes with a plan, measures the real model and reports
+predicted against measured latency.
 """
 from __future__ import annotations
 
 import math
-import statistics
-import sys
 import time
+import statistics
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import InputStats, _as_args, reconstruction_error, wanda_layer
+from .calibrate import InputStats, _as_args, _first_output, sparsegpt_layer, wanda_layer
 from .granularity import PruneError, check_sparsity, parse_granularity
 from .masks import prunable_layers, weight_2d
+
+QKV = ("query", "key", "value")
+CRITERIA = ("wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
 class Option:
-    """One way to run one layer: its granularity ("dense", "unstructured", "block:RxC"), sparsity,
-    format, measured seconds per call and relative reconstruction error (0 for dense)."""
+    """One way to run one unit: its granularity ("dense", "unstructured", "block:RxC"), sparsity,
+    format, measured seconds per call and sensitivity (relative model-output change; 0 for dense)."""
     granularity: str
     sparsity: float
     format: str
     seconds: float
     error: float
+
+
+def units(names: Iterable[str]) -> dict[str, list[str]]:
+    """{unit: [layer names]}, in layer order: "<parent>.qkv" for a query/key/value trio, else the layer."""
+    names = list(names)
+    out: dict[str, list[str]] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        if leaf in QKV and all(f"{parent}.{q}" in names for q in QKV):
+            out.setdefault(f"{parent}.qkv", []).append(n)
+        else:
+            out[n] = [n]
+    return out
 
 
 def _format_of(gran) -> tuple[str, tuple[int, int] | None]:
@@ -51,77 +71,208 @@ def _format_of(gran) -> tuple[str, tuple[int, int] | None]:
     return "csr", None
 
 
-def _layer_inputs(model: nn.Module, layers: dict, batches: list) -> tuple[dict, dict]:
-    """{name: InputStats over every calibration batch}, {name: rows of the layer's input per batch}."""
-    stats = {name: InputStats(m) for name, m in layers.items()}
-    rows = {}
+def stacked(layers: list[nn.Linear], weight: torch.Tensor) -> nn.Linear:
+    """One nn.Linear holding the units' (stacked) weight and biases, as the engine runs it."""
+    biased = any(m.bias is not None for m in layers)
+    proxy = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=biased)
+    with torch.no_grad():
+        proxy.weight.copy_(weight)
+        if biased:
+            proxy.bias.copy_(torch.cat([torch.zeros(m.out_features) if m.bias is None else m.bias.detach()
+                                        for m in layers]))
+    return proxy
 
-    def count(name):
-        def hook(module, args, output):  # returns None: the output stays the layer's
-            rows.setdefault(name, args[0].reshape(-1, args[0].shape[-1]).shape[0])
-        return hook
-    hooks = [m.register_forward_hook(count(name)) for name, m in layers.items()]
+
+def _inputs(model: nn.Module, layers: dict, batches: list) -> dict[str, InputStats]:
+    """{name: InputStats over every calibration batch}."""
+    stats = {name: InputStats(m) for name, m in layers.items()}
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*_as_args(batch))
+        for batch in batches:
+            model(*_as_args(batch))
     finally:
-        for h in hooks:
-            h.remove()
         for s in stats.values():
             s.remove()
-    return stats, rows
+    return stats
+
+
+def model_output(model: nn.Module, batch) -> torch.Tensor:
+    """The model's (first) output on one batch: what its sensitivity is measured on by default."""
+    return _first_output(model(*_as_args(batch)))
+
+
+def _outputs(model: nn.Module, batches: list, readout: Callable = model_output) -> list[torch.Tensor]:
+    return [readout(model, b).detach().float() for b in batches]
+
+
+def output_change(model: nn.Module, batches: list, reference: list[torch.Tensor],
+                  readout: Callable = model_output) -> float:
+    """||f(x) - f_ref(x)||^2 / ||f_ref(x)||^2 summed over the batches (f: `readout`)."""
+    out = _outputs(model, batches, readout)
+    num = sum(float((o - r).pow(2).sum()) for o, r in zip(out, reference))
+    return num / max(sum(float(r.pow(2).sum()) for r in reference), 1e-30)
+
+
+def prune_weight(w: torch.Tensor, hessian: torch.Tensor, criterion: str, gran, sparsity: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned weight, keep mask) of one layer by a calibrated criterion; sparsegpt also updates."""
+    if criterion == "sparsegpt":
+        return sparsegpt_layer(w, hessian, gran, sparsity)
+    keep = wanda_layer(w, hessian, gran, sparsity)
+    return w * keep, keep
+
+
+def unit_slots(engine_model: nn.Module, shapes: list[tuple[int, int]]) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of each unit's SparseLinear in the engine's model, in unit order (the
+    engine registers a block's stacked QKV, output, FFN-in and FFN-out in the units' order)."""
+    from ..modules import SparseLinear
+    slots = [(parent, name) for parent in engine_model.modules() for name, child in parent.named_children()
+             if isinstance(child, SparseLinear)]
+    found = [(getattr(p, n).out_features, getattr(p, n).in_features) for p, n in slots]
+    if found != [tuple(s) for s in shapes]:
+        raise PruneError(f"profile: the engine's layers {found[:6]}... do not line up with the model's prunable "
+                         f"units {shapes[:6]}...")
+    return slots
+
+
+def time_units(engine_model: nn.Module, inputs: tuple, slots: list, rounds: int, clock: Callable[[], float]
+               ) -> tuple[list[float], float]:
+    """Per-unit seconds inside whole forward passes (medians over `rounds` passes, timed by hooks,
+    less the hooks' own cost measured on an empty module), and the median seconds of the model
+    outside its units (from passes without timing, alternating with the timed ones)."""
+    mods = [getattr(p, n) for p, n in slots] + [nn.Identity()]  # the last: the hooks' own cost
+    spent = [0.0] * len(mods)
+    state = {"on": True, "t0": 0.0}
+
+    def before(_m, _args):
+        if state["on"]:
+            state["t0"] = clock()
+
+    def after(i):
+        def hook(_m, _args, _out):
+            if state["on"]:
+                spent[i] += clock() - state["t0"]
+        return hook
+    handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(before),
+                                                       m.register_forward_hook(after(i)))]
+    per_unit, totals = [[] for _ in mods], []
+    probe = torch.zeros(1)
+    try:
+        with torch.inference_mode():
+            engine_model(*inputs)  # first calls pack and cache
+            for _ in range(rounds):
+                spent[:] = [0.0] * len(mods)
+                state["on"] = True
+                engine_model(*inputs)
+                mods[-1](probe)
+                for i, t in enumerate(spent):
+                    per_unit[i].append(t)
+                state["on"] = False
+                t0 = clock()
+                engine_model(*inputs)
+                totals.append(clock() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    cost = statistics.median(per_unit.pop())
+    units_s = [max(statistics.median(v) - cost, 0.0) for v in per_unit]
+    return units_s, max(statistics.median(totals) - sum(units_s), 0.0)
 
 
 @torch.no_grad()
-def profile(model: nn.Module, calib_batches: Iterable, *, sparsities: Iterable[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+def profile(model: nn.Module, calib_batches: Iterable, engine_model: nn.Module, inputs: tuple, *,
+            sparsities: Iterable[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
             granularities: Iterable[str] = ("unstructured", "block:16x16"), skip: Iterable[str] = (),
-            rows: int | None = None, min_time: float = 0.05) -> dict:
-    """-> {"machine", "layers": {name: {"shape", "rows", "options": [Option as dict]}}}. The model
-    runs each calibration batch once (for X^T X and the rows each layer sees); each layer is then
-    timed alone on random inputs of `rows` rows (default: the rows of its first calibration batch;
-    a transformer at batch B and sequence S: B x S)."""
+            rounds: int = 15, criterion: str = "wanda", sensitivity_batches: int | None = 4,
+            readout: Callable = model_output, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """-> {"machine", "criterion", "model": {"dense_s", "rest_s"}, "units": {name: {"members",
+    "shape", "options"}}}.
+
+    `model` is the torch model (pruned copies of its weights are scored on the first
+    `sensitivity_batches` calibration batches by the change of `readout(model, batch)`, by default
+    the model's output; an encoder's pooled sentence embeddings, say); `engine_model` the same model as the engine runs it
+    with every unit dense (engine.load of its dense conversion), timed on `inputs` (the batch and
+    sequence length the latency is for). For each grid option, every unit the option tiles is
+    swapped for its pruned version in that layout and each unit is timed *inside* whole forward
+    passes (so caches hold what they hold in the real model); `rest_s` is the dense model's time
+    outside its units. Units named in `skip` keep only the dense option."""
     from .. import cpu
+    from ..modules import SparseLinear
+    from ..timing import cpu_model
+    if criterion not in CRITERIA:
+        raise PruneError(f"profile: unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    was_training = model.training
     model.eval()
-    layers = {n: m for n, m in prunable_layers(model).items() if isinstance(m, nn.Linear) and n not in set(skip)}
+    layers = {n: m for n, m in prunable_layers(model).items() if isinstance(m, nn.Linear)}
     if not layers:
         raise PruneError("profile: the model has no nn.Linear layer to profile")
+    skip = set(skip)
     levels = [check_sparsity(s) for s in sparsities]
     grans = [parse_granularity(g) for g in granularities]
-    stats, seen = _layer_inputs(model, layers, list(calib_batches))
-    rows_of = {name: rows or seen[name] for name in layers}
-    from ..modules import SparseLinear
-    from ..timing import cpu_model, time_interleaved
-    table = {}
-    for name, linear in layers.items():
-        w, hessian = weight_2d(linear).detach(), stats[name].hessian()
-        x, bias = torch.randn(rows_of[name], w.shape[1]), None if linear.bias is None else linear.bias.detach()
-        dense = lambda: F.linear(x, w, bias)  # noqa: E731
-        options, dense_times = [], []
+    batches = list(calib_batches)
+    stats = _inputs(model, layers, batches)
+    sens_batches = batches[:sensitivity_batches] if sensitivity_batches else batches
+    reference = _outputs(model, sens_batches, readout)
+    groups = units(layers)
+    candidates = {}  # (unit, granularity, sparsity) -> (pruned stacked weight, keep, sensitivity)
+    for unit, members in groups.items():
+        if any(n in skip for n in members):
+            continue
+        mods = [layers[n] for n in members]
+        ws = [weight_2d(m).detach().clone() for m in mods]
+        hessian = stats[members[0]].hessian()  # a unit's layers share their input
         for gran in grans:
-            if gran.kind == "block" and (w.shape[0] % gran.block[0] or w.shape[1] % gran.block[1]):
-                continue  # blocks that do not tile this layer
-            fmt, block = _format_of(gran)
+            if gran.kind == "block" and any(v.shape[0] % gran.block[0] or v.shape[1] % gran.block[1] for v in ws):
+                continue  # blocks that do not tile this unit
             for s in levels:
-                keep = wanda_layer(w, hessian, gran, s)
-                sparse = SparseLinear.from_linear(linear, fmt, block, mask=keep)
-                # interleaved with the dense layer, so load on the machine hits both alike
-                t = time_interleaved({"dense": dense, "sparse": lambda: sparse(x)}, min_time=min_time, rounds=5)
-                dense_times.append(t["dense"])
-                options.append(Option(str(gran), s, fmt, t["sparse"], reconstruction_error(w, w * keep, hessian)))
-        dense_s = (statistics.median(dense_times) if dense_times
-                   else time_interleaved({"dense": dense}, min_time=min_time, rounds=5)["dense"])
-        options.insert(0, Option("dense", 0.0, "dense", dense_s, 0.0))
-        table[name] = {"shape": list(w.shape), "rows": rows_of[name], "options": [asdict(o) for o in options]}
+                pruned = [prune_weight(v, hessian, criterion, gran, s) for v in ws]
+                try:  # the model with this unit alone pruned, against the dense model's outputs
+                    for m, (new, _) in zip(mods, pruned):
+                        m.weight.copy_(new.reshape(m.weight.shape))
+                    change = output_change(model, sens_batches, reference, readout)
+                finally:
+                    for m, v in zip(mods, ws):
+                        m.weight.copy_(v.reshape(m.weight.shape))
+                candidates[unit, str(gran), s] = (torch.cat([p for p, _ in pruned]),
+                                                  torch.cat([k for _, k in pruned]), change)
+    model.train(was_training)
+
+    shapes = [(sum(layers[n].out_features for n in members), layers[members[0]].in_features)
+              for members in groups.values()]
+    slots = unit_slots(engine_model, shapes)
+    dense_t, rest = time_units(engine_model, inputs, slots, rounds, clock)
+    options = {unit: [Option("dense", 0.0, "dense", t, 0.0)] for unit, t in zip(groups, dense_t)}
+    for gran in grans:
+        fmt, block = _format_of(gran)
+        for s in levels:
+            swapped = []
+            try:
+                for (parent, attr), (unit, members) in zip(slots, groups.items()):
+                    if (unit, str(gran), s) in candidates:
+                        w, keep, _ = candidates[unit, str(gran), s]
+                        old = getattr(parent, attr)
+                        new = SparseLinear.from_linear(stacked([layers[n] for n in members], w), fmt, block, mask=keep)
+                        new.activation = old.activation
+                        setattr(parent, attr, new)
+                        swapped.append((parent, attr, old))
+                times, _ = time_units(engine_model, inputs, slots, rounds, clock)
+            finally:
+                for parent, attr, old in swapped:
+                    setattr(parent, attr, old)
+            for unit, t in zip(groups, times):
+                if (unit, str(gran), s) in candidates:
+                    options[unit].append(Option(str(gran), s, fmt, t, candidates[unit, str(gran), s][2]))
     machine = {"cpu": cpu_model(), "isa": cpu.isa() if cpu.available() else "none",
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "torch": torch.__version__}
-    return {"machine": machine, "layers": table}
+               "torch": torch.__version__, "clock": "cpu" if clock is time.thread_time else "wall"}
+    table = {unit: {"members": members, "shape": list(shape), "options": [asdict(o) for o in options[unit]]}
+             for (unit, members), shape in zip(groups.items(), shapes)}
+    return {"machine": machine, "criterion": criterion, "model": {"dense_s": sum(dense_t) + rest, "rest_s": rest},
+            "units": table}
 
 
 def options_of(table: dict) -> dict[str, list[Option]]:
-    """A profile's layers as {name: [Option]}."""
-    return {name: [Option(**o) for o in layer["options"]] for name, layer in table["layers"].items()}
+    """A profile's units as {name: [Option]}."""
+    return {name: [Option(**o) for o in unit["options"]] for name, unit in table["units"].items()}
 
 
 def allocate(options: dict[str, list[Option]], budget_s: float, *, bins: int = 2000) -> dict[str, Option]:
@@ -160,86 +311,25 @@ def allocate(options: dict[str, list[Option]], budget_s: float, *, bins: int = 2
     return dict(reversed(list(plan.items())))
 
 
-# -- sparse-engine profile -------------------------------------------------------------------------
-def configure(parser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--example", choices=("mlp-digits", "mlp-digits-wide"),
-                     help="the built-in digits MLP, trained dense first (seed 0)")
-    src.add_argument("--hf", metavar="DIR", help="a Hugging Face / sentence-transformers encoder folder")
-    parser.add_argument("-o", "--output", required=True, help="the profile table (JSON) to write")
-    parser.add_argument("--batch", type=int, default=1, help="batch the latencies are measured at (default 1)")
-    parser.add_argument("--seq", type=int, default=128, help="sequence length for --hf (default 128)")
-    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="comma-separated levels")
-    parser.add_argument("--granularities", default="unstructured,block:16x16",
-                        help="comma-separated: unstructured (CSR), block:RxC (BSR)")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples for the errors")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--min-time", type=float, default=0.05, help="seconds of timing per option")
-    parser.add_argument("--budget-ms", type=float, help="also print the allocation for this model latency")
-    parser.add_argument("--target-speedup", type=float, help="... or for dense latency / this")
-
-
-def _example(name: str, batch: int, n: int):
-    from ..examples import digits_data, mlp_digits, train_dense
-    data = digits_data()
-    model = mlp_digits("wide" if name.endswith("wide") else "small", seed=0)
-    train_dense(model, data, epochs=10)
-    x = data.train.x[:max(n, batch)]
-    return model, [x[i:i + batch] for i in range(0, len(x), batch)], None
-
-
-def _hf(folder: str, batch: int, seq: int, n: int):
-    from . import corpus as corpus_io
-    from .embeddings import token_batches, tokenizer
-    from .hf import load_folder
-    enc = load_folder(folder)
-    texts = corpus_io.load().samples("calib", n)
-    return enc.model, token_batches(tokenizer(enc.tokenizer_json, seq), texts, batch=max(batch, 8)), batch * seq
-
-
-def main(args) -> int:
-    import json
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        sparsities = [float(s) for s in args.sparsities.split(",")]
-        grans = [g.strip() for g in args.granularities.split(",")]
-        if args.batch < 1 or args.calib_samples < 1:
-            raise PruneError("--batch and --calib-samples must be >= 1")
-        model, batches, rows = (_example(args.example, args.batch, args.calib_samples) if args.example
-                                else _hf(args.hf, args.batch, args.seq, args.calib_samples))
-        table = profile(model, batches, sparsities=sparsities, granularities=grans, rows=rows,
-                        min_time=args.min_time)
-        with open(args.output, "w") as f:
-            json.dump(table, f, indent=1)
-        print(format_table(table))
-        print(f"wrote {args.output}")
-        dense = sum(layer["options"][0]["seconds"] for layer in table["layers"].values())
-        budget = args.budget_ms / 1e3 if args.budget_ms else (dense / args.target_speedup if args.target_speedup else None)
-        if budget is not None:
-            print(format_plan(allocate(options_of(table), budget), dense, budget))
-    except (PruneError, ValueError, OSError) as exc:
-        print(f"sparse-engine profile: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
+# -- tables for people --------------------------------------------------------------------------------
 def format_table(table: dict) -> str:
     m = table["machine"]
-    lines = [f"{m['cpu']}, isa {m['isa']}, {m['threads']} threads, {m['date']}, torch {m['torch']}",
-             "layer  shape  rows  option  sparsity  ms  speedup  error"]
-    for name, layer in table["layers"].items():
-        dense = layer["options"][0]["seconds"]
-        for o in layer["options"]:
-            lines.append(f"{name}  {layer['shape'][0]}x{layer['shape'][1]}  {layer['rows']}  {o['granularity']}  "
+    lines = [f"{m['cpu']}, isa {m['isa']}, {m['threads']} threads ({m['clock']} clock), {m['date']}, torch "
+             f"{m['torch']}; sensitivity: {table['criterion']}",
+             "unit  shape  option  sparsity  ms (inside the model)  speedup  sensitivity"]
+    for name, unit in table["units"].items():
+        dense = unit["options"][0]["seconds"]
+        for o in unit["options"]:
+            lines.append(f"{name}  {unit['shape'][0]}x{unit['shape'][1]}  {o['granularity']}  "
                          f"{o['sparsity']:.2f}  {o['seconds'] * 1e3:.3f}  {dense / o['seconds']:.2f}x  {o['error']:.4f}")
     return "\n".join(lines)
 
 
-def format_plan(plan: dict[str, Option], dense_s: float, budget_s: float) -> str:
-    total = sum(o.seconds for o in plan.values())
+def format_plan(plan: dict[str, Option], dense_s: float, budget_s: float, rest_s: float = 0.0) -> str:
+    """The plan, its predicted latency (rest_s: the model's time outside the units) against dense."""
+    total = rest_s + sum(o.seconds for o in plan.values())
     lines = [f"plan for {budget_s * 1e3:.3f} ms (dense {dense_s * 1e3:.3f} ms): predicted {total * 1e3:.3f} ms "
-             f"({dense_s / total:.2f}x), summed error {sum(o.error for o in plan.values()):.4f}"]
-    lines += [f"  {name}: {o.granularity} {o.sparsity:.2f} ({o.format}) {o.seconds * 1e3:.3f} ms, error {o.error:.4f}"
+             f"({dense_s / total:.2f}x), summed sensitivity {sum(o.error for o in plan.values()):.4f}"]
+    lines += [f"  {name}: {o.granularity} {o.sparsity:.2f} ({o.format}) {o.seconds * 1e3:.3f} ms, sensitivity {o.error:.4f}"
               for name, o in plan.items()]
     return "\n".join(lines)

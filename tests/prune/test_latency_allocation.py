@@ -1,6 +1,6 @@
 """Latency-aware allocation (engine/prune/latency.py): the allocator meets the budget, prefers
 insensitive layers and names the fastest reachable latency when a budget is infeasible; a profile
-measures every layer's options on this machine with errors that grow with sparsity."""
+measures every unit's options inside the engine's model, with sensitivities that grow with sparsity."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.cli import main as cli
 from engine.prune.granularity import PruneError
-from engine.prune.latency import Option, allocate, options_of, profile
+from engine.prune.latency import Option, allocate, options_of, profile, units
 
 
 def _opts(dense_ms: float, sensitivity: float) -> list[Option]:
@@ -46,29 +46,44 @@ def test_infeasible_budget_names_the_fastest_reachable_latency():
         allocate({"a": []}, 1.0)
 
 
-def test_profile_measures_each_layer_and_errors_grow_with_sparsity():
+def test_units_group_query_key_value_of_one_attention():
+    names = ["a.self.query", "a.self.key", "a.self.value", "a.output.dense", "b.query", "b.key", "c"]
+    assert units(names) == {"a.self.qkv": ["a.self.query", "a.self.key", "a.self.value"],
+                            "a.output.dense": ["a.output.dense"], "b.query": ["b.query"], "b.key": ["b.key"],
+                            "c": ["c"]}
+
+
+def test_profile_times_each_unit_inside_the_engine_model_and_sensitivity_grows_with_sparsity():
+    import copy
+    import engine
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
     batches = [torch.randn(16, 64) for _ in range(4)]
-    table = profile(model, batches, sparsities=(0.5, 0.9), granularities=("unstructured", "block:16x16"),
-                    min_time=0.005)
-    assert set(table["machine"]) >= {"cpu", "isa", "threads", "date"}
-    for name, layer in table["layers"].items():
-        assert layer["rows"] == 16
-        opts = options_of(table)[name]
+    engine_model = engine.sparsify(copy.deepcopy(model), format="dense")
+    table = profile(model, batches, engine_model, (torch.randn(8, 64),), sparsities=(0.5, 0.9),
+                    granularities=("unstructured", "block:16x16"), rounds=3)
+    assert set(table["machine"]) >= {"cpu", "isa", "threads", "date", "clock"}
+    assert table["model"]["dense_s"] > table["model"]["rest_s"] >= 0
+    assert list(table["units"]) == ["0", "2"]
+    for name, opts in options_of(table).items():
         assert [(o.granularity, o.sparsity) for o in opts] == [
             ("dense", 0.0), ("unstructured", 0.5), ("unstructured", 0.9), ("block:16x16", 0.5), ("block:16x16", 0.9)]
         assert all(o.seconds > 0 for o in opts) and opts[0].error == 0.0
         assert opts[1].error < opts[2].error and opts[3].error < opts[4].error
-        assert opts[1].error < opts[3].error  # unstructured keeps more of the output than blocks
+    # the engine model is left as it was: every unit dense again
+    assert [m.format for m in engine_model.modules() if isinstance(m, engine.SparseLinear)] == ["dense", "dense"]
+    with pytest.raises(PruneError, match="do not line up"):
+        profile(model, batches, engine.sparsify(nn.Sequential(nn.Linear(64, 32)), format="dense"),
+                (torch.randn(8, 64),), sparsities=(0.5,), rounds=1)
 
 
 def test_profile_cli_writes_the_table_and_a_plan(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--batch", "8", "--sparsities", "0.5,0.9",
-                "--granularities", "unstructured", "--min-time", "0.005", "--target-speedup", "0.5"]) == 0
+                "--granularities", "unstructured", "--rounds", "3", "--dense-epochs", "2",
+                "--budget-ms", "1000"]) == 0
     table = json.loads(out.read_text())
-    assert list(table["layers"]) == ["0", "2", "4"]
+    assert list(table["units"]) == ["0", "2", "4"] and table["engine_dense_ms"] > 0
     printed = capsys.readouterr().out
-    assert "plan for" in printed and "predicted" in printed
+    assert "plan for 1000.000 ms" in printed and "predicted" in printed
     assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--sparsities", "1.5"]) == 1
