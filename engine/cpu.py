@@ -202,9 +202,7 @@ def _weight(fn: str, w: CSR | BSR):
 def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        # a bf16 model's bias is bf16: its fp32 copy is made once, like the weight's VNNI copy
-        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
+    bias = _bias32(bias)
     return x, bias, x.new_empty((x.shape[0], o))
 
 
@@ -212,7 +210,7 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype."""
     crow, col, val, wdtype = _weight("csr_linear_cpu", w)
     out_dtype = x.dtype
-    if out_dtype is torch.bfloat16 and bf16_kernel_for(w) != "none":
+    if out_dtype is torch.bfloat16 and bf16_kernel_for(w, x.shape[0]) != "none":
         return _csr_linear_bf16(x, w, bias, activation)
     c16 = _col16(w)
     x, b, y = _io(x, bias, w.shape[0])
@@ -283,17 +281,25 @@ def last_bf16_kernel() -> str:
     return _C.last_bf16_kernel()
 
 
-def bf16_kernel_for(w: CSR | BSR) -> str:
-    """The bf16 kernel that would serve bf16 x with this weight (as last_bf16_kernel() names it),
-    or "none" (the fp32-compute kernels). CSR: AVX512-BF16 (also where the family is AMX, whose
-    tiles need blocks), for in_features <= 65536 (uint16 pair columns)."""
+# Batch rows for which bf16 CSR keeps the fp32-compute kernel: the bf16 kernel's batched path
+# pads the batch to 32 rows, and VDPBF16PS retires about half as often as an FMA on the machine
+# measured (bench/results/bf16.md), so from 4 to 15 rows it lost to the fp32-compute kernel (0.7-0.9x).
+_BF16_CSR_FP32_BATCHES = range(4, 16)
+
+
+def bf16_kernel_for(w: CSR | BSR, batch: int | None = None) -> str:
+    """The bf16 kernel that would serve bf16 x (`batch` rows, if given) with this weight, as
+    last_bf16_kernel() names it, or "none" (the fp32-compute kernels). CSR: AVX512-BF16 (also
+    where the family is AMX, whose tiles need blocks), for in_features <= 65536 (uint16 pair
+    columns) and a batch outside _BF16_CSR_FP32_BATCHES."""
     if not isinstance(w, (CSR, BSR)) or w.values.dtype is not torch.bfloat16 or _C is None:
         return "none"
     family = _C.bf16_isa()
     if family == "none":
         return "none"
     if isinstance(w, CSR):
-        return "avx512_bf16_csr" if w.shape[1] <= _U16_MAX_COLS else "none"
+        ok = w.shape[1] <= _U16_MAX_COLS and batch not in _BF16_CSR_FP32_BATCHES
+        return "avx512_bf16_csr" if ok else "none"
     return family if bf16_block_fits(tuple(w.values.shape[1:])) else "none"
 
 

@@ -14,7 +14,7 @@ import torch
 
 import engine
 from engine import cpu
-from engine.formats import CSR
+from engine.formats import BSR, CSR
 from engine.reference import csr_linear_ref
 
 U_BF16 = 2.0 ** -8
@@ -25,7 +25,10 @@ KERNEL = "avx512_bf16_csr"
 # (O, I, density): odd sizes, not multiples of 16 / 32; a single input feature; a dense-ish row
 # mix; one wide layer whose Xᵀ (I x 128 rows) exceeds the per-panel budget, so 130 rows take 2 panels.
 SHAPES = ((37, 53, 0.3), (130, 301, 0.1), (17, 1, 0.6), (50, 70, 0.9), (24, 4100, 0.05))
-BATCHES = (1, 2, 3, 4, 17, 64, 130)
+# 1-3: the gather path; 4 and 15: the Xᵀ path with a partial 32-row chunk (the dispatcher sends
+# these to the fp32-compute kernel, cpu._BF16_CSR_FP32_BATCHES, so they call the kernel directly);
+# 16 and up: the Xᵀ path through engine.sparse_linear, 130 over two 128-row passes.
+BATCHES = (1, 2, 3, 4, 15, 16, 17, 64, 130)
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +46,13 @@ def bf16_csr():
         cpu.set_bf16_isa("auto")
     yield
     cpu.set_bf16_isa("auto" if before == "none" else before)
+
+
+def poison_last_kernel():
+    """Run a bf16 BSR call so last_bf16_kernel() names a BSR family: a later KERNEL is news."""
+    w = BSR.from_dense(torch.randn(16, 32).bfloat16(), blocksize=(16, 32))
+    engine.sparse_linear(torch.randn(1, 32).bfloat16(), w)
+    assert cpu.last_bf16_kernel() in ("amx", "avx512_bf16")
 
 
 def csr_weight(o, i, density, seed=0, empty_rows=(0,)):
@@ -86,7 +96,11 @@ def test_bf16_csr_matches_reference(bf16_csr, shape, n):
     gen_bias = torch.randn(o)
     for bias in (None, gen_bias):
         for act in ACTS:
-            y = engine.sparse_linear(x, w, bias, activation=act)
+            poison_last_kernel()
+            if n in cpu._BF16_CSR_FP32_BATCHES:
+                y = cpu._csr_linear_bf16(x, w, bias, act)
+            else:
+                y = engine.sparse_linear(x, w, bias, activation=act)
             assert y.dtype == torch.bfloat16 and y.shape == (n, o)
             assert cpu.last_bf16_kernel() == KERNEL  # the fast path served it, no fallback
             ref, mag = reference(x, w, bias, act)
@@ -100,6 +114,7 @@ def test_nan_stays_nan_and_stays_in_its_rows(bf16_csr, n):
     w = csr_weight(96, 40, 0.15, seed=5)
     x = torch.randn(n, 40).bfloat16()
     x[n - 1, 7] = float("nan")
+    poison_last_kernel()
     y = engine.sparse_linear(x, w, torch.randn(96), activation="relu")
     assert cpu.last_bf16_kernel() == KERNEL
     reads7 = w.to_dense(torch.float32)[:, 7] != 0
@@ -111,11 +126,12 @@ def test_nan_stays_nan_and_stays_in_its_rows(bf16_csr, n):
 
 def test_empty_weight_rows_give_the_activated_bias(bf16_csr):
     w = csr_weight(40, 64, 0.2, empty_rows=range(0, 40, 3))
-    x, bias = torch.randn(9, 64).bfloat16(), torch.randn(40)
+    x, bias = torch.randn(19, 64).bfloat16(), torch.randn(40)
+    poison_last_kernel()
     y = engine.sparse_linear(x, w, bias, activation="gelu")
     assert cpu.last_bf16_kernel() == KERNEL
     rows = list(range(0, 40, 3))
-    want = torch.nn.functional.gelu(bias[rows]).expand(9, len(rows))
+    want = torch.nn.functional.gelu(bias[rows]).expand(19, len(rows))
     torch.testing.assert_close(y[:, rows].float(), want.bfloat16().float(), atol=1e-2, rtol=U_BF16)
 
 
@@ -143,6 +159,7 @@ def test_threads_split_rows_bitwise_equal(bf16_csr, n):
     w = csr_weight(1024, 512, 0.2, seed=3)
     x, bias = torch.randn(n, 512).bfloat16(), torch.randn(1024)
     before = torch.get_num_threads()
+    poison_last_kernel()
     try:
         torch.set_num_threads(1)
         y1 = engine.sparse_linear(x, w, bias, activation="gelu")
@@ -156,16 +173,21 @@ def test_threads_split_rows_bitwise_equal(bf16_csr, n):
     assert_within(y2, ref, mag, 512)
 
 
-def test_bf16_isa_none_runs_the_fp32_compute_path(bf16_csr):
+@pytest.mark.parametrize("n", (3, 20))
+def test_bf16_isa_none_runs_the_fp32_compute_path(bf16_csr, n):
     w = csr_weight(48, 80, 0.3, seed=4)
-    x, bias = torch.randn(5, 80).bfloat16(), torch.randn(48)
-    assert cpu.bf16_kernel_for(w) == KERNEL
+    x, bias = torch.randn(n, 80).bfloat16(), torch.randn(48)
+    assert cpu.bf16_kernel_for(w, n) == KERNEL
+    poison_last_kernel()
     fast = engine.sparse_linear(x, w, bias, activation="relu")
     assert cpu.last_bf16_kernel() == KERNEL
+    poison_last_kernel()
+    family = cpu.last_bf16_kernel()
     cpu.set_bf16_isa("none")
     try:
         assert cpu.bf16_kernel_for(w) == "none"
         slow = engine.sparse_linear(x, w, bias, activation="relu")
+        assert cpu.last_bf16_kernel() == family  # no bf16 kernel ran
     finally:
         cpu.set_bf16_isa("auto")
     # The fp32-compute kernel on fp32 x, rounded once: exactly what the "none" path returns.
@@ -174,6 +196,17 @@ def test_bf16_isa_none_runs_the_fp32_compute_path(bf16_csr):
     ref, mag = reference(x, w, bias, "relu")
     assert_within(fast, ref, mag, 80)
     assert_within(slow, ref, mag, 80)
+
+
+@pytest.mark.parametrize("n", (4, 9, 15))
+def test_batches_of_4_to_15_keep_the_fp32_compute_kernel(bf16_csr, n):
+    # Measured rule (cpu._BF16_CSR_FP32_BATCHES): the bf16 kernel pads these to 32 rows and lost.
+    w = csr_weight(40, 72, 0.2, seed=n)
+    x, bias = torch.randn(n, 72).bfloat16(), torch.randn(40)
+    assert cpu.bf16_kernel_for(w, n) == "none"
+    assert cpu.bf16_kernel_for(w, 3) == cpu.bf16_kernel_for(w, 16) == cpu.bf16_kernel_for(w) == KERNEL
+    y = engine.sparse_linear(x, w, bias, activation="gelu")
+    assert torch.equal(y, engine.sparse_linear(x.float(), w, bias, activation="gelu").bfloat16())
 
 
 def test_dispatch_rules(bf16_csr):
@@ -203,7 +236,8 @@ def test_sparse_linear_module_takes_the_kernel(bf16_csr):
     with torch.no_grad():
         lin.weight.mul_(torch.rand(40, 96) < 0.2)
     layer = engine.SparseLinear.from_linear(lin, format="csr")
-    x = torch.randn(6, 96).bfloat16()
+    x = torch.randn(24, 96).bfloat16()
+    poison_last_kernel()
     y = layer(x)
     assert cpu.last_bf16_kernel() == KERNEL and y.dtype == torch.bfloat16
     ref = x.double() @ lin.weight.double().T + lin.bias.double()
