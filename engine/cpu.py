@@ -4,7 +4,8 @@ buffers to the extension. Kernels compute in fp32; weights may be stored as fp32
 The kernels pick their instruction set at import: AVX-512F micro-kernels where the CPU has them,
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
 `set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
-bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`).
+bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`);
+bf16 x with bf16 CSR weights on AVX512-BF16 (except batches of 4-15 rows, see bf16_kernel_for).
 
 Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
 weight's column indices) is made once per index tensor and cached (`prepare_weight`).
@@ -242,7 +243,7 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 
-# ---- bf16 compute: BSR on AMX tiles / AVX512-BF16 (csrc/bf16.cpp) -----------------------------------
+# ---- bf16 compute: BSR on AMX tiles / AVX512-BF16, CSR on AVX512-BF16 (csrc/bf16.cpp) ---------------
 # Used when both x and the weight values are bf16 (the model was cast to bf16, as a dense
 # `model.to(torch.bfloat16)` runs on oneDNN's AMX kernels); fp32 x keeps the fp32-compute kernels,
 # whose contract is fp32 arithmetic on upcast 16-bit weights. Products are bf16 x bf16, accumulated
