@@ -2,8 +2,9 @@
 (F.linear on bf16, oneDNN: AMX where present), the engine in fp32 (fp32 weights and x) and the
 engine in bf16 (bf16 weights and x: AMX tiles / AVX512-BF16 for tile-shaped blocks; unstructured
 CSR on the AVX512-BF16 CSR kernel, or the fp32-compute CSR kernel where the dispatcher keeps it).
-All variants of one (layer, batch) are timed interleaved in one process (engine.timing.time_samples; per variant "median (minimum)" of `--rounds` rounds: on a shared
-machine the minimum is the least disturbed estimate). --cpu-time (with --threads 1) counts the
+All variants of one (layer, batch) are timed interleaved in one process (engine.timing.time_samples;
+per variant "median (minimum)" of `--rounds` rounds: on a shared machine the minimum is the least
+disturbed estimate). --cpu-time (with --threads 1) counts the
 calling thread's CPU time only, immune to time slices lost to other processes.
 
     PYTHONPATH=. .venv/bin/python bench/bf16_layers.py [--threads 2] [--cpu-time] [--out bench/results/bf16.md]
