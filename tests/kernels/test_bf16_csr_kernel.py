@@ -153,20 +153,22 @@ def test_pairs_layout(bf16_csr):
             assert got_v[-1].item() == 0 and got_c[-1] == got_c[-2]
 
 
+def with_threads(count, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n", (1, 70))
 def test_threads_split_rows_bitwise_equal(bf16_csr, n):
     # Each output is summed by one thread in a fixed order: the split must not change a bit.
     w = csr_weight(1024, 512, 0.2, seed=3)
     x, bias = torch.randn(n, 512).bfloat16(), torch.randn(1024)
-    before = torch.get_num_threads()
     poison_last_kernel()
-    try:
-        torch.set_num_threads(1)
-        y1 = engine.sparse_linear(x, w, bias, activation="gelu")
-        torch.set_num_threads(2)
-        y2 = engine.sparse_linear(x, w, bias, activation="gelu")
-    finally:
-        torch.set_num_threads(before)
+    y1, y2 = (with_threads(t, lambda: engine.sparse_linear(x, w, bias, activation="gelu")) for t in (1, 2))
     assert cpu.last_bf16_kernel() == KERNEL
     assert torch.equal(y1, y2)
     ref, mag = reference(x, w, bias, "gelu")
