@@ -20,7 +20,7 @@ from engine.formats import CSR
 from engine.timing import cpu_model, time_interleaved
 
 SHAPES = ((4096, 4096), (768, 3072))
-BATCHES = (1, 8, 64)
+BATCHES = (1, 4, 8, 64)
 
 
 def fp32_compute(x, w):

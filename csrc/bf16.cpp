@@ -404,64 +404,76 @@ void bsr_linear_bf16(const LinearArgs& a) {
 // ---- AVX512-BF16, unstructured (CSR with paired entries, see bf16.h) ----------------------------
 namespace {
 
-constexpr int64_t kCsrBatchMin = 4;   // batch rows from which transposing X pays (measured, bf16.md)
-constexpr int kCsrRowsSmall = 3;      // batch rows per pass of the gather kernel (N < kCsrBatchMin)
+constexpr int64_t kCsrBatchMin = 5;   // batch rows from which X is transposed (4 fit one 64-bit gather)
 constexpr int64_t kChunk32 = 32;      // batch rows per pair of accumulators (one 64-byte Xᵀ load)
 constexpr int kCsrChunks = 4;         // 32-row chunks per pass over a row's pairs: 8 accumulators
+constexpr int64_t kQuad = 4;          // batch rows per 64-bit gather element (2 <= N <= 4)
 
-// xs (rows, I + 2) <- x rows [0, rows) with a zero before and after each: a 32-bit gather at any
-// column (k1 one element right, k2 one element left) stays inside its row.
-void zero_bordered_rows(const uint16_t* x, int64_t rows, int64_t I, uint16_t* xs) {
-  for (int64_t r = 0; r < rows; ++r) {
-    uint16_t* d = xs + r * (I + 2);
-    d[0] = d[I + 1] = 0;
-    std::memcpy(d + 1, x + r * I, size_t(I) * 2);
-  }
+// N = 1: xs (I + 2) <- x with a zero before and after, so a 32-bit gather at any column (k1 one
+// element right, k2 one element left) stays inside the buffer.
+void zero_bordered(const uint16_t* x, int64_t I, uint16_t* xs) {
+  xs[0] = xs[I + 1] = 0;
+  std::memcpy(xs + 1, x, size_t(I) * 2);
 }
 
-// out[r] = Σ_pairs (w1·x_r[k1] + w2·x_r[k2]) for NB batch rows of xs (row stride I + 2), pairs
-// [p0, p1): 16 pairs per VDPBF16PS; x pairs from two 32-bit gathers blended by 16-bit halves.
-template <int NB>
-void csr_pairs_gather(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1,
-                      const uint16_t* xs, int64_t I, float* out, int64_t out_stride) {
-  __m512 acc[NB];
-  for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+// N = 1: Σ_pairs (w1·x[k1] + w2·x[k2]) over pairs [p0, p1): 16 pairs per VDPBF16PS, the x pairs
+// from two 32-bit gathers of xs blended by 16-bit halves.
+float csr_pairs_gather(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1, const uint16_t* xs) {
+  __m512 acc = _mm512_setzero_ps();
   const __m512i lo16 = _mm512_set1_epi32(0xffff), zero = _mm512_setzero_si512();
   for (int32_t p = p0; p < p1; p += 16) {
     const __mmask16 m = p1 - p >= 16 ? __mmask16(0xffff) : __mmask16((1u << (p1 - p)) - 1);
     const __m512i cv = _mm512_maskz_loadu_epi32(m, pcol + p);
     const __m512i wv = _mm512_maskz_loadu_epi32(m, pval + p);
     const __m512i k1 = _mm512_and_si512(cv, lo16), k2 = _mm512_srli_epi32(cv, 16);
-    for (int r = 0; r < NB; ++r) {
-      const uint16_t* xr = xs + r * (I + 2);
-      // low half: xs[k1 + 1] = x[k1]; high half: xs[k2 + 1] = x[k2]
-      const __m512i g1 = _mm512_mask_i32gather_epi32(zero, m, k1, xr + 1, 2);
-      const __m512i g2 = _mm512_mask_i32gather_epi32(zero, m, k2, xr, 2);
-      const __m512i xp = _mm512_mask_blend_epi16(__mmask32(0xaaaaaaaau), g1, g2);
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv, (__m512bh)xp);
-    }
+    // low half: xs[k1 + 1] = x[k1]; high half: xs[k2 + 1] = x[k2]
+    const __m512i g1 = _mm512_mask_i32gather_epi32(zero, m, k1, xs + 1, 2);
+    const __m512i g2 = _mm512_mask_i32gather_epi32(zero, m, k2, xs, 2);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)wv, (__m512bh)_mm512_mask_blend_epi16(__mmask32(0xaaaaaaaau), g1, g2));
   }
-  for (int r = 0; r < NB; ++r) out[r * out_stride] = _mm512_reduce_add_ps(acc[r]);
+  return _mm512_reduce_add_ps(acc);
 }
 
-void csr_small_rows(const LinearArgs& a, const uint16_t* xs, int64_t o0, int64_t o1, float* buf) {
+// 2 <= N <= 4: xq (I, 4) <- the batch's column quads, xq[k] = (x_0[k], .., x_3[k]), rows >= N zero.
+void feature_quads(const uint16_t* x, int64_t N, int64_t I, uint16_t* xq) {
+  for (int64_t k = 0; k < I; ++k)
+    for (int64_t n = 0; n < kQuad; ++n) xq[k * kQuad + n] = n < N ? x[n * I + k] : 0;
+}
+
+// 2 <= N <= 4: out[n · out_stride] = Σ_pairs (w1·x_n[k1] + w2·x_n[k2]) for n < N. 8 pairs per step:
+// the quads of k1 and k2 gathered as 64-bit elements (all 4 batch rows at once), interleaved by
+// VPUNPCK[LH]WD into (x_n[k1], x_n[k2]) at lane 4·(pair / 2) + n, each pair's weights spread over
+// its 4 lanes by VPERMD. As many gathered elements per pair as one batch row alone needs.
+void csr_pairs_quads(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1, const uint16_t* xq,
+                     int64_t N, float* out, int64_t out_stride) {
+  const __m512i even = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int32_t p = p0; p < p1; p += 8) {
+    const __mmask8 m = p1 - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (p1 - p)) - 1);
+    const __m256i cv = _mm256_maskz_loadu_epi32(m, pcol + p);
+    const __m512i wv = _mm512_castsi256_si512(_mm256_maskz_loadu_epi32(m, pval + p));
+    const __m512i a = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, _mm256_and_si256(cv, lo16), xq, 8);
+    const __m512i b = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, _mm256_srli_epi32(cv, 16), xq, 8);
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_unpacklo_epi16(a, b), (__m512bh)_mm512_permutexvar_epi32(even, wv));
+    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)_mm512_permutexvar_epi32(odd, wv));
+  }
+  alignas(64) float s[16];
+  _mm512_store_ps(s, _mm512_add_ps(acc0, acc1));
+  for (int64_t n = 0; n < N; ++n) out[n * out_stride] = s[n] + s[4 + n] + s[8 + n] + s[12 + n];
+}
+
+// N < kCsrBatchMin, rows [o0, o1): xg is the zero-bordered x (N = 1) or the quads (N >= 2).
+void csr_small_rows(const LinearArgs& a, const uint16_t* xg, int64_t o0, int64_t o1, float* buf) {
   const auto* pcol = reinterpret_cast<const uint32_t*>(a.col16);
   const auto* pval = static_cast<const uint32_t*>(a.values);
-  const int64_t I = a.in_features;
   for (int64_t og = o0; og < o1; og += kTile) {
     const int64_t g = std::min<int64_t>(kTile, o1 - og);
-    for (int64_t n0 = 0; n0 < a.n; n0 += kCsrRowsSmall) {
-      const int64_t nb = std::min<int64_t>(kCsrRowsSmall, a.n - n0);
-      const uint16_t* xr = xs + n0 * (I + 2);
-      for (int64_t r = 0; r < g; ++r) {
-        const int32_t p0 = a.crow[og + r], p1 = a.crow[og + r + 1];
-        float* out = buf + n0 * kTile + r;  // buf (N, 16): batch row, output
-        switch (nb) {
-          case 1: csr_pairs_gather<1>(pcol, pval, p0, p1, xr, I, out, kTile); break;
-          case 2: csr_pairs_gather<2>(pcol, pval, p0, p1, xr, I, out, kTile); break;
-          default: csr_pairs_gather<3>(pcol, pval, p0, p1, xr, I, out, kTile); break;
-        }
-      }
+    for (int64_t r = 0; r < g; ++r) {  // buf (N, 16): batch row, output
+      const int32_t p0 = a.crow[og + r], p1 = a.crow[og + r + 1];
+      if (a.n == 1) buf[r] = csr_pairs_gather(pcol, pval, p0, p1, xg);
+      else csr_pairs_quads(pcol, pval, p0, p1, xg, a.n, buf + r, kTile);
     }
     store_rows(a, buf, a.n, 0, og, g);
   }
@@ -599,8 +611,8 @@ void csr_linear_bf16(const LinearArgs& a) {
   const double flops = 4.0 * double(a.crow[O]) * double(N);
   const int T = pick_threads(a.nthreads, flops * (N < kCsrBatchMin ? 0.2e-9 : 0.02e-9));
   if (N < kCsrBatchMin) {
-    auto* xs = reinterpret_cast<uint16_t*>(scratch(0, size_t((N * (I + 2) + 1) / 2 + 16)));
-    zero_bordered_rows(x, N, I, xs);
+    auto* xs = reinterpret_cast<uint16_t*>(scratch(0, size_t(2 * I + 16)));
+    if (N == 1) zero_bordered(x, I, xs); else feature_quads(x, N, I, xs);
 #pragma omp parallel num_threads(T) if (T > 1)
     {
       const int t = thread_id(), nt = team_size();

@@ -48,8 +48,10 @@ void bsr_linear_bf16(const LinearArgs& a);
 //   a.col16  (P, 2) uint16 each pair's input columns (k1, k2); needs I <= 65536
 //   a.values (P, 2) bf16 each pair's weights (w1, w2): one 32-bit VDPBF16PS operand
 // x: (N, I) bf16; y: (N, O) bf16 (a.x_bf16, a.y_bf16 must be set); a.col, a.wdtype unused.
-// N < 4: per batch row, 16 pairs at a time, x pairs gathered from a zero-bordered copy of x.
-// N >= 4: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
+// N = 1: 16 pairs per VDPBF16PS, the x pairs gathered (32-bit) from a zero-bordered copy of x.
+// N = 2..4: x regrouped to one 64-bit quad of batch values per column; 8 pairs' quads gathered at
+// once and interleaved, so up to 4 batch rows cost the gathers of one.
+// N >= 5: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
 // k1, k2 of Xᵀ interleaved (VPUNPCK[LH]WD), 32 batch rows per pair of registers.
 void csr_linear_bf16(const LinearArgs& a);
 
