@@ -404,10 +404,10 @@ void bsr_linear_bf16(const LinearArgs& a) {
 // ---- AVX512-BF16, unstructured (CSR with paired entries, see bf16.h) ----------------------------
 namespace {
 
-constexpr int64_t kCsrBatchMin = 5;   // batch rows from which X is transposed (4 fit one 64-bit gather)
+constexpr int64_t kCsrBatchMin = 9;   // batch rows from which X is transposed (up to 2 groups of 4 gathered)
 constexpr int64_t kChunk32 = 32;      // batch rows per pair of accumulators (one 64-byte Xᵀ load)
 constexpr int kCsrChunks = 4;         // 32-row chunks per pass over a row's pairs: 8 accumulators
-constexpr int64_t kQuad = 4;          // batch rows per 64-bit gather element (2 <= N <= 4)
+constexpr int64_t kQuad = 4;          // batch rows per 64-bit gather element
 
 // N = 1: xs (I + 2) <- x with a zero before and after, so a 32-bit gather at any column (k1 one
 // element right, k2 one element left) stays inside the buffer.
@@ -434,48 +434,66 @@ float csr_pairs_gather(const uint32_t* pcol, const uint32_t* pval, int32_t p0, i
   return _mm512_reduce_add_ps(acc);
 }
 
-// 2 <= N <= 4: xq (I, 4) <- the batch's column quads, xq[k] = (x_0[k], .., x_3[k]), rows >= N zero.
+// 2 <= N < kCsrBatchMin: xq (G, I, 4) <- the batch's column quads, group g of batch rows
+// [4g, 4g + 4): xq[g][k] = (x_4g[k], .., x_4g+3[k]), rows >= N zero.
 void feature_quads(const uint16_t* x, int64_t N, int64_t I, uint16_t* xq) {
-  for (int64_t k = 0; k < I; ++k)
-    for (int64_t n = 0; n < kQuad; ++n) xq[k * kQuad + n] = n < N ? x[n * I + k] : 0;
+  for (int64_t g = 0; g * kQuad < N; ++g)
+    for (int64_t k = 0; k < I; ++k)
+      for (int64_t n = 0; n < kQuad; ++n) {
+        const int64_t row = g * kQuad + n;
+        xq[(g * I + k) * kQuad + n] = row < N ? x[row * I + k] : 0;
+      }
 }
 
-// 2 <= N <= 4: out[n · out_stride] = Σ_pairs (w1·x_n[k1] + w2·x_n[k2]) for n < N. 8 pairs per step:
-// the quads of k1 and k2 gathered as 64-bit elements (all 4 batch rows at once), interleaved by
-// VPUNPCK[LH]WD into (x_n[k1], x_n[k2]) at lane 4·(pair / 2) + n, each pair's weights spread over
-// its 4 lanes by VPERMD. As many gathered elements per pair as one batch row alone needs.
+// 2 <= N < kCsrBatchMin, G = ceil(N / 4) quad groups: out[n · out_stride] = Σ_pairs (w1·x_n[k1] +
+// w2·x_n[k2]) for n < N. 8 pairs per step: the quads of k1 and k2 gathered as 64-bit elements (4
+// batch rows per element), interleaved by VPUNPCK[LH]WD into (x_n[k1], x_n[k2]) at lane
+// 4·(pair / 2) + n, each pair's weights spread over its 4 lanes by VPERMD (once for all groups).
+// 4 batch rows cost the gathered elements of one.
+template <int G>
 void csr_pairs_quads(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1, const uint16_t* xq,
-                     int64_t N, float* out, int64_t out_stride) {
+                     int64_t I, int64_t N, float* out, int64_t out_stride) {
   const __m512i even = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __m256i lo16 = _mm256_set1_epi32(0xffff);
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc[G][2];
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
   for (int32_t p = p0; p < p1; p += 8) {
     const __mmask8 m = p1 - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (p1 - p)) - 1);
     const __m256i cv = _mm256_maskz_loadu_epi32(m, pcol + p);
+    const __m256i k1 = _mm256_and_si256(cv, lo16), k2 = _mm256_srli_epi32(cv, 16);
     const __m512i wv = _mm512_castsi256_si512(_mm256_maskz_loadu_epi32(m, pval + p));
-    const __m512i a = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, _mm256_and_si256(cv, lo16), xq, 8);
-    const __m512i b = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, _mm256_srli_epi32(cv, 16), xq, 8);
-    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_unpacklo_epi16(a, b), (__m512bh)_mm512_permutexvar_epi32(even, wv));
-    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)_mm512_permutexvar_epi32(odd, wv));
+    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi32(even, wv), w1 = (__m512bh)_mm512_permutexvar_epi32(odd, wv);
+    for (int g = 0; g < G; ++g) {
+      const uint16_t* q = xq + g * I * kQuad;
+      const __m512i a = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, k1, q, 8);
+      const __m512i b = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, k2, q, 8);
+      acc[g][0] = _mm512_dpbf16_ps(acc[g][0], (__m512bh)_mm512_unpacklo_epi16(a, b), w0);
+      acc[g][1] = _mm512_dpbf16_ps(acc[g][1], (__m512bh)_mm512_unpackhi_epi16(a, b), w1);
+    }
   }
   alignas(64) float s[16];
-  _mm512_store_ps(s, _mm512_add_ps(acc0, acc1));
-  for (int64_t n = 0; n < N; ++n) out[n * out_stride] = s[n] + s[4 + n] + s[8 + n] + s[12 + n];
+  for (int g = 0; g < G; ++g) {
+    _mm512_store_ps(s, _mm512_add_ps(acc[g][0], acc[g][1]));
+    for (int64_t n = 0; n < kQuad && g * kQuad + n < N; ++n)
+      out[(g * kQuad + n) * out_stride] = s[n] + s[4 + n] + s[8 + n] + s[12 + n];
+  }
 }
 
 // N < kCsrBatchMin, rows [o0, o1): xg is the zero-bordered x (N = 1) or the quads (N >= 2).
 void csr_small_rows(const LinearArgs& a, const uint16_t* xg, int64_t o0, int64_t o1, float* buf) {
   const auto* pcol = reinterpret_cast<const uint32_t*>(a.col16);
   const auto* pval = static_cast<const uint32_t*>(a.values);
+  const int64_t I = a.in_features, N = a.n;
   for (int64_t og = o0; og < o1; og += kTile) {
     const int64_t g = std::min<int64_t>(kTile, o1 - og);
     for (int64_t r = 0; r < g; ++r) {  // buf (N, 16): batch row, output
       const int32_t p0 = a.crow[og + r], p1 = a.crow[og + r + 1];
-      if (a.n == 1) buf[r] = csr_pairs_gather(pcol, pval, p0, p1, xg);
-      else csr_pairs_quads(pcol, pval, p0, p1, xg, a.n, buf + r, kTile);
+      if (N == 1) buf[r] = csr_pairs_gather(pcol, pval, p0, p1, xg);
+      else if (N <= kQuad) csr_pairs_quads<1>(pcol, pval, p0, p1, xg, I, N, buf + r, kTile);
+      else csr_pairs_quads<2>(pcol, pval, p0, p1, xg, I, N, buf + r, kTile);
     }
-    store_rows(a, buf, a.n, 0, og, g);
+    store_rows(a, buf, N, 0, og, g);
   }
 }
 
@@ -611,7 +629,7 @@ void csr_linear_bf16(const LinearArgs& a) {
   const double flops = 4.0 * double(a.crow[O]) * double(N);
   const int T = pick_threads(a.nthreads, flops * (N < kCsrBatchMin ? 0.2e-9 : 0.02e-9));
   if (N < kCsrBatchMin) {
-    auto* xs = reinterpret_cast<uint16_t*>(scratch(0, size_t(2 * I + 16)));
+    auto* xs = reinterpret_cast<uint16_t*>(scratch(0, size_t(4 * I + 16)));  // (2, I, 4) bf16 at most
     if (N == 1) zero_bordered(x, I, xs); else feature_quads(x, N, I, xs);
 #pragma omp parallel num_threads(T) if (T > 1)
     {

@@ -49,9 +49,9 @@ void bsr_linear_bf16(const LinearArgs& a);
 //   a.values (P, 2) bf16 each pair's weights (w1, w2): one 32-bit VDPBF16PS operand
 // x: (N, I) bf16; y: (N, O) bf16 (a.x_bf16, a.y_bf16 must be set); a.col, a.wdtype unused.
 // N = 1: 16 pairs per VDPBF16PS, the x pairs gathered (32-bit) from a zero-bordered copy of x.
-// N = 2..4: x regrouped to one 64-bit quad of batch values per column; 8 pairs' quads gathered at
-// once and interleaved, so up to 4 batch rows cost the gathers of one.
-// N >= 5: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
+// N = 2..8: x regrouped to 64-bit quads of batch values per column (1 or 2 groups of 4 rows);
+// 8 pairs' quads gathered at once and interleaved, so 4 batch rows cost the gathers of one.
+// N >= 9: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
 // k1, k2 of Xᵀ interleaved (VPUNPCK[LH]WD), 32 batch rows per pair of registers.
 void csr_linear_bf16(const LinearArgs& a);
 

@@ -5,7 +5,7 @@ The kernels pick their instruction set at import: AVX-512F micro-kernels where t
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
 `set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
 bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`);
-bf16 x with bf16 CSR weights on AVX512-BF16 (except batches of 5-15 rows, see bf16_kernel_for).
+bf16 x with bf16 CSR weights on AVX512-BF16 (except batches of 9-15 rows, see bf16_kernel_for).
 
 Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
 weight's column indices) is made once per index tensor and cached (`prepare_weight`).
@@ -284,8 +284,9 @@ def last_bf16_kernel() -> str:
 
 # Batch rows for which bf16 CSR keeps the fp32-compute kernel: the bf16 kernel's batched path
 # pads the batch to 32 rows, and VDPBF16PS retires about half as often as an FMA on the machine
-# measured (bench/results/bf16.md), so from 5 to 15 rows it lost to the fp32-compute kernel (0.7-1.0x).
-_BF16_CSR_FP32_BATCHES = range(5, 16)
+# measured (bench/results/bf16.md), so from 9 to 15 rows (below 9 the quad-gather path serves) it
+# lost to the fp32-compute kernel.
+_BF16_CSR_FP32_BATCHES = range(9, 16)
 
 
 def bf16_kernel_for(w: CSR | BSR, batch: int | None = None) -> str:

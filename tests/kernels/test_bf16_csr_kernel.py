@@ -3,8 +3,8 @@ against the float64 reference on the very bf16 values the kernel reads.
 
 Tolerance (as tests/kernels/test_bf16_kernels.py): products of two bf16 are exact in fp32; summing
 K terms in fp32 errs by at most K · 2^-24 · Σ|w||x|; the bf16 output is one rounding, 2^-8 · |y|;
-GELU's slope is at most 1.13. Every regime runs: N = 1 gathers x pairs, N = 2..4 gathers 64-bit
-quads of batch values, N >= 5 transposes X (batch tails inside a 32-row chunk, more than one
+GELU's slope is at most 1.13. Every regime runs: N = 1 gathers x pairs, N = 2..8 gathers 64-bit
+quads of batch values (one or two groups), N >= 9 transposes X (batch tails inside a 32-row chunk, more than one
 128-row Xᵀ panel, odd I).
 Skipped, with the reason the extension reports, where the CPU lacks AVX512-BF16.
 """
@@ -26,11 +26,11 @@ KERNEL = "avx512_bf16_csr"
 # (O, I, density): odd sizes, not multiples of 16 / 32; a single input feature; a dense-ish row
 # mix; one wide layer whose Xᵀ (I x 128 rows) exceeds the per-panel budget, so 130 rows take 2 panels.
 SHAPES = ((37, 53, 0.3), (130, 301, 0.1), (17, 1, 0.6), (50, 70, 0.9), (24, 4100, 0.05))
-# 1: the 32-bit gather path; 2-4: the quad path (4: no padding row); 5 and 15: the Xᵀ path with a
-# partial 32-row chunk (the dispatcher sends these to the fp32-compute kernel,
+# 1: the 32-bit gather path; 2-8: the quad path, one group (4: full) or two (5: one row in the
+# second, 8: full); 9 and 15: the Xᵀ path with a partial 32-row chunk (the dispatcher sends these to the fp32-compute kernel,
 # cpu._BF16_CSR_FP32_BATCHES, so they call the kernel directly); 16 and up: the Xᵀ path through
 # engine.sparse_linear, 130 over two 128-row passes.
-BATCHES = (1, 2, 3, 4, 5, 15, 16, 17, 64, 130)
+BATCHES = (1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 64, 130)
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_bf16_csr_matches_reference(bf16_csr, shape, n):
             assert_within(y, ref, mag, i)
 
 
-@pytest.mark.parametrize("n", (1, 3, 4, 17, 64))
+@pytest.mark.parametrize("n", (1, 3, 6, 17, 64))
 def test_nan_stays_nan_and_stays_in_its_rows(bf16_csr, n):
     # x[n-1, 7] = NaN: relu(NaN) is NaN in every output whose row stores column 7, and only there
     # (an odd row's zero pad sits on the row's own last column, never on another column).
@@ -164,7 +164,7 @@ def with_threads(count, fn):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("n", (1, 3, 70))
+@pytest.mark.parametrize("n", (1, 6, 70))
 def test_threads_split_rows_bitwise_equal(bf16_csr, n):
     # Each output is summed by one thread in a fixed order: the split must not change a bit.
     w = csr_weight(1024, 512, 0.2, seed=3)
@@ -202,13 +202,13 @@ def test_bf16_isa_none_runs_the_fp32_compute_path(bf16_csr, n):
     assert_within(slow, ref, mag, 80)
 
 
-@pytest.mark.parametrize("n", (5, 9, 15))
-def test_batches_of_5_to_15_keep_the_fp32_compute_kernel(bf16_csr, n):
-    # Measured rule (cpu._BF16_CSR_FP32_BATCHES): the bf16 kernel pads these to 32 rows and lost.
+@pytest.mark.parametrize("n", (9, 12, 15))
+def test_batches_of_9_to_15_keep_the_fp32_compute_kernel(bf16_csr, n):
+    # Measured rule (cpu._BF16_CSR_FP32_BATCHES): the bf16 kernel's Xᵀ path pads these to 32 rows and lost.
     w = csr_weight(40, 72, 0.2, seed=n)
     x, bias = torch.randn(n, 72).bfloat16(), torch.randn(40)
     assert cpu.bf16_kernel_for(w, n) == "none"
-    assert cpu.bf16_kernel_for(w, 4) == cpu.bf16_kernel_for(w, 16) == cpu.bf16_kernel_for(w) == KERNEL
+    assert cpu.bf16_kernel_for(w, 8) == cpu.bf16_kernel_for(w, 16) == cpu.bf16_kernel_for(w) == KERNEL
     y = engine.sparse_linear(x, w, bias, activation="gelu")
     assert torch.equal(y, engine.sparse_linear(x.float(), w, bias, activation="gelu").bfloat16())
 
