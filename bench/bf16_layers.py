@@ -1,10 +1,10 @@
 """Layer-level bf16 comparison: a pruned layer's time in dense fp32 (F.linear, MKL), dense bf16
 (F.linear on bf16, oneDNN: AMX where present), the engine in fp32 (fp32 weights and x) and the
 engine in bf16 (bf16 weights and x: AMX tiles / AVX512-BF16 for tile-shaped blocks; unstructured
-CSR has no bf16-compute kernel, so its bf16 row is the fp32-compute CSR kernel on bf16 weights with
-fp32 x). All variants of one (layer, batch) are timed interleaved in one process
-(engine.timing.time_samples; per variant "median (minimum)" of `--rounds` rounds: on a shared
-machine the minimum is the least disturbed estimate). --cpu-time (with --threads 1) counts the
+CSR on the AVX512-BF16 CSR kernel, or the fp32-compute CSR kernel where the dispatcher keeps it).
+All variants of one (layer, batch) are timed interleaved in one process (engine.timing.time_samples;
+per variant "median (minimum)" of `--rounds` rounds: on a shared machine the minimum is the least
+disturbed estimate). --cpu-time (with --threads 1) counts the
 calling thread's CPU time only, immune to time slices lost to other processes.
 
     PYTHONPATH=. .venv/bin/python bench/bf16_layers.py [--threads 2] [--cpu-time] [--out bench/results/bf16.md]
@@ -50,15 +50,13 @@ def variants(w, keep, block, n: int, gen) -> dict:
     w16 = w.bfloat16()
     if block == (1, 1):
         s32, s16 = CSR.from_dense(w, mask=keep), CSR.from_dense(w16, mask=keep)
-        x_s16 = x32  # no bf16-compute CSR kernel: bf16 weights, fp32 compute
     else:
         s32, s16 = BSR.from_dense(w, mask=keep, blocksize=block), BSR.from_dense(w16, mask=keep, blocksize=block)
-        x_s16 = x16
     return {
         "dense fp32": lambda: F.linear(x32, w),
         "dense bf16": lambda: F.linear(x16, w16),
         "engine fp32": lambda: engine.sparse_linear(x32, s32),
-        "engine bf16": lambda: engine.sparse_linear(x_s16, s16),
+        "engine bf16": lambda: engine.sparse_linear(x16, s16),
     }
 
 
@@ -72,7 +70,8 @@ def run(rounds: int, sparsity: float, min_time: float, layers=LAYERS, clock=time
                 fns = variants(w, keep, block, n, gen)
                 for f in fns.values():  # warm: prepared copies, packing, thread pools
                     f()
-                engine_kernel = cpu.last_bf16_kernel() if block != (1, 1) else "fp32 FMA (CSR)"
+                fp32_csr = block == (1, 1) and n in cpu._BF16_CSR_FP32_BATCHES  # dispatcher's rule
+                engine_kernel = "fp32 FMA (CSR)" if fp32_csr else cpu.last_bf16_kernel()
                 t = median_and_min(time_samples(fns, min_time=min_time * rounds, rounds=rounds, clock=clock))
                 lo = {k: v[1] for k, v in t.items()}
                 best_dense = min(lo["dense fp32"], lo["dense bf16"])

@@ -22,7 +22,7 @@
 namespace se {
 namespace {
 std::atomic<int> g_bf16{-1};
-std::atomic<int> g_last{BF16_NONE};
+std::atomic<int> g_last{KERNEL_NONE};
 }  // namespace
 
 Bf16Isa best_bf16_isa() {
@@ -46,7 +46,7 @@ void set_bf16_isa(Bf16Isa isa) {
   g_bf16.store(isa);
 }
 
-Bf16Isa last_bf16_kernel() { return static_cast<Bf16Isa>(g_last.load(std::memory_order_relaxed)); }
+Bf16Kernel last_bf16_kernel() { return static_cast<Bf16Kernel>(g_last.load(std::memory_order_relaxed)); }
 
 }  // namespace se
 
@@ -68,6 +68,7 @@ bool avx512_bf16_usable(std::string* reason) {
   return false;
 }
 void bsr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("bsr_linear_bf16: ") + kNoBf16); }
+void csr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("csr_linear_bf16: ") + kNoBf16); }
 }  // namespace se
 #else
 
@@ -155,8 +156,10 @@ bool amx_usable(std::string* reason) {
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps (GCC bug
-// 105593); nothing here reads an uninitialized value.
+// 105593), and -Wuninitialized on the shuffles of transpose16; nothing here reads an
+// uninitialized value.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 SE_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
 
@@ -371,7 +374,7 @@ void dp_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, fl
 void bsr_linear_bf16(const LinearArgs& a) {
   const Bf16Isa isa = current_bf16_isa();
   if (isa == BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected");
-  g_last.store(isa, std::memory_order_relaxed);
+  g_last.store(isa == BF16_AMX ? KERNEL_BSR_AMX : KERNEL_BSR_AVX512, std::memory_order_relaxed);
   if (a.n == 0 || a.out_features == 0) return;
   const int64_t N = a.n, I = a.in_features, nbr = a.out_features / a.block_r;
   const int64_t n_pad = isa == BF16_AMX ? (N + kTile - 1) / kTile * kTile : N;
@@ -393,6 +396,269 @@ void bsr_linear_bf16(const LinearArgs& a) {
     const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
     if (b0 < b1) {
       if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, buf); else dp_rows(a, xb, b0, b1, buf);
+    }
+  }
+}
+
+
+// ---- AVX512-BF16, unstructured (CSR with paired entries, see bf16.h) ----------------------------
+namespace {
+
+constexpr int64_t kCsrBatchMin = 9;   // batch rows from which X is transposed (up to 2 groups of 4 gathered)
+constexpr int64_t kChunk32 = 32;      // batch rows per pair of accumulators (one 64-byte Xᵀ load)
+constexpr int kCsrChunks = 4;         // 32-row chunks per pass over a row's pairs: 8 accumulators
+constexpr int64_t kQuad = 4;          // batch rows per 64-bit gather element
+
+// N = 1: xs (I + 2) <- x with a zero before and after, so a 32-bit gather at any column (k1 one
+// element right, k2 one element left) stays inside the buffer.
+void zero_bordered(const uint16_t* x, int64_t I, uint16_t* xs) {
+  xs[0] = xs[I + 1] = 0;
+  std::memcpy(xs + 1, x, size_t(I) * 2);
+}
+
+// N = 1: Σ_pairs (w1·x[k1] + w2·x[k2]) over pairs [p0, p1): 16 pairs per VDPBF16PS, the x pairs
+// from two 32-bit gathers of xs blended by 16-bit halves.
+float csr_pairs_gather(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1, const uint16_t* xs) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i lo16 = _mm512_set1_epi32(0xffff), zero = _mm512_setzero_si512();
+  for (int32_t p = p0; p < p1; p += 16) {
+    const __mmask16 m = p1 - p >= 16 ? __mmask16(0xffff) : __mmask16((1u << (p1 - p)) - 1);
+    const __m512i cv = _mm512_maskz_loadu_epi32(m, pcol + p);
+    const __m512i wv = _mm512_maskz_loadu_epi32(m, pval + p);
+    const __m512i k1 = _mm512_and_si512(cv, lo16), k2 = _mm512_srli_epi32(cv, 16);
+    // low half: xs[k1 + 1] = x[k1]; high half: xs[k2 + 1] = x[k2]
+    const __m512i g1 = _mm512_mask_i32gather_epi32(zero, m, k1, xs + 1, 2);
+    const __m512i g2 = _mm512_mask_i32gather_epi32(zero, m, k2, xs, 2);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)wv, (__m512bh)_mm512_mask_blend_epi16(__mmask32(0xaaaaaaaau), g1, g2));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// 2 <= N < kCsrBatchMin: xq (G, I, 4) <- the batch's column quads, group g of batch rows
+// [4g, 4g + 4): xq[g][k] = (x_4g[k], .., x_4g+3[k]), rows >= N zero.
+void feature_quads(const uint16_t* x, int64_t N, int64_t I, uint16_t* xq) {
+  for (int64_t g = 0; g * kQuad < N; ++g)
+    for (int64_t k = 0; k < I; ++k)
+      for (int64_t n = 0; n < kQuad; ++n) {
+        const int64_t row = g * kQuad + n;
+        xq[(g * I + k) * kQuad + n] = row < N ? x[row * I + k] : 0;
+      }
+}
+
+// 2 <= N < kCsrBatchMin, G = ceil(N / 4) quad groups: out[n · out_stride] = Σ_pairs (w1·x_n[k1] +
+// w2·x_n[k2]) for n < N. 8 pairs per step: the quads of k1 and k2 gathered as 64-bit elements (4
+// batch rows per element), interleaved by VPUNPCK[LH]WD into (x_n[k1], x_n[k2]) at lane
+// 4·(pair / 2) + n, each pair's weights spread over its 4 lanes by VPERMD (once for all groups).
+// 4 batch rows cost the gathered elements of one.
+template <int G>
+void csr_pairs_quads(const uint32_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1, const uint16_t* xq,
+                     int64_t I, int64_t N, float* out, int64_t out_stride) {
+  const __m512i even = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m256i lo16 = _mm256_set1_epi32(0xffff);
+  __m512 acc[G][2];
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+  for (int32_t p = p0; p < p1; p += 8) {
+    const __mmask8 m = p1 - p >= 8 ? __mmask8(0xff) : __mmask8((1u << (p1 - p)) - 1);
+    const __m256i cv = _mm256_maskz_loadu_epi32(m, pcol + p);
+    const __m256i k1 = _mm256_and_si256(cv, lo16), k2 = _mm256_srli_epi32(cv, 16);
+    const __m512i wv = _mm512_castsi256_si512(_mm256_maskz_loadu_epi32(m, pval + p));
+    const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi32(even, wv), w1 = (__m512bh)_mm512_permutexvar_epi32(odd, wv);
+    for (int g = 0; g < G; ++g) {
+      const uint16_t* q = xq + g * I * kQuad;
+      const __m512i a = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, k1, q, 8);
+      const __m512i b = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), m, k2, q, 8);
+      acc[g][0] = _mm512_dpbf16_ps(acc[g][0], (__m512bh)_mm512_unpacklo_epi16(a, b), w0);
+      acc[g][1] = _mm512_dpbf16_ps(acc[g][1], (__m512bh)_mm512_unpackhi_epi16(a, b), w1);
+    }
+  }
+  alignas(64) float s[16];
+  for (int g = 0; g < G; ++g) {
+    _mm512_store_ps(s, _mm512_add_ps(acc[g][0], acc[g][1]));
+    for (int64_t n = 0; n < kQuad && g * kQuad + n < N; ++n)
+      out[(g * kQuad + n) * out_stride] = s[n] + s[4 + n] + s[8 + n] + s[12 + n];
+  }
+}
+
+// N < kCsrBatchMin, rows [o0, o1): xg is the zero-bordered x (N = 1) or the quads (N >= 2).
+void csr_small_rows(const LinearArgs& a, const uint16_t* xg, int64_t o0, int64_t o1, float* buf) {
+  const auto* pcol = reinterpret_cast<const uint32_t*>(a.col16);
+  const auto* pval = static_cast<const uint32_t*>(a.values);
+  const int64_t I = a.in_features, N = a.n;
+  for (int64_t og = o0; og < o1; og += kTile) {
+    const int64_t g = std::min<int64_t>(kTile, o1 - og);
+    for (int64_t r = 0; r < g; ++r) {  // buf (N, 16): batch row, output
+      const int32_t p0 = a.crow[og + r], p1 = a.crow[og + r + 1];
+      if (N == 1) buf[r] = csr_pairs_gather(pcol, pval, p0, p1, xg);
+      else if (N <= kQuad) csr_pairs_quads<1>(pcol, pval, p0, p1, xg, I, N, buf + r, kTile);
+      else csr_pairs_quads<2>(pcol, pval, p0, p1, xg, I, N, buf + r, kTile);
+    }
+    store_rows(a, buf, N, 0, og, g);
+  }
+}
+
+// Within each 32-row chunk of Xᵀ, position 8L + q holds batch row 4L + q and position 8L + 4 + q
+// holds 16 + 4L + q (L, q = 0..3): VPUNPCKLWD of two such rows then yields batch rows 0..15 in
+// lane order and VPUNPCKHWD rows 16..31, each lane a (row k1, row k2) pair.
+constexpr int batch_at(int pos) { return (pos & 4 ? 16 : 0) + 4 * (pos >> 3) + (pos & 3); }
+
+// xt (I, np) rows [i0, i1) (i0 even) <- x rows [n0, n0 + np)ᵀ, chunk-permuted as above; rows past
+// N are zero. Two features per 32-bit gather (x[n][i], x[n][i + 1]), split by VPERMT2W.
+void transpose_bf16(const uint16_t* x, int64_t N, int64_t I, int64_t n0, int64_t np, uint16_t* xt,
+                    int64_t i0, int64_t i1) {
+  alignas(64) uint16_t lo_idx[32];
+  for (int pos = 0; pos < 32; ++pos) {
+    const int b = batch_at(pos);
+    lo_idx[pos] = uint16_t(b < 16 ? 2 * b : 32 + 2 * (b - 16));  // words of (gather A, gather B)
+  }
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(1));
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(int(I)));
+  const int64_t ie = i0 + (i1 - i0) / 2 * 2;  // even count through gathers; an odd last feature below
+  for (int64_t c = 0; c < np; c += kChunk32) {
+    const int64_t v = std::min<int64_t>(kChunk32, N - n0 - c);  // valid rows in this chunk (may be <= 0)
+    const __mmask16 ma = v >= 16 ? __mmask16(0xffff) : v > 0 ? __mmask16((1u << v) - 1) : 0;
+    const __mmask16 mb = v >= 32 ? __mmask16(0xffff) : v > 16 ? __mmask16((1u << (v - 16)) - 1) : 0;
+    const uint16_t* xa = x + (n0 + c) * I;
+    const uint16_t* xb = xa + 16 * I;
+    for (int64_t i = i0; i < ie; i += 2) {
+      const __m512i ga = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), ma, rows, xa + i, 2);
+      const __m512i gb = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mb, rows, xb + i, 2);
+      _mm512_storeu_si512(xt + i * np + c, _mm512_permutex2var_epi16(ga, ilo, gb));
+      _mm512_storeu_si512(xt + (i + 1) * np + c, _mm512_permutex2var_epi16(ga, ihi, gb));
+    }
+    for (int64_t i = ie; i < i1; ++i)
+      for (int pos = 0; pos < kChunk32; ++pos) {
+        const int64_t n = c + batch_at(pos);
+        xt[i * np + c + pos] = n < N - n0 ? x[(n0 + n) * I + i] : 0;
+      }
+  }
+}
+
+// One output row, V 32-row chunks of xt (pre-offset to the first): out[32v + j] = batch row 32v + j
+// of Σ_pairs w pair · (Xᵀ[k1], Xᵀ[k2]) interleaved. U pair streams (even/odd pairs) keep enough
+// VDPBF16PS chains in flight when V is small.
+template <int V>
+void csr_pairs_batched(const uint16_t* pcol, const uint32_t* pval, int32_t p0, int32_t p1,
+                       const uint16_t* xt, int64_t np, float* out) {
+  constexpr int U = V == 1 ? 4 : 2;
+  __m512 acc[U][2 * V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < 2 * V; ++v) acc[u][v] = _mm512_setzero_ps();
+  auto step = [&](int u, int32_t p) {
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pval[p]));
+    const uint16_t* r1 = xt + int64_t(pcol[2 * p]) * np;
+    const uint16_t* r2 = xt + int64_t(pcol[2 * p + 1]) * np;
+    for (int v = 0; v < V; ++v) {
+      const __m512i a = _mm512_loadu_si512(r1 + kChunk32 * v), b = _mm512_loadu_si512(r2 + kChunk32 * v);
+      acc[u][2 * v] = _mm512_dpbf16_ps(acc[u][2 * v], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+      acc[u][2 * v + 1] = _mm512_dpbf16_ps(acc[u][2 * v + 1], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+    }
+  };
+  int32_t p = p0;
+  for (; p + U <= p1; p += U)
+    for (int u = 0; u < U; ++u) step(u, p + u);
+  for (; p < p1; ++p) step(0, p);  // u stays a constant: acc[][] stays in registers
+  for (int v = 0; v < 2 * V; ++v) {
+    for (int u = 1; u < U; ++u) acc[0][v] = _mm512_add_ps(acc[0][v], acc[u][v]);
+    _mm512_store_ps(out + 16 * v, acc[0][v]);
+  }
+}
+
+// dst[j][i] = src[i][j], 16 x 16 fp32 (row strides ss, ds; 64-byte aligned rows).
+void transpose16(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + i * ds, r[i]);
+}
+
+// Rows [o0, o1) of Y for Xᵀ panel rows [s0, s0 + np): per 16 outputs and 128 batch rows, a tile
+// (16 outputs, 128 batch) of row sums, transposed to buf (128 batch, 16 outputs) for store_rows.
+void csr_batched_rows(const LinearArgs& a, const uint16_t* xt, int64_t s0, int64_t np, int64_t o0,
+                      int64_t o1, float* tile, float* buf) {
+  const auto* pval = static_cast<const uint32_t*>(a.values);
+  constexpr int64_t step = kCsrChunks * kChunk32;
+  for (int64_t og = o0; og < o1; og += kTile) {
+    const int64_t g = std::min<int64_t>(kTile, o1 - og);
+    for (int64_t c0 = 0; c0 < np && s0 + c0 < a.n; c0 += step) {
+      const int V = int(std::min<int64_t>(kCsrChunks, (np - c0) / kChunk32));
+      for (int64_t r = 0; r < g; ++r) {
+        const int32_t p0 = a.crow[og + r], p1 = a.crow[og + r + 1];
+        float* out = tile + r * step;
+        switch (V) {
+          case 1: csr_pairs_batched<1>(a.col16, pval, p0, p1, xt + c0, np, out); break;
+          case 2: csr_pairs_batched<2>(a.col16, pval, p0, p1, xt + c0, np, out); break;
+          case 3: csr_pairs_batched<3>(a.col16, pval, p0, p1, xt + c0, np, out); break;
+          default: csr_pairs_batched<4>(a.col16, pval, p0, p1, xt + c0, np, out); break;
+        }
+      }
+      const int64_t rows = std::min<int64_t>(V * kChunk32, a.n - s0 - c0);
+      for (int64_t b = 0; b < rows; b += kTile) transpose16(tile + b, step, buf + b * kTile, kTile);
+      store_rows(a, buf, rows, s0 + c0, og, g);
+    }
+  }
+}
+
+}  // namespace
+
+void csr_linear_bf16(const LinearArgs& a) {
+  if (current_bf16_isa() == BF16_NONE) throw std::runtime_error("csr_linear_bf16: no bf16 ISA selected");
+  g_last.store(KERNEL_CSR_AVX512, std::memory_order_relaxed);
+  if (a.n == 0 || a.out_features == 0) return;
+  const int64_t N = a.n, I = a.in_features, O = a.out_features;
+  const auto* x = reinterpret_cast<const uint16_t*>(a.x);
+  const double flops = 4.0 * double(a.crow[O]) * double(N);
+  const int T = pick_threads(a.nthreads, flops * (N < kCsrBatchMin ? 0.2e-9 : 0.02e-9));
+  if (N < kCsrBatchMin) {
+    auto* xs = reinterpret_cast<uint16_t*>(scratch(0, size_t(4 * I + 16)));  // (2, I, 4) bf16 at most
+    if (N == 1) zero_bordered(x, I, xs); else feature_quads(x, N, I, xs);
+#pragma omp parallel num_threads(T) if (T > 1)
+    {
+      const int t = thread_id(), nt = team_size();
+      float* buf = scratch(1, size_t(kCsrBatchMin * kTile));
+      const int64_t o0 = split_begin(a.crow, O, kTile, 2, t, nt), o1 = split_begin(a.crow, O, kTile, 2, t + 1, nt);
+      if (o0 < o1) csr_small_rows(a, xs, o0, o1, buf);
+    }
+    return;
+  }
+  // Batch rows per Xᵀ panel: whole 128-row passes, the panel near kXCacheBytes (half an L2).
+  const int64_t step = kCsrChunks * kChunk32, n_pad = (N + kChunk32 - 1) / kChunk32 * kChunk32;
+  const int64_t span = std::min(n_pad, std::max<int64_t>(step, kXCacheBytes / (2 * std::max<int64_t>(I, 1)) / step * step));
+  auto* xt = reinterpret_cast<uint16_t*>(scratch(0, size_t((I * span + 1) / 2 + 16)));
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = thread_id(), nt = team_size();
+    float* buf = scratch(1, size_t(step * kTile));
+    float* tile = scratch(2, size_t(step * kTile));
+    const int64_t o0 = split_begin(a.crow, O, kTile, 2, t, nt), o1 = split_begin(a.crow, O, kTile, 2, t + 1, nt);
+    const int64_t i0 = std::min(I, I * t / nt / 2 * 2), i1 = t + 1 == nt ? I : std::min(I, I * (t + 1) / nt / 2 * 2);
+    for (int64_t s0 = 0; s0 < N; s0 += span) {
+      const int64_t np = std::min(span, n_pad - s0);
+      if (s0) {
+#pragma omp barrier
+      }
+      transpose_bf16(x, N, I, s0, np, xt, i0, i1);
+#pragma omp barrier
+      if (o0 < o1) csr_batched_rows(a, xt, s0, np, o0, o1, tile, buf);
     }
   }
 }

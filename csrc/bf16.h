@@ -18,6 +18,10 @@
 
 namespace se {
 
+// Which bf16 kernel served the latest call (last_bf16_kernel): the BSR families by their ISA
+// (the values of Bf16Isa), or the AVX512-BF16 CSR kernel.
+enum Bf16Kernel : int { KERNEL_NONE = 0, KERNEL_BSR_AVX512 = 1, KERNEL_BSR_AMX = 2, KERNEL_CSR_AVX512 = 3 };
+
 // Which bf16 kernel family runs: none (the fp32-compute kernels take bf16 weights instead),
 // AVX512-BF16 dot products, or AMX tiles.
 enum Bf16Isa : int { BF16_NONE = 0, BF16_AVX512 = 1, BF16_AMX = 2 };
@@ -30,10 +34,25 @@ bool avx512_bf16_usable(std::string* reason = nullptr);
 Bf16Isa best_bf16_isa();
 Bf16Isa current_bf16_isa();  // none while the fp32 ISA is forced below AVX-512
 void set_bf16_isa(Bf16Isa isa);  // throws std::runtime_error when the CPU/OS lacks it
-Bf16Isa last_bf16_kernel();      // which family served the latest bsr_linear_bf16 call
+Bf16Kernel last_bf16_kernel();   // which kernel served the latest bsr/csr_linear_bf16 call
 
 // a.values: the packed weight above; a.wdtype is ignored (bf16). Requires current_bf16_isa() !=
 // BF16_NONE and the block shape above; the Python wrapper checks both.
 void bsr_linear_bf16(const LinearArgs& a);
+
+// Unstructured (CSR) weight on AVX512-BF16 (VDPBF16PS; also chosen while bf16 ISA is AMX: tiles
+// need blocks). The entries of each row are paired (prepared once in Python, engine/cpu.py), an
+// odd row padded with a zero weight on the column of its last entry (so the pad never reads an x
+// the row does not already read):
+//   a.crow   (O + 1,) int32 pair pointers: row o owns pairs [crow[o], crow[o + 1])
+//   a.col16  (P, 2) uint16 each pair's input columns (k1, k2); needs I <= 65536
+//   a.values (P, 2) bf16 each pair's weights (w1, w2): one 32-bit VDPBF16PS operand
+// x: (N, I) bf16; y: (N, O) bf16 (a.x_bf16, a.y_bf16 must be set); a.col, a.wdtype unused.
+// N = 1: 16 pairs per VDPBF16PS, the x pairs gathered (32-bit) from a zero-bordered copy of x.
+// N = 2..8: x regrouped to 64-bit quads of batch values per column (1 or 2 groups of 4 rows);
+// 8 pairs' quads gathered at once and interleaved, so 4 batch rows cost the gathers of one.
+// N >= 9: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
+// k1, k2 of Xᵀ interleaved (VPUNPCK[LH]WD), 32 batch rows per pair of registers.
+void csr_linear_bf16(const LinearArgs& a);
 
 }  // namespace se

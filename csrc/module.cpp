@@ -98,6 +98,8 @@ void bsr_linear(const LinearArgs& a) {
 namespace {
 
 const char* const kBf16Names[] = {"none", "avx512_bf16", "amx"};
+// se::Bf16Kernel -> name: the BSR kernels by their ISA, the CSR kernel by its own name.
+const char* const kBf16KernelNames[] = {"none", "avx512_bf16", "amx", "avx512_bf16_csr"};
 
 template <typename T>
 T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
@@ -215,6 +217,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("packed"),
         py::arg("bias"), py::arg("act"), py::arg("nthreads"), py::arg("x_bf16") = false, py::arg("y_bf16") = false);
+  m.def("csr_linear_bf16",
+        [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t pair_ptr, uintptr_t pair_col,
+           uintptr_t pair_val, uintptr_t bias, int act, int nthreads) {
+          se::LinearArgs a = make_args(y, x, n, i, o, pair_ptr, 0, pair_val, 1, bias, act, nthreads);
+          if (i > 65536) throw std::invalid_argument("csr_linear_bf16: uint16 pair columns need in_features <= 65536");
+          if (se::current_bf16_isa() == se::BF16_NONE) throw std::runtime_error("csr_linear_bf16: no bf16 ISA selected (see bf16_support())");
+          a.col16 = as_ptr<const uint16_t>(pair_col);
+          a.x_bf16 = a.y_bf16 = true;
+          py::gil_scoped_release nogil;
+          se::csr_linear_bf16(a);
+        },
+        "Y(N,O) = act(X(N,I) · Wᵀ + b) on AVX512-BF16, X and Y bf16, W in CSR with its entries paired "
+        "per row (an odd row padded with a zero weight on its last column): pair_ptr (O+1,) int32, "
+        "pair_col (P, 2) uint16 input columns, pair_val (P, 2) bf16 weights; bias (O,) fp32 or 0.",
+        py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
+        py::arg("pair_ptr"), py::arg("pair_col"), py::arg("pair_val"), py::arg("bias"), py::arg("act"),
+        py::arg("nthreads"));
   m.def("bf16_support", [] {
     std::string amx, dp;
     const bool has_amx = se::amx_usable(&amx), has_dp = se::avx512_bf16_usable(&dp);
@@ -236,8 +255,9 @@ PYBIND11_MODULE(_C, m) {
         "Select the bf16 kernel family for later calls: 'auto', 'amx', 'avx512_bf16' or 'none'.");
   m.def("bf16_isa", [] { return std::string(kBf16Names[se::current_bf16_isa()]); },
         "bf16 kernel family in use: 'amx', 'avx512_bf16' or 'none' ('none' while the ISA is below avx512).");
-  m.def("last_bf16_kernel", [] { return std::string(kBf16Names[se::last_bf16_kernel()]); },
-        "Which bf16 kernel family served the latest bsr_linear_bf16 call ('none' before any).");
+  m.def("last_bf16_kernel", [] { return std::string(kBf16KernelNames[se::last_bf16_kernel()]); },
+        "Which bf16 kernel served the latest bsr_linear_bf16 / csr_linear_bf16 call: 'amx' or "
+        "'avx512_bf16' (BSR), 'avx512_bf16_csr' (CSR), 'none' before any.");
   m.def("set_isa",
         [](const std::string& name) {
           if (name == "portable") se::set_isa(se::ISA_PORTABLE);

@@ -60,7 +60,9 @@ CPU_BF16_FITTED = {
 # dense: torch F.linear on bf16 (oneDNN, AMX); slow GEMV at batch 1 (~12 GFLOP/s a thread).
 # bsr:   csrc/bf16.cpp AMX tiles, blocks R <= 16, even C <= 32 (else the fp32 BSR row applies);
 #        one A-tile load per 16x16x32 TDPBF16PS bounds it at ~300-450 GFLOP/s a thread.
-# csr:   no bf16-compute kernel: the fp32-compute CSR row above serves bf16 weights.
+# csr:   the fp32 CSR row above. csrc/bf16.cpp's AVX512-BF16 CSR kernel measured 1.2x (batch 1),
+#        1.1-3.5x (batch 4-8) and parity (batch 64) against the fp32-compute kernel on bf16 weights
+#        (bench/results/bf16.md, "Unstructured on AVX512-BF16"; 1 thread, noisy): not re-fitted.
 CPU_BF16 = {
     "dense": dict(bandwidth=48e9, overhead=6e-6,
                   rate={1: 24e9, 64: 920e9, 128: 1.5e12, 1024: 2.4e12}),

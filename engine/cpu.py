@@ -4,7 +4,8 @@ buffers to the extension. Kernels compute in fp32; weights may be stored as fp32
 The kernels pick their instruction set at import: AVX-512F micro-kernels where the CPU has them,
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
 `set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
-bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`).
+bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`);
+bf16 x with bf16 CSR weights on AVX512-BF16 (except batches of 9-15 rows, see bf16_kernel_for).
 
 Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
 weight's column indices) is made once per index tensor and cached (`prepare_weight`).
@@ -202,17 +203,17 @@ def _weight(fn: str, w: CSR | BSR):
 def _io(x: torch.Tensor, bias: torch.Tensor | None, o: int):
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        # a bf16 model's bias is bf16: its fp32 copy is made once, like the weight's VNNI copy
-        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
+    bias = _bias32(bias)
     return x, bias, x.new_empty((x.shape[0], o))
 
 
 def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype."""
     crow, col, val, wdtype = _weight("csr_linear_cpu", w)
-    c16 = _col16(w)
     out_dtype = x.dtype
+    if out_dtype is torch.bfloat16 and bf16_kernel_for(w, x.shape[0]) != "none":
+        return _csr_linear_bf16(x, w, bias, activation)
+    c16 = _col16(w)
     x, b, y = _io(x, bias, w.shape[0])
     extra = (0, 0, 0, 0, 0, 0, 0, 0, 0)
     layout = _batched_layout(w, x.shape[0])
@@ -242,7 +243,7 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 
-# ---- bf16 compute: BSR on AMX tiles / AVX512-BF16 (csrc/bf16.cpp) -----------------------------------
+# ---- bf16 compute: BSR on AMX tiles / AVX512-BF16, CSR on AVX512-BF16 (csrc/bf16.cpp) ---------------
 # Used when both x and the weight values are bf16 (the model was cast to bf16, as a dense
 # `model.to(torch.bfloat16)` runs on oneDNN's AMX kernels); fp32 x keeps the fp32-compute kernels,
 # whose contract is fp32 arithmetic on upcast 16-bit weights. Products are bf16 x bf16, accumulated
@@ -276,15 +277,32 @@ def set_bf16_isa(name: str) -> None:
 
 
 def last_bf16_kernel() -> str:
-    """Which bf16 family served the latest bf16 BSR call ("none" before any): proves the fast path ran."""
+    """Which bf16 kernel served the latest bf16 call ("none" before any): "amx" / "avx512_bf16" for
+    BSR, "avx512_bf16_csr" for CSR. Proves the fast path ran."""
     return _C.last_bf16_kernel()
 
 
-def bf16_kernel_for(w: BSR) -> str:
-    """The bf16 family that would serve bf16 x with this weight, or "none" (fp32-compute kernels)."""
-    if not isinstance(w, BSR) or w.values.dtype is not torch.bfloat16 or _C is None:
+# Batch rows for which bf16 CSR keeps the fp32-compute kernel: the bf16 kernel's batched path
+# pads the batch to 32 rows, and VDPBF16PS retires about half as often as an FMA on the machine
+# measured (bench/results/bf16.md), so from 9 to 15 rows (below 9 the quad-gather path serves) it
+# lost to the fp32-compute kernel.
+_BF16_CSR_FP32_BATCHES = range(9, 16)
+
+
+def bf16_kernel_for(w: CSR | BSR, batch: int | None = None) -> str:
+    """The bf16 kernel that would serve bf16 x (`batch` rows, if given) with this weight, as
+    last_bf16_kernel() names it, or "none" (the fp32-compute kernels). CSR: AVX512-BF16 (also
+    where the family is AMX, whose tiles need blocks), for in_features <= 65536 (uint16 pair
+    columns) and a batch outside _BF16_CSR_FP32_BATCHES."""
+    if not isinstance(w, (CSR, BSR)) or w.values.dtype is not torch.bfloat16 or _C is None:
         return "none"
-    return _C.bf16_isa() if bf16_block_fits(tuple(w.values.shape[1:])) else "none"
+    family = _C.bf16_isa()
+    if family == "none":
+        return "none"
+    if isinstance(w, CSR):
+        ok = w.shape[1] <= _U16_MAX_COLS and batch not in _BF16_CSR_FP32_BATCHES
+        return "avx512_bf16_csr" if ok else "none"
+    return family if bf16_block_fits(tuple(w.values.shape[1:])) else "none"
 
 
 def _vnni(w: BSR) -> torch.Tensor:
@@ -296,16 +314,59 @@ def _vnni(w: BSR) -> torch.Tensor:
     return _cached("vnni", (w.values,), build)
 
 
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias the bf16 kernels read: fp32, contiguous. A bf16 model's bias is bf16: its fp32
+    copy is made once, like the weight's VNNI copy."""
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
+    return bias
+
+
 def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation):
     if not x.is_contiguous():
         x = x.contiguous()
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        # a bf16 model's bias is bf16: its fp32 copy is made once, like the weight's VNNI copy
-        bias = _cached("bias32", (bias,), lambda: bias.to(torch.float32).contiguous())
+    bias = _bias32(bias)
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
     packed = _vnni(w)
     _C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], packed.shape[2],
                        2 * packed.shape[1], crow.data_ptr(), col.data_ptr(), packed.data_ptr(),
                        0 if bias is None else bias.data_ptr(), _ACT[activation], torch.get_num_threads(),
                        True, True)
+    return y
+
+
+def _pairs(w: CSR):
+    """The CSR weight with each row's entries paired, the layout of csrc/bf16.h's csr_linear_bf16:
+    (pair_ptr (O+1,) int32, pair_col (P, 2) int16-as-uint16, pair_val (P, 2) bf16). An odd row
+    gets a zero weight on its last entry's column (it reads no x the row does not already read).
+    Made once per weight (cached like the VNNI copy)."""
+    def build():
+        o = w.shape[0]
+        crow = w.crow_indices.long()
+        count = crow[1:] - crow[:-1]
+        pairs = (count + 1) // 2
+        pair_ptr = torch.zeros(o + 1, dtype=torch.int64)
+        pair_ptr[1:] = torch.cumsum(pairs, 0)
+        slots = 2 * int(pair_ptr[-1])
+        row = torch.repeat_interleave(torch.arange(o), count)
+        dest = 2 * pair_ptr[row] + torch.arange(row.numel()) - crow[row]   # entry -> slot
+        col = torch.zeros(slots, dtype=torch.int16)
+        val = torch.zeros(slots, dtype=torch.bfloat16)
+        col[dest] = w.col_indices.to(torch.int16)  # int32 -> int16 keeps the uint16 bits
+        val[dest] = w.values
+        odd = torch.nonzero(count % 2 == 1).flatten()
+        col[2 * pair_ptr[odd + 1] - 1] = col[2 * pair_ptr[odd + 1] - 2]     # pad: the last column, weight 0
+        return pair_ptr.to(torch.int32), col.reshape(-1, 2), val.reshape(-1, 2)
+    return _cached("pairs", (w.values, w.col_indices, w.crow_indices), build)
+
+
+def _csr_linear_bf16(x, w: CSR, bias, activation):
+    if not x.is_contiguous():
+        x = x.contiguous()
+    bias = _bias32(bias)
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
+    pair_ptr, pair_col, pair_val = _pairs(w)
+    _C.csr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], pair_ptr.data_ptr(),
+                       pair_col.data_ptr(), pair_val.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                       _ACT[activation], torch.get_num_threads())
     return y
