@@ -95,11 +95,13 @@ def main() -> int:
                 row = {"batch": batch, "kind": kind, "label": label, "measured_ms": measured * 1e3,
                        "dense_ms": dense * 1e3, "predicted_ms": predicted * 1e3,
                        "prediction_error": predicted / measured - 1, "speedup": dense / measured,
+                       "predicted_speedup": setup.dense_s / predicted,
                        "quality": quality["quality"], "dense_quality": setup.dense_quality["quality"],
                        "plan": {u: [o.granularity, o.sparsity] for u, o in plan.items()}}
                 rows.append(row)
                 print(f"  {kind:>8} {label:<28} measured {row['measured_ms']:9.3f} ms ({row['speedup']:.2f}x), "
-                      f"predicted {row['predicted_ms']:9.3f} ms ({100 * row['prediction_error']:+.1f} %), "
+                      f"predicted {row['predicted_ms']:9.3f} ms ({100 * row['prediction_error']:+.1f} %, "
+                      f"{row['predicted_speedup']:.2f}x), "
                       f"quality {row['quality']:.4f}", flush=True)
                 return row
 
@@ -125,13 +127,16 @@ def write_table(doc: dict, path: Path) -> None:
              f"{m['cpu']}, kernels isa {m['isa']}, {m['threads']} thread(s), {m['clock']} clock, {m['date']}, "
              f"torch {m['torch']}; criterion {doc['method']}; command: `PYTHONPATH=. .venv/bin/python "
              f"bench/latency_pareto.py {' '.join(sys.argv[1:])}`", "",
-             "Each latency-aware row's budget is the measured latency of the uniform row above it.", "",
-             "| batch | kind | plan | measured ms | speedup | predicted ms | error | quality | dense quality |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Each latency-aware row's budget is the measured latency of the uniform row above it. Measured: the "
+             "artifact against the engine's dense model, interleaved in one run (medians); predicted: the profile's "
+             "time outside the units + the plan's per-unit times (measured minutes earlier, inside the model).", "",
+             "| batch | kind | plan | measured ms | measured speedup | predicted ms | error | predicted speedup "
+             "| quality | dense quality |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['batch']} | {r['kind']} | {r['label']} | {r['measured_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['predicted_ms']:.3f} | {100 * r['prediction_error']:+.1f} % | {r['quality']:.4f} | "
-                     f"{r['dense_quality']:.4f} |")
+                     f"{r['predicted_ms']:.3f} | {100 * r['prediction_error']:+.1f} % | {r['predicted_speedup']:.2f}x | "
+                     f"{r['quality']:.4f} | {r['dense_quality']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -64,7 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p = parser.add_argument_group("pruning")
     p.add_argument("--method", default=None, choices=METHODS + CALIBRATED[1:],
-                   help="default: magnitude; sparsegpt for --hf. wanda and sparsegpt take --hf folders")
+                   help="default: magnitude; sparsegpt for --hf and for --target-speedup / --latency-budget-ms. wanda "
+                        "and sparsegpt take --hf folders and latency targets")
     p.add_argument("--granularity", default="unstructured", metavar="G",
                    help="unstructured | block:RxC (e.g. block:4x4) | nm:N:M (e.g. nm:2:4)")
     p.add_argument("--scope", default="global", choices=SCOPES,

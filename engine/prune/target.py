@@ -276,9 +276,10 @@ def add_arguments(parser) -> None:
                         "than its own dense model, at --batch (and --seq-len), on this machine")
     t.add_argument("--latency-budget-ms", type=float, metavar="T", help="... or at most T ms per call")
     g.add_argument("--batch", type=int, default=1, help="batch the latency target is for (default 1)")
-    g.add_argument("--profile", metavar="FILE", help="per-layer latency profile cache (default: <output>.profile.json; "
-                   "re-measured when the machine, threads, batch or grid differ)")
-    g.add_argument("--artifact", metavar="PATH", help="the converted artifact (default: <output>.spz)")
+    g.add_argument("--profile", metavar="FILE", help="per-layer latency profile cache (default: beside -o, x.pt -> x.profile.json; "
+                   "re-measured when the machine, threads, batch, sequence length or grid differ)")
+    g.add_argument("--artifact", metavar="PATH", help="the converted artifact (default: beside -o, x.pt -> x.spz); the report goes to "
+                   "x.latency.json / .png")
     g.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95", help="levels each layer may take")
     g.add_argument("--granularities", default="unstructured,block:16x16",
                    help="comma-separated: unstructured (CSR), block:RxC (BSR)")
