@@ -14,6 +14,7 @@ every batch it appears in. Writes OUT.json (every row), OUT.md (the table) and O
         -o bench/results/latency_minilm
     PYTHONPATH=. .venv/bin/python bench/latency_pareto.py mlp-digits-wide --batches 1,32 --threads 1 \
         --cpu-time -o bench/results/latency_mlp
+    PYTHONPATH=. .venv/bin/python bench/latency_pareto.py --tables-from bench/results/latency_mlp.json
 """
 from __future__ import annotations
 
@@ -114,29 +115,39 @@ def main() -> int:
                     continue
                 run("aware", f"budget {u['measured_ms']:.3f} ms", plan)
             machine = setup.table["machine"]
-    doc = {"subject": args.subject, "machine": machine, "method": args.method, "args": vars(args), "rows": rows}
+    doc = {"subject": args.subject, "machine": machine, "method": args.method, "args": vars(args),
+           "command": "PYTHONPATH=. .venv/bin/python bench/latency_pareto.py " + " ".join(sys.argv[1:]), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     write_table(doc, out.with_suffix(".md"))
     plot(doc, out.with_suffix(".png"))
     return 0
 
 
+def uniform_front(rows: list[dict], batch: int, latency_ms: float) -> float | None:
+    """The best quality uniform sparsity reaches at a measured latency <= latency_ms (None: none does)."""
+    q = [r["quality"] for r in rows if r["batch"] == batch and r["kind"] == "uniform" and r["measured_ms"] <= latency_ms]
+    return max(q) if q else None
+
+
 def write_table(doc: dict, path: Path) -> None:
     m = doc["machine"]
     lines = [f"# Latency-aware vs uniform sparsity: {doc['subject']}", "",
              f"{m['cpu']}, kernels isa {m['isa']}, {m['threads']} thread(s), {m['clock']} clock, {m['date']}, "
-             f"torch {m['torch']}; criterion {doc['method']}; command: `PYTHONPATH=. .venv/bin/python "
-             f"bench/latency_pareto.py {' '.join(sys.argv[1:])}`", "",
+             f"torch {m['torch']}; criterion {doc['method']}; command: `{doc['command']}`", "",
              "Each latency-aware row's budget is the measured latency of the uniform row above it. Measured: the "
              "artifact against the engine's dense model, interleaved in one run (medians); predicted: the profile's "
              "time outside the units + the plan's per-unit times (measured minutes earlier, inside the model).", "",
+             "'uniform front': the best quality any uniform row of the batch reaches at a measured latency no "
+             "higher than this row's (— where none is that fast).", "",
              "| batch | kind | plan | measured ms | measured speedup | predicted ms | error | predicted speedup "
-             "| quality | dense quality |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| quality | uniform front | dense quality |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
+        front = uniform_front(doc["rows"], r["batch"], r["measured_ms"]) if r["kind"] == "aware" else None
         lines.append(f"| {r['batch']} | {r['kind']} | {r['label']} | {r['measured_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['predicted_ms']:.3f} | {100 * r['prediction_error']:+.1f} % | {r['predicted_speedup']:.2f}x | "
-                     f"{r['quality']:.4f} | {r['dense_quality']:.4f} |")
+                     f"{r['quality']:.4f} | {'' if r['kind'] == 'uniform' else '—' if front is None else f'{front:.4f}'} "
+                     f"| {r['dense_quality']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -162,4 +173,10 @@ def plot(doc: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--tables-from"]:  # redraw OUT.md / OUT.png from an earlier OUT.json
+        for name in sys.argv[2:]:
+            doc = json.loads(Path(name).read_text())
+            write_table(doc, Path(name).with_suffix(".md"))
+            plot(doc, Path(name).with_suffix(".png"))
+        sys.exit(0)
     sys.exit(main())

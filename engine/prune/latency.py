@@ -7,8 +7,8 @@ on this machine and how much the model's output suffers.
 - `profile(model, calib_batches, engine_model, inputs, ...)`: for every unit, over a grid of options
   (dense; unstructured -> CSR; R x C blocks -> BSR; at each sparsity level), the unit's latency
   *measured* here inside whole forward passes of the engine's model at the user's batch and
-  sequence length (every unit in that option at once, timed by hooks; medians of 15 passes), so
-  caches hold what they hold in the real model; the model's time outside its units; and its sensitivity: the relative change of the *model's* output on calibration data
+  sequence length (every unit in that option at once, timed by hooks; the options take turns in
+  every round; medians of 15 rounds), so caches hold what they hold in the real model; the model's time outside its units; and its sensitivity: the relative change of the *model's* output on calibration data
   when this unit alone is pruned that way by the calibrated criterion (wanda or sparsegpt), i.e.
   ||f(x) - f'(x)||^2 / ||f(x)||^2, measured, not assumed.
 - `allocate(options, budget_s)`: one option per unit minimising the summed sensitivity under a
@@ -134,14 +134,14 @@ def unit_slots(engine_model: nn.Module, shapes: list[tuple[int, int]]) -> list[t
     return slots
 
 
-def time_units(engine_model: nn.Module, inputs: tuple, slots: list, rounds: int, clock: Callable[[], float]
-               ) -> tuple[list[float], float]:
-    """Per-unit seconds inside whole forward passes (medians over `rounds` passes, timed by hooks,
-    less the hooks' own cost measured on an empty module), and the median seconds of the model
-    outside its units (from passes without timing, alternating with the timed ones)."""
-    mods = [getattr(p, n) for p, n in slots] + [nn.Identity()]  # the last: the hooks' own cost
-    spent = [0.0] * len(mods)
-    state = {"on": True, "t0": 0.0}
+def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: list[list[nn.Module]], rounds: int,
+                 clock: Callable[[], float]) -> list[tuple[list[float], float]]:
+    """For each config (one module per slot), each unit's seconds inside whole forward passes,
+    timed by hooks less the hooks' own cost (measured on an empty module), and the model's seconds
+    outside its units (from untimed passes right after the timed ones). The configs take turns
+    within every round, so a burst of load from other processes lands on all alike; medians."""
+    spent = [0.0] * len(slots)
+    state = {"on": False, "t0": 0.0}
 
     def before(_m, _args):
         if state["on"]:
@@ -152,30 +152,46 @@ def time_units(engine_model: nn.Module, inputs: tuple, slots: list, rounds: int,
             if state["on"]:
                 spent[i] += clock() - state["t0"]
         return hook
-    handles = [h for i, m in enumerate(mods) for h in (m.register_forward_pre_hook(before),
-                                                       m.register_forward_hook(after(i)))]
-    per_unit, totals = [[] for _ in mods], []
-    probe = torch.zeros(1)
+    probe, probe_x, probe_t = nn.Identity(), torch.zeros(1), []
+    hooked = {id(probe): (probe, -1)} | {id(m): (m, i) for config in configs for i, m in enumerate(config)}
+    spent.append(0.0)  # index -1: the probe
+    handles = [h for m, i in hooked.values() for h in (m.register_forward_pre_hook(before),
+                                                        m.register_forward_hook(after(i)))]
+    originals = [getattr(p, n) for p, n in slots]
+
+    def use(config):
+        for (parent, name), module in zip(slots, config):
+            setattr(parent, name, module)
+    samples = [([[] for _ in slots], []) for _ in configs]
     try:
         with torch.inference_mode():
-            engine_model(*inputs)  # first calls pack and cache
+            for config in configs:  # first calls pack and cache
+                use(config)
+                engine_model(*inputs)
             for _ in range(rounds):
-                spent[:] = [0.0] * len(mods)
-                state["on"] = True
-                engine_model(*inputs)
-                mods[-1](probe)
-                for i, t in enumerate(spent):
-                    per_unit[i].append(t)
-                state["on"] = False
-                t0 = clock()
-                engine_model(*inputs)
-                totals.append(clock() - t0)
+                for config, (per_unit, totals) in zip(configs, samples):
+                    use(config)
+                    spent[:] = [0.0] * len(spent)
+                    state["on"] = True
+                    engine_model(*inputs)
+                    probe(probe_x)
+                    state["on"] = False
+                    for i in range(len(slots)):
+                        per_unit[i].append(spent[i])
+                    probe_t.append(spent[-1])
+                    t0 = clock()
+                    engine_model(*inputs)
+                    totals.append(clock() - t0)
     finally:
+        use(originals)
         for h in handles:
             h.remove()
-    cost = statistics.median(per_unit.pop())
-    units_s = [max(statistics.median(v) - cost, 0.0) for v in per_unit]
-    return units_s, max(statistics.median(totals) - sum(units_s), 0.0)
+    cost = statistics.median(probe_t)
+    out = []
+    for per_unit, totals in samples:
+        units_s = [max(statistics.median(v) - cost, 0.0) for v in per_unit]
+        out.append((units_s, max(statistics.median(totals) - sum(units_s), 0.0)))
+    return out
 
 
 @torch.no_grad()
@@ -239,28 +255,28 @@ def profile(model: nn.Module, calib_batches: Iterable, engine_model: nn.Module, 
     shapes = [(sum(layers[n].out_features for n in members), layers[members[0]].in_features)
               for members in groups.values()]
     slots = unit_slots(engine_model, shapes)
-    dense_t, rest = time_units(engine_model, inputs, slots, rounds, clock)
-    options = {unit: [Option("dense", 0.0, "dense", t, 0.0)] for unit, t in zip(groups, dense_t)}
-    for gran in grans:
+    originals = [getattr(p, n) for p, n in slots]
+    grid = [(gran, s) for gran in grans for s in levels]
+    configs = [originals]
+    for gran, s in grid:  # every unit the option tiles in its pruned layout; the others dense
         fmt, block = _format_of(gran)
-        for s in levels:
-            swapped = []
-            try:
-                for (parent, attr), (unit, members) in zip(slots, groups.items()):
-                    if (unit, str(gran), s) in candidates:
-                        w, keep, _ = candidates[unit, str(gran), s]
-                        old = getattr(parent, attr)
-                        new = SparseLinear.from_linear(stacked([layers[n] for n in members], w), fmt, block, mask=keep)
-                        new.activation = old.activation
-                        setattr(parent, attr, new)
-                        swapped.append((parent, attr, old))
-                times, _ = time_units(engine_model, inputs, slots, rounds, clock)
-            finally:
-                for parent, attr, old in swapped:
-                    setattr(parent, attr, old)
-            for unit, t in zip(groups, times):
-                if (unit, str(gran), s) in candidates:
-                    options[unit].append(Option(str(gran), s, fmt, t, candidates[unit, str(gran), s][2]))
+        config = []
+        for old, (unit, members) in zip(originals, groups.items()):
+            if (unit, str(gran), s) not in candidates:
+                config.append(old)
+                continue
+            w, keep, _ = candidates[unit, str(gran), s]
+            new = SparseLinear.from_linear(stacked([layers[n] for n in members], w), fmt, block, mask=keep)
+            new.activation = old.activation
+            config.append(new)
+        configs.append(config)
+    timed = time_configs(engine_model, inputs, slots, configs, rounds, clock)
+    (dense_t, rest), timed = timed[0], timed[1:]
+    options = {unit: [Option("dense", 0.0, "dense", t, 0.0)] for unit, t in zip(groups, dense_t)}
+    for (gran, s), (times, _) in zip(grid, timed):
+        for unit, t in zip(groups, times):
+            if (unit, str(gran), s) in candidates:
+                options[unit].append(Option(str(gran), s, _format_of(gran)[0], t, candidates[unit, str(gran), s][2]))
     machine = {"cpu": cpu_model(), "isa": cpu.isa() if cpu.available() else "none",
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "torch": torch.__version__, "clock": "cpu" if clock is time.thread_time else "wall"}

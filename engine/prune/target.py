@@ -35,7 +35,7 @@ from .latency import Option, allocate, options_of, profile
 from .masks import MaskSet, export_state_dict
 
 REPORT_SUFFIX = ".latency.json"
-PROFILE_VERSION = 3  # bumped whenever what a profile measures changes: older caches are re-measured
+PROFILE_VERSION = 4  # bumped whenever what a profile measures changes: older caches are re-measured
 
 
 @dataclass
@@ -186,7 +186,8 @@ def build(subject: Subject, table: dict, plan: dict[str, Option], method: str, o
     per_layer, dense, layouts = plan_layers(table, plan)
     model = copy.deepcopy(subject.model)
     masks, layers = calibrated_prune(model, subject.calib, method, skip=dense, per_layer=per_layer)
-    masks = subject.recover(model, masks)
+    if per_layer:  # a plan that keeps every layer dense is the dense model: nothing to recover
+        masks = subject.recover(model, masks)
     model.eval()
     with torch.no_grad():
         quality = subject.quality(model)
