@@ -205,7 +205,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
               "corpus": texts.source, "calib_samples": calib_samples, "seq_len": seq_len,
               "val_sentences": len(val), "threads": torch.get_num_threads(),
               "world_size": distributed.world_size(), "distill": dict(distill or {}), "layers": layers, "steps": steps,
-              "final": steps[-1]}
+              "final": next((s for s in steps if s.get("kept")), steps[-1])}
     masks.apply(student)
     if every_rank and distributed.active():
         write_folder(enc, student, masks, report, out.with_name(f"{out.name}.rank{distributed.rank()}"))

@@ -10,8 +10,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from engine.models.bert import build
+from engine.prune import corpus
 from engine.prune.calibrate import calibrated_prune
 from engine.prune.distill import LayerTap, distill_loss, layer_mse
+from engine.prune.embeddings import fidelity
+from engine.prune.hf import load_folder
 from engine.prune.masks import MaskSet
 from tests.prune.test_prune_hf import CONFIG, _run, folder, text  # noqa: F401 (fixtures)
 
@@ -91,6 +94,12 @@ def test_distillation_with_layer_loss_keeps_masks(folder, text, tmp_path):  # no
     for key, keep in ((k[:-5], v.bool()) for k, v in tensors.items() if k.endswith("_mask")):
         assert (tensors[key][~keep] == 0).all()
         assert abs(1 - float(keep.float().mean()) - 0.7) < 0.02
+    # the report's final row is the kept (best) state, and it is what the folder holds
+    final = report["final"]
+    assert final["kept"] and final["cosine_mean"] == max(s["cosine_mean"] for s in report["steps"][1:])
+    val = corpus.load(str(text)).val[:16]
+    got = fidelity(load_folder(folder).model.encode(val), load_folder(out).model.encode(val))
+    assert got["cosine_mean"] == pytest.approx(final["cosine_mean"], abs=1e-5)
 
 
 def test_negative_layer_loss_is_refused(folder, text, tmp_path):  # noqa: F811
