@@ -9,6 +9,9 @@ Each prunable layer sees its own input activations X (rows = tokens or samples) 
   saliency is w^2 / U_jj^2, the mask of each column block is chosen from the current (already
   updated) weights, and every pruned weight's error is spread onto the columns to its right.
 
+- taylor: first-order Taylor saliency |W_ij * dL/dW_ij|, summed over calibration batches, ranked
+  within each output row like wanda (no reconstruction; see `taylor_prune` for the loss L).
+
 Sequential: the first nn.ModuleList of blocks holding prunable layers (a transformer's layers) is
 pruned block by block; each block's calibration inputs are the outputs of the already pruned
 block before it, so memory holds one block's inputs and one layer's H at a time. Inside a block
@@ -30,7 +33,7 @@ from .granularity import Granularity, PruneError, check_fits, check_sparsity, ke
     parse_granularity, unit_scores, expand_units
 from .masks import MaskSet, prunable_layers, unwrap, weight_2d
 
-CALIBRATED = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("magnitude", "wanda", "sparsegpt", "taylor")
 LAZY_COLUMNS = 128
 
 
@@ -253,6 +256,10 @@ def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparseg
     batches = list(batches)
     if not batches:
         raise PruneError("calibration: no calibration batches given")
+    if method == "taylor":
+        if per_layer:
+            raise PruneError("calibration: per-layer plans prune with wanda or sparsegpt, not taylor")
+        return taylor_prune(model, batches, sparsity, gran, layers, log=log)
     was_training = model.training
     model.eval()
     masks, report = {}, {}
@@ -294,6 +301,73 @@ def calibrated_prune(model: nn.Module, batches: Iterable, method: str = "sparseg
                 prune_one(n, m, lambda: each(lambda b: model(*_as_args(b)), batches))
     finally:
         model.train(was_training)
+    return MaskSet(masks), report
+
+
+class _Unpack(nn.Module):
+    """model(*batch) as a one-argument module, for criteria's (x, y) batches."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(*_as_args(batch))
+
+
+def _projection_loss(out: torch.Tensor, target: tuple) -> torch.Tensor:
+    """sum over real tokens of <h_t, r_t>: `target` = (attention mask or None, r ~ N(0, I))."""
+    h = _first_output(out)
+    mask, r = target
+    if mask is not None and h.dim() == 3:
+        r = r * mask.unsqueeze(-1).to(r.dtype)
+    return (h * r).sum()
+
+
+def taylor_prune(model: nn.Module, batches: list, sparsity: float, gran: Granularity, layers: dict[str, nn.Module],
+                 seed: int = 0, log: Callable[[str], None] | None = None) -> tuple[MaskSet, dict]:
+    """Taylor saliency |w * dL/dw| summed over `batches`, masks per output row (or N:M group, or
+    tile); prunes `model` in place, no reconstruction. -> (masks, {layer: {"sparsity"}}).
+
+    The loss. The distillation loss against the dense model is identically zero (and flat) before
+    pruning, and the squared norm of the outputs is a poor stand-in for an encoder: its final
+    hidden states come out of a LayerNorm (norm nearly fixed) and its pooled embedding is
+    L2-normalised (norm exactly 1, gradient 0). So L is a random projection of the outputs,
+    L = sum over real tokens t of <h_t, r_t> with r_t ~ N(0, I) drawn afresh per batch (seeded). That
+    is the log-likelihood gradient of a unit-variance Gaussian model around the model's own output
+    (labels sampled from the model, y = h + r), so E[(dL/dw)^2] = the diagonal of the (true)
+    Fisher information J^T J, and E|w dL/dw| = sqrt(2/pi) |w| sqrt(F_ww): a Fisher / output
+    sensitivity score, how much the outputs move when w is zeroed, ranked monotonically like the
+    OBD saliency w^2 F_ww."""
+    from .criteria import scores as criterion_scores
+    gen = torch.Generator().manual_seed(seed)
+
+    def with_targets():
+        for batch in batches:
+            args = _as_args(batch)
+            with torch.no_grad():
+                h = _first_output(model(*args))
+            yield batch, (args[1] if len(args) > 1 else None, torch.randn(h.shape, generator=gen, dtype=h.dtype))
+
+    weights = [m.weight for m in layers.values()]
+    flags = [w.requires_grad for w in weights]
+    try:
+        with torch.enable_grad():
+            for w in weights:
+                w.requires_grad_(True)
+            found = criterion_scores("taylor", _Unpack(model), layers, batches=with_targets(),
+                                     loss_fn=_projection_loss)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    masks, report = {}, {}
+    for name, module in layers.items():
+        keep = _row_masks(found[name], gran, sparsity)
+        module.weight.mul_(keep.reshape(module.weight.shape).to(module.weight.dtype))
+        masks[name] = keep.reshape(module.weight.shape)
+        report[name] = {"sparsity": 1.0 - float(keep.float().mean())}
+        if log:
+            log(f"{name}: sparsity {report[name]['sparsity']:.3f} (taylor)")
     return MaskSet(masks), report
 
 

@@ -6,7 +6,8 @@ sparsity that keeps validation accuracy at the target. Under torchrun every rank
 rank 0 writes the files.
 
 `--hf DIR` instead prunes a Hugging Face encoder folder with calibrated one-shot pruning (sparsegpt,
-wanda, magnitude), optionally distils it, and writes a new folder (engine/prune/hf.py)."""
+wanda, magnitude, taylor), optionally distils it (data-parallel under torchrun), and writes a new
+folder (engine/prune/hf.py)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ from .report import describe_architecture, plot, report_paths, write_json
 from .schedule import SCHEDULES
 
 EXAMPLES = {"mlp-digits": "small", "mlp-digits-wide": "wide"}
+HF_ONLY = tuple(m for m in CALIBRATED if m not in METHODS)  # wanda, sparsegpt: --hf folders only
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -61,11 +63,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--eval-every", type=int, default=50, help="validate every N distillation steps")
     h.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop distillation after this many seconds (the best state so far is kept)")
+    h.add_argument("--layer-loss", type=float, default=0.0, metavar="W",
+                   help="add W x the MSE of the hidden states after every encoder layer (mean over the "
+                        "layers) to the distillation loss (default 0: final states and embeddings only)")
 
     p = parser.add_argument_group("pruning")
-    p.add_argument("--method", default=None, choices=METHODS + CALIBRATED[1:],
-                   help="default: magnitude; sparsegpt for --hf and for --target-speedup / --latency-budget-ms. wanda "
-                        "and sparsegpt take --hf folders and latency targets")
+    p.add_argument("--method", default=None, choices=METHODS + HF_ONLY,
+                   help="default: magnitude; sparsegpt for --hf and for --target-speedup / --latency-budget-ms. "
+                        f"--hf folders take {', '.join(CALIBRATED)}; wanda and sparsegpt take --hf folders and "
+                        "latency targets (--example / --model with a target too)")
     p.add_argument("--granularity", default="unstructured", metavar="G",
                    help="unstructured | block:RxC (e.g. block:4x4) | nm:N:M (e.g. nm:2:4)")
     p.add_argument("--scope", default="global", choices=SCOPES,
@@ -117,7 +123,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="zeros: weights with zeros in place + <layer>.weight_mask (default); "
                         "torch-prune: <layer>.weight_orig + <layer>.weight_mask")
     o.add_argument("--save-every-rank", action="store_true",
-                   help="under torchrun, every rank also writes <output>.rank<R>.pt (to compare ranks)")
+                   help="under torchrun, every rank also writes <output>.rank<R>.pt (with --hf: the folder "
+                        "<output>.rank<R>), to compare ranks")
     o.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
 
@@ -340,13 +347,15 @@ def run_hf(args) -> dict:
     method = args.method or "sparsegpt"
     if method not in CALIBRATED:
         raise PruneError(f"--hf --method {method!r}: folders are pruned with {', '.join(CALIBRATED)}")
-    log = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    distributed.init_from_env()  # under torchrun: distillation runs data-parallel, rank 0 writes
+    quiet = args.quiet or not distributed.is_main()
+    log = (lambda _m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     return prune_folder(args.hf, args.output, method=method, granularity=args.granularity, sparsity=args.sparsity,
                         skip=args.skip, text=args.text, calib_samples=args.calib_samples, seq_len=args.seq_len,
                         val_sentences=args.val_sentences, distill_steps=args.distill_steps,
-                        schedule=args.schedule or "oneshot", log=log,
+                        schedule=args.schedule or "oneshot", every_rank=args.save_every_rank, log=log,
                         distill=dict(lr=args.distill_lr, batch=args.distill_batch, eval_every=args.eval_every,
-                                     time_budget=args.time_budget, seed=args.seed))
+                                     time_budget=args.time_budget, layer_loss=args.layer_loss, seed=args.seed))
 
 
 def main(args) -> int:
@@ -367,13 +376,13 @@ def main(args) -> int:
             return 0
         if args.hf:
             report = run_hf(args)
-            if not args.quiet:
+            if not args.quiet and distributed.is_main():
                 f = report["final"]
                 print(f"pruned {report['method']} {report['granularity']} sparsity {report['measured_sparsity']:.4f}: "
                       f"cosine to dense {f['cosine_mean']:.4f}, NN agreement {f['nn_agreement']:.3f}; "
                       f"wrote {args.output}")
             return 0
-        if args.method in CALIBRATED[1:]:
+        if args.method in HF_ONLY:
             raise PruneError(f"--method {args.method} prunes --hf folders; for --example / --model use the "
                              "Python API engine.prune.calibrate.calibrated_prune")
         report = run(args)

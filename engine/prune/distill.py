@@ -1,7 +1,10 @@
 """Distillation of a pruned encoder (student, masks enforced) from its dense original (teacher).
 
 Loss per batch of training sentences: MSE of the final hidden states over real (non-padding) tokens,
-per hidden unit, plus 1 - cosine of the pooled sentence embeddings. AdamW; the masks stay enforced
+per hidden unit, plus 1 - cosine of the pooled sentence embeddings; with `layer_loss` W > 0, plus W
+times the same masked MSE between the hidden states after every encoder layer, averaged over the
+layers (read by forward hooks on the model's first nn.ModuleList of blocks, `encoder.layer` for BERT,
+so the model itself is not changed). AdamW; the masks stay enforced
 (gradients masked, weights re-masked after every step, `MaskSet.enforce`). Validation cosine to the
 dense embeddings every `eval_every` steps; the best state is kept and restored at the end. A time
 budget stops training early (checked every step). `schedule="gradual"` starts from the dense model
@@ -15,49 +18,129 @@ import time
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .embeddings import fidelity, token_batches, tokenizer
-from .masks import MaskSet
+from .granularity import PruneError
+from .masks import MaskSet, unwrap
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def encoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer layers: its first nn.ModuleList (`encoder.layer` for BERT)."""
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            return module
+    raise PruneError(f"--layer-loss: {type(unwrap(model)).__name__} has no list of encoder layers to compare")
+
+
+class LayerTap:
+    """Records the output of every encoder layer on each forward pass (hooks, removed by close())."""
+
+    def __init__(self, model: nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [b.register_forward_hook(lambda _m, _a, out: self.outputs.append(
+            out[0] if isinstance(out, (tuple, list)) else out)) for b in encoder_blocks(model)]
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over real tokens (m: (B, S, 1) of 0/1) and hidden units."""
+    return ((a - b).pow(2) * m).sum() / m.sum() / a.shape[-1]
+
+
+def layer_mse(taps: tuple[LayerTap, LayerTap], m: torch.Tensor) -> torch.Tensor:
+    """Masked MSE between student's and teacher's outputs of every encoder layer (what the taps
+    recorded since their last take), averaged over the layers."""
+    s_layers, t_layers = taps[0].take(), taps[1].take()
+    if not s_layers or len(s_layers) != len(t_layers):
+        raise ValueError(f"layer_mse: {len(s_layers)} student and {len(t_layers)} teacher layer outputs recorded")
+    return sum(masked_mse(s, t, m) for s, t in zip(s_layers, t_layers)) / len(s_layers)
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 layer_loss: float = 0.0, taps: tuple[LayerTap, LayerTap] | None = None) -> torch.Tensor:
+    """The loss of one batch; `taps` (student's, teacher's) are needed when `layer_loss` > 0."""
+    for tap in taps or ():
+        tap.take()  # drop what other forward passes (validation) recorded
     with torch.no_grad():
         t_h = teacher(ids, mask)
     s_h = student(ids, mask)
     m = mask.unsqueeze(-1).to(s_h.dtype)  # (B, S, 1)
-    mse = ((s_h - t_h).pow(2) * m).sum() / m.sum() / s_h.shape[-1]
-    cos = F.cosine_similarity(student.pool(s_h, mask), teacher.pool(t_h, mask), dim=-1)
-    return mse + (1.0 - cos).mean()
+    cos = F.cosine_similarity(unwrap(student).pool(s_h, mask), unwrap(teacher).pool(t_h, mask), dim=-1)
+    loss = masked_mse(s_h, t_h, m) + (1.0 - cos).mean()
+    if layer_loss:
+        if taps is None:
+            raise ValueError("distill_loss: layer_loss > 0 needs the (student, teacher) LayerTaps")
+        loss = loss + layer_loss * layer_mse(taps, m)
+    return loss
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    if not distributed.active():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _sync_from_rank0(model: nn.Module, masks: MaskSet) -> MaskSet:
+    """Rank 0's masks and weights on every rank (a calibrated re-pruning updates weights)."""
+    if not distributed.active():
+        return masks
+    for t in unwrap(model).state_dict().values():
+        dist.broadcast(t, src=0)
+    return MaskSet(distributed.broadcast_masks(masks.masks))
 
 
 def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_json: str, texts,
             dense_emb: torch.Tensor, val: list[str], *, steps: int, seq_len: int = 128, batch: int = 16,
             lr: float = 1e-4, weight_decay: float = 0.01, eval_every: int = 50, time_budget: float | None = None,
-            reprune: Callable[[float], MaskSet] | None = None, plan: dict[int, float] | None = None,
-            seed: int = 0, log: Callable[[str], None] = print) -> tuple[list[dict], MaskSet]:
+            layer_loss: float = 0.0, reprune: Callable[[float], MaskSet] | None = None,
+            plan: dict[int, float] | None = None, seed: int = 0,
+            log: Callable[[str], None] = print) -> tuple[list[dict], MaskSet]:
     """Trains `student` in place; -> (one {"step", "seconds", "cosine_mean", ...} per evaluation,
-    the final masks).
-    With `reprune` and `plan` ({step: sparsity}), masks are recomputed at those steps (gradual)."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr,
-                            weight_decay=weight_decay)
+    the one whose state is kept marked "kept": True; the final masks).
+    With `reprune` and `plan` ({step: sparsity}), masks are recomputed at those steps (gradual).
+    Under torchrun (distributed.active()) each rank draws its batches from its own shard of the
+    training texts (every world_size-th), DDP averages the gradients, rank 0's masks and weights are
+    the start (and are re-broadcast after every re-pruning), every rank validates on all of `val` so
+    the best-state choice agrees, and the time budget stops all ranks at the same step."""
+    if layer_loss < 0:
+        raise PruneError(f"--layer-loss must be >= 0, got {layer_loss}")
+    rank, world = distributed.rank(), distributed.world_size()
+    gen = torch.Generator().manual_seed(seed + rank)
+    masks = _sync_from_rank0(student, masks)
     student.requires_grad_(True)
+    model = distributed.wrap(student)  # DDP's constructor broadcasts rank 0's parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     masks.enforce(student, opt)
     t0 = time.time()
-    history, best, best_state = [], -2.0, None
-    train, tok = texts.train, tokenizer(tokenizer_json, seq_len)
+    history, best, best_state, best_row = [], -2.0, None, None
+    train, tok = texts.train[rank::world], tokenizer(tokenizer_json, seq_len)
+    if not train:
+        raise PruneError(f"distillation: rank {rank} of {world} got no training texts")
+    taps = (LayerTap(student), LayerTap(teacher)) if layer_loss else None
 
     def evaluate(step: int) -> None:
-        nonlocal best, best_state
+        nonlocal best, best_state, best_row
         student.eval()
         row = {"step": step, "seconds": time.time() - t0, **fidelity(dense_emb, student.encode(val))}
         student.train()
         history.append(row)
         final_sparsity = plan is None or step >= max(plan)
         if final_sparsity and row["cosine_mean"] > best:
-            best, best_state = row["cosine_mean"], copy.deepcopy(student.state_dict())
+            best, best_state, best_row = row["cosine_mean"], copy.deepcopy(student.state_dict()), row
         log(f"step {step}: cosine {row['cosine_mean']:.4f}, NN agreement {row['nn_agreement']:.3f} "
             f"({row['seconds']:.0f} s)")
 
@@ -66,15 +149,15 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
         for step in range(1, steps + 1):
             if plan and reprune is not None and step - 1 in plan and step > 1:
                 masks.release()
-                masks = reprune(plan[step - 1])
+                masks = _sync_from_rank0(student, reprune(plan[step - 1]))
                 masks.enforce(student, opt)
             idx = torch.randint(0, len(train), (batch,), generator=gen).tolist()
             (ids, mask), = token_batches(tok, [train[i] for i in idx], batch)
-            loss = distill_loss(student, teacher, ids, mask)
+            loss = distill_loss(model, teacher, ids, mask, layer_loss, taps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            out_of_time = time_budget is not None and time.time() - t0 > time_budget
+            out_of_time = _agree(time_budget is not None and time.time() - t0 > time_budget)
             if step % eval_every == 0 or step == steps or out_of_time:
                 evaluate(step)
             if out_of_time:
@@ -82,8 +165,12 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
                 break
     finally:
         masks.release()
+        if taps:
+            taps[0].close(), taps[1].close()
         student.eval().requires_grad_(False)
     if best_state is not None:
         student.load_state_dict(best_state)
+        best_row["kept"] = True  # the state the student ends in (what the report calls final)
     masks.apply(student)
+    distributed.check_ranks_agree(student)
     return history, masks

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import corpus as corpus_io
+from . import distributed
 from .calibrate import calibrated_prune
 from .embeddings import fidelity, token_batches, tokenizer
 from .granularity import PruneError, check_sparsity, parse_granularity
@@ -157,9 +158,10 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
                  granularity: str = "unstructured", sparsity: float = 0.5, skip: list[str] = (),
                  text: str | None = None, calib_samples: int = 512, seq_len: int = 128,
                  val_sentences: int = 256, distill_steps: int = 0, schedule: str = "oneshot",
-                 distill: dict | None = None,
+                 distill: dict | None = None, every_rank: bool = False,
                  log: Callable[[str], None] = print) -> dict:
-    """The `prune --hf` pipeline; -> the report (also written as OUT/prune.report.json)."""
+    """The `prune --hf` pipeline; -> the report (also written as OUT/prune.report.json).
+    Under torchrun rank 0 writes OUT; with `every_rank`, rank R also writes OUT.rankR (to compare)."""
     out = Path(out)
     gran = parse_granularity(granularity)
     sparsity = gran.fixed_sparsity if gran.kind == "nm" else check_sparsity(sparsity)
@@ -168,6 +170,8 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     if distill_steps < 0:
         raise PruneError(f"--distill-steps must be >= 0, got {distill_steps}")
     check_output(out)
+    if distributed.active():  # every rank has checked -o before rank 0 may create it
+        torch.distributed.barrier()
     enc = load_folder(src)
     texts = corpus_io.load(text)
     skipped = select_layers(enc.model, list(skip))
@@ -199,8 +203,12 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     report = {"source": str(Path(src)), "family": enc.family.name, "method": method, "granularity": str(gran),
               "sparsity": sparsity, "schedule": schedule, "measured_sparsity": masks.sparsity(), "skip": list(skipped),
               "corpus": texts.source, "calib_samples": calib_samples, "seq_len": seq_len,
-              "val_sentences": len(val), "threads": torch.get_num_threads(), "layers": layers, "steps": steps,
-              "final": steps[-1]}
+              "val_sentences": len(val), "threads": torch.get_num_threads(),
+              "world_size": distributed.world_size(), "distill": dict(distill or {}), "layers": layers, "steps": steps,
+              "final": next((s for s in steps if s.get("kept")), steps[-1])}
     masks.apply(student)
-    write_folder(enc, student, masks, report, out)
+    if every_rank and distributed.active():
+        write_folder(enc, student, masks, report, out.with_name(f"{out.name}.rank{distributed.rank()}"))
+    if distributed.is_main():
+        write_folder(enc, student, masks, report, out)
     return report

@@ -326,7 +326,8 @@ def run_cli(args) -> dict:
         subject = hf_subject(args.hf, args.batch, args.seq_len, calib_samples=args.calib_samples,
                              val_sentences=args.val_sentences, text=args.text, distill_steps=args.distill_steps,
                              distill=dict(lr=args.distill_lr, batch=args.distill_batch, eval_every=args.eval_every,
-                                          time_budget=args.time_budget, seed=args.seed), log=log)
+                                          time_budget=args.time_budget, layer_loss=args.layer_loss, seed=args.seed),
+                             log=log)
     elif args.example:
         subject = example_subject(args.example, args.batch, seed=args.seed, dense_epochs=args.dense_epochs,
                                   epochs=40 if args.epochs is None else args.epochs)

@@ -147,6 +147,6 @@ def test_cli_prune_hf(folder, text, tmp_path, capsys):
     assert rc == 0
     report = json.loads((out / REPORT_JSON).read_text())
     assert report["skip"] == ["encoder.layer.1.output.dense"] and "encoder.layer.1.output.dense" not in report["layers"]
-    rc = cli(["prune", "--hf", str(folder), "--method", "taylor", "--sparsity", "0.5", "-o", str(tmp_path / "x")])
-    assert rc == 2 and "folders are pruned with magnitude, wanda, sparsegpt" in capsys.readouterr().err
+    rc = cli(["prune", "--hf", str(folder), "--method", "snip", "--sparsity", "0.5", "-o", str(tmp_path / "x")])
+    assert rc == 2 and "folders are pruned with magnitude, wanda, sparsegpt, taylor" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
