@@ -97,23 +97,29 @@ def main() -> int:
                        "dense_ms": dense * 1e3, "predicted_ms": predicted * 1e3,
                        "prediction_error": predicted / measured - 1, "speedup": dense / measured,
                        "predicted_speedup": setup.dense_s / predicted,
+                       # predicted vs measured with the host's drift taken out: the measured latency
+                       # scaled by the dense model's profiled / measured time (= speedup vs speedup)
+                       "drift_corrected_error": (predicted / setup.dense_s) / (measured / dense) - 1,
                        "quality": quality["quality"], "dense_quality": setup.dense_quality["quality"],
                        "plan": {u: [o.granularity, o.sparsity] for u, o in plan.items()}}
                 rows.append(row)
                 print(f"  {kind:>8} {label:<28} measured {row['measured_ms']:9.3f} ms ({row['speedup']:.2f}x), "
                       f"predicted {row['predicted_ms']:9.3f} ms ({100 * row['prediction_error']:+.1f} %, "
-                      f"{row['predicted_speedup']:.2f}x), "
+                      f"{row['predicted_speedup']:.2f}x, drift-corrected {100 * row['drift_corrected_error']:+.1f} %), "
                       f"quality {row['quality']:.4f}", flush=True)
                 return row
 
             for g, s in uniform:
                 u = run("uniform", f"{g} {s:.2f}", T.uniform_plan(setup.table, g, s))
                 try:
-                    plan = T.budget_plan(setup, u["measured_ms"] / 1e3)
+                    # the uniform point's measured speedup, on the profile's clock: the latency it
+                    # would have had when the profile ran (the host's speed drifts between runs)
+                    budget = setup.dense_s / u["speedup"]
+                    plan = T.budget_plan(setup, budget)
                 except PruneError as e:
-                    print(f"  latency-aware at {u['measured_ms']:.3f} ms: {e}", flush=True)
+                    print(f"  latency-aware at {u['speedup']:.2f}x: {e}", flush=True)
                     continue
-                run("aware", f"budget {u['measured_ms']:.3f} ms", plan)
+                run("aware", f"budget {u['speedup']:.2f}x ({budget * 1e3:.3f} ms)", plan)
             machine = setup.table["machine"]
     doc = {"subject": args.subject, "machine": machine, "method": args.method, "args": vars(args),
            "command": "PYTHONPATH=. .venv/bin/python bench/latency_pareto.py " + " ".join(sys.argv[1:]), "rows": rows}
@@ -123,9 +129,9 @@ def main() -> int:
     return 0
 
 
-def uniform_front(rows: list[dict], batch: int, latency_ms: float) -> float | None:
-    """The best quality uniform sparsity reaches at a measured latency <= latency_ms (None: none does)."""
-    q = [r["quality"] for r in rows if r["batch"] == batch and r["kind"] == "uniform" and r["measured_ms"] <= latency_ms]
+def uniform_front(rows: list[dict], batch: int, speedup: float) -> float | None:
+    """The best quality uniform sparsity reaches at a measured speedup >= `speedup` (None: none does)."""
+    q = [r["quality"] for r in rows if r["batch"] == batch and r["kind"] == "uniform" and r["speedup"] >= speedup]
     return max(q) if q else None
 
 
@@ -134,19 +140,23 @@ def write_table(doc: dict, path: Path) -> None:
     lines = [f"# Latency-aware vs uniform sparsity: {doc['subject']}", "",
              f"{m['cpu']}, kernels isa {m['isa']}, {m['threads']} thread(s), {m['clock']} clock, {m['date']}, "
              f"torch {m['torch']}; criterion {doc['method']}; command: `{doc['command']}`", "",
-             "Each latency-aware row's budget is the measured latency of the uniform row above it. Measured: the "
-             "artifact against the engine's dense model, interleaved in one run (medians); predicted: the profile's "
-             "time outside the units + the plan's per-unit times (measured minutes earlier, inside the model).", "",
-             "'uniform front': the best quality any uniform row of the batch reaches at a measured latency no "
-             "higher than this row's (— where none is that fast).", "",
+             "Each latency-aware row's budget is the uniform row above it, at that row's measured speedup "
+             "(the profile's dense latency / the measured speedup). Measured: the artifact against the engine's "
+             "dense model, interleaved in one run (medians); predicted: the profile's time outside the units + "
+             "the plan's per-unit times (measured minutes earlier, inside the model). 'error': predicted ms vs "
+             "measured ms; 'drift-corrected': the same with the measured ms rescaled by the dense model's "
+             "profiled / measured time, i.e. predicted vs measured speedup (the host's speed drifts by up to "
+             "40 % between minutes, on the dense model alike).", "",
+             "'uniform front': the best quality any uniform row of the batch reaches at a measured speedup at "
+             "least this row's (— where none is that fast).", "",
              "| batch | kind | plan | measured ms | measured speedup | predicted ms | error | predicted speedup "
-             "| quality | uniform front | dense quality |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| drift-corrected error | quality | uniform front | dense quality |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
-        front = uniform_front(doc["rows"], r["batch"], r["measured_ms"]) if r["kind"] == "aware" else None
+        front = uniform_front(doc["rows"], r["batch"], r["speedup"]) if r["kind"] == "aware" else None
         lines.append(f"| {r['batch']} | {r['kind']} | {r['label']} | {r['measured_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['predicted_ms']:.3f} | {100 * r['prediction_error']:+.1f} % | {r['predicted_speedup']:.2f}x | "
-                     f"{r['quality']:.4f} | {'' if r['kind'] == 'uniform' else '—' if front is None else f'{front:.4f}'} "
+                     f"{100 * r['drift_corrected_error']:+.1f} % | {r['quality']:.4f} | {'' if r['kind'] == 'uniform' else '—' if front is None else f'{front:.4f}'} "
                      f"| {r['dense_quality']:.4f} |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -159,11 +169,10 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for kind, style in (("uniform", "o--"), ("aware", "s-")):
-            pts = sorted((r["measured_ms"], r["quality"]) for r in doc["rows"] if r["batch"] == batch and r["kind"] == kind)
+            pts = sorted((r["speedup"], r["quality"]) for r in doc["rows"] if r["batch"] == batch and r["kind"] == kind)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{kind} (measured)")
-        dense = [r for r in doc["rows"] if r["batch"] == batch][0]
-        ax.axvline(dense["dense_ms"], color="grey", ls=":", label="engine dense")
-        ax.set_xlabel(f"measured latency, ms (batch {batch})")
+        ax.axvline(1.0, color="grey", ls=":", label="engine dense")
+        ax.set_xlabel(f"measured speedup over the engine's dense model (batch {batch}); right = faster")
         ax.set_ylabel("quality (test accuracy / cosine to dense)")
         ax.set_title(f"{doc['subject']} batch {batch}")
         ax.legend()

@@ -249,6 +249,9 @@ def run_plan(setup: Setup, plan: dict[str, Option], method: str, out: Path, arti
     predicted = predicted_seconds(plan, setup.rest_s)
     return {"predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3, "dense_ms": dense * 1e3,
             "prediction_error": predicted / measured - 1.0, "measured_speedup": dense / measured,
+            # the same with the host's drift between profile and measurement taken out (the dense
+            # model's profiled / measured time): predicted vs measured speedup
+            "drift_corrected_error": (predicted / setup.dense_s) / (measured / dense) - 1.0,
             "predicted_speedup": setup.dense_s / predicted, "quality": quality,
             "plan": {u: {"members": setup.table["units"][u]["members"], "granularity": o.granularity,
                          "sparsity": o.sparsity, "format": o.format, "ms": o.seconds * 1e3, "sensitivity": o.error}
