@@ -88,7 +88,7 @@ def main() -> int:
                     n = len(built)
                     ckpt = tmp / (f"p{n}.pt" if subject.arch else f"p{n}")
                     built[key] = (tmp / f"p{n}.spz",) + T.build(subject, setup.table, plan, args.method, ckpt,
-                                                                 tmp / f"p{n}.spz", log=lambda _m: None)
+                                                                 tmp / f"p{n}.spz")
                 art, quality, _ = built[key]
                 measured, dense = T.measure(setup.engine_dense, art, setup.inputs, min_time=args.model_time,
                                             clock=clock)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .calibrate import calibrated_prune
-from .granularity import PruneError
+from .granularity import PruneError, parse_granularity
 from .latency import Option, allocate, options_of, profile
 from .masks import MaskSet, export_state_dict
 
@@ -154,7 +154,7 @@ def plan_layers(table: dict, plan: dict[str, Option]) -> tuple[dict, list, dict]
     """({layer: (granularity, sparsity)} to prune, [layers kept dense], {layer: (format, block)})."""
     per_layer, dense, layouts = {}, [], {}
     for unit, o in plan.items():
-        block = tuple(int(v) for v in o.granularity.split(":")[1].split("x")) if o.format == "bsr" else None
+        block = tuple(parse_granularity(o.granularity).block) if o.format == "bsr" else None
         for name in table["units"][unit]["members"]:
             layouts[name] = (o.format, block)
             if o.format == "dense":
@@ -179,7 +179,7 @@ def predicted_seconds(plan: dict[str, Option], rest: float) -> float:
 
 
 def build(subject: Subject, table: dict, plan: dict[str, Option], method: str, out: Path, artifact: Path,
-          *, report: dict | None = None, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+          *, report: dict | None = None) -> tuple[dict, dict]:
     """Prunes a copy of the dense model with `plan`, recovers it, saves it to `out` and converts it
     to `artifact` with the plan's layouts; -> (quality, {layer: {"sparsity", "error"}})."""
     from ..convert import convert
@@ -240,11 +240,11 @@ def prepare(subject: Subject, workdir: Path, *, profile_path: Path | None = None
 
 
 def run_plan(setup: Setup, plan: dict[str, Option], method: str, out: Path, artifact: Path, *,
-             model_time: float = 1.0, clock: Callable[[], float] = time.perf_counter, report: dict | None = None,
-             log: Callable[[str], None] = print) -> dict:
+             model_time: float = 1.0, clock: Callable[[], float] = time.perf_counter, report: dict | None = None
+             ) -> dict:
     """build + measure one plan; -> its row: predicted and measured latency, quality, the plan."""
     t0 = time.time()
-    quality, layers = build(setup.subject, setup.table, plan, method, out, artifact, report=report, log=log)
+    quality, layers = build(setup.subject, setup.table, plan, method, out, artifact, report=report)
     measured, dense = measure(setup.engine_dense, artifact, setup.inputs, min_time=model_time, clock=clock)
     predicted = predicted_seconds(plan, setup.rest_s)
     return {"predicted_ms": predicted * 1e3, "measured_ms": measured * 1e3, "dense_ms": dense * 1e3,
@@ -347,7 +347,7 @@ def run_cli(args) -> dict:
         budget_s = (args.latency_budget_ms / 1e3 if args.latency_budget_ms is not None
                     else setup.dense_s / args.target_speedup)
         plan = budget_plan(setup, budget_s)
-        row = run_plan(setup, plan, method, out, artifact, clock=clock, log=log)
+        row = run_plan(setup, plan, method, out, artifact, clock=clock)
     report = {"format": "sparse-engine.latency-report/1", "subject": subject.name, "method": method,
               "batch": subject.batch, "seq_len": subject.seq if args.hf else None, "machine": setup.table["machine"],
               "budget_ms": budget_s * 1e3, "target_speedup": args.target_speedup,
