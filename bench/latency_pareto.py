@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cpu-time", action="store_true", help="time by CPU time (1 thread): a shared machine")
     ap.add_argument("--rounds", type=int, default=15, help="timed calls per profiled option")
-    ap.add_argument("--model-time", type=float, default=1.0, help="seconds of timing per whole-model comparison")
+    ap.add_argument("--profile-seconds", type=float, default=20.0, help="least seconds of profile timing rounds")
+    ap.add_argument("--model-time", type=float, default=3.0, help="seconds of timing per whole-model comparison")
     ap.add_argument("-o", "--output", required=True, help="OUT: writes OUT.json, OUT.md, OUT.png")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +79,8 @@ def main() -> int:
             # one dense model for every batch: only the batch the latency is for changes
             subject = subject_for(args.subject, batch, args) if subject is None else replace(subject, batch=batch)
             setup = T.prepare(subject, tmp, clock=clock, sparsities=levels,
-                              granularities=grans, criterion=args.method, rounds=args.rounds)
+                              granularities=grans, criterion=args.method, rounds=args.rounds,
+                              min_time=args.profile_seconds)
             print(f"batch {batch}: engine dense {setup.dense_s * 1e3:.3f} ms ({setup.rest_s * 1e3:.3f} ms outside "
                   f"the units), quality {setup.dense_quality['quality']:.4f}", flush=True)
 

@@ -8,7 +8,9 @@ on this machine and how much the model's output suffers.
   (dense; unstructured -> CSR; R x C blocks -> BSR; at each sparsity level), the unit's latency
   *measured* here inside whole forward passes of the engine's model at the user's batch and
   sequence length (every unit in that option at once, timed by hooks; the options take turns in
-  every round; medians of 15 rounds), so caches hold what they hold in the real model; the model's time outside its units; and its sensitivity: the relative change of the *model's* output on calibration data
+  every round, each turn warmed first; medians of at least `rounds` rounds and `min_time`
+  seconds), so caches hold what they hold in the real model; the model's time outside its units;
+  and its sensitivity: the relative change of the *model's* output on calibration data
   when this unit alone is pruned that way by the calibrated criterion (wanda or sparsegpt), i.e.
   ||f(x) - f'(x)||^2 / ||f(x)||^2, measured, not assumed.
 - `allocate(options, budget_s)`: one option per unit minimising the summed sensitivity under a
@@ -135,14 +137,20 @@ def unit_slots(engine_model: nn.Module, shapes: list[tuple[int, int]]) -> list[t
 
 
 def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: list[list[nn.Module]], rounds: int,
-                 clock: Callable[[], float]) -> list[tuple[list[float], float]]:
-    """For each config (one module per slot), each unit's seconds inside whole forward passes,
-    timed by hooks less the hooks' own cost (measured on an empty module), and the model's seconds
-    outside its units (from untimed passes right after the timed ones). The configs take turns
-    within every round, so a burst of load from other processes lands on all alike; each turn
-    starts with an untimed pass, so the caches hold that config as they hold a model that serves
-    call after call. Medians."""
-    spent = [0.0] * len(slots)
+                 clock: Callable[[], float], min_time: float = 0.0, warm_time: float = 0.01
+                 ) -> tuple[list[list[float]], float]:
+    """([each unit's seconds per config], the model's seconds outside its units): each config is
+    one module per slot; a unit's seconds are timed by hooks inside whole forward passes, less the
+    hooks' own cost (measured on an empty module). The configs take turns within every round, so a
+    burst of load from other processes lands on all alike; each turn starts with untimed passes
+    (at least one, and for `warm_time` seconds), so the caches and branch predictors hold that
+    config as they hold a model that serves call after call, not the config before it. Rounds go on
+    until `rounds` are done and `min_time` wall seconds have passed: this host's speed changes
+    from second to second, and a sub-millisecond model needs many rounds to see as many of those
+    changes as the seconds-long measurement it predicts. Medians. The time outside the units is
+    the median over configs of (a pass without hooks - the units' sum): the hooks exist only
+    during the untimed and the hook-timed pass, as even an idle hook costs microseconds per call."""
+    spent = [0.0] * (len(slots) + 1)  # index -1: the probe
     state = {"on": False, "t0": 0.0}
 
     def before(_m, _args):
@@ -155,53 +163,60 @@ def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: l
                 spent[i] += clock() - state["t0"]
         return hook
     probe, probe_x, probe_t = nn.Identity(), torch.zeros(1), []
-    hooked = {id(probe): (probe, -1)} | {id(m): (m, i) for config in configs for i, m in enumerate(config)}
-    spent.append(0.0)  # index -1: the probe
-    handles = [h for m, i in hooked.values() for h in (m.register_forward_pre_hook(before),
-                                                        m.register_forward_hook(after(i)))]
     originals = [getattr(p, n) for p, n in slots]
 
     def use(config):
         for (parent, name), module in zip(slots, config):
             setattr(parent, name, module)
+
+    def hooked(config):
+        return [h for i, m in [*enumerate(config), (-1, probe)]
+                for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after(i)))]
     samples = [([[] for _ in slots], []) for _ in configs]
     try:
         with torch.inference_mode():
             for config in configs:  # first calls pack and cache
                 use(config)
                 engine_model(*inputs)
-            for _ in range(rounds):
+            start, done = time.perf_counter(), 0
+            while done < rounds or time.perf_counter() - start < min_time:
+                done += 1
                 for config, (per_unit, totals) in zip(configs, samples):
                     use(config)
-                    engine_model(*inputs)  # untimed: caches hold this config, as in a model serving calls
-                    spent[:] = [0.0] * len(spent)
-                    state["on"] = True
-                    engine_model(*inputs)
-                    probe(probe_x)
-                    state["on"] = False
+                    handles = hooked(config)
+                    try:  # an untimed pass first: caches (and the hooks' code) hold this config
+                        warm_start = time.perf_counter()
+                        engine_model(*inputs)
+                        while time.perf_counter() - warm_start < warm_time:
+                            engine_model(*inputs)
+                        probe(probe_x)
+                        spent[:] = [0.0] * len(spent)
+                        state["on"] = True
+                        engine_model(*inputs)
+                        probe(probe_x)
+                    finally:
+                        state["on"] = False
+                        for h in handles:
+                            h.remove()
                     for i in range(len(slots)):
                         per_unit[i].append(spent[i])
                     probe_t.append(spent[-1])
-                    t0 = clock()
+                    begin = clock()
                     engine_model(*inputs)
-                    totals.append(clock() - t0)
+                    totals.append(clock() - begin)
     finally:
         use(originals)
-        for h in handles:
-            h.remove()
     cost = statistics.median(probe_t)
-    out = []
-    for per_unit, totals in samples:
-        units_s = [max(statistics.median(v) - cost, 0.0) for v in per_unit]
-        out.append((units_s, max(statistics.median(totals) - sum(units_s), 0.0)))
-    return out
+    units_s = [[max(statistics.median(v) - cost, 0.0) for v in per_unit] for per_unit, _ in samples]
+    rest = statistics.median([statistics.median(totals) - sum(u) for u, (_, totals) in zip(units_s, samples)])
+    return units_s, max(rest, 0.0)
 
 
 @torch.no_grad()
 def profile(model: nn.Module, calib_batches: Iterable, engine_model: nn.Module, inputs: tuple, *,
             sparsities: Iterable[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
             granularities: Iterable[str] = ("unstructured", "block:16x16"), skip: Iterable[str] = (),
-            rounds: int = 15, criterion: str = "wanda", sensitivity_batches: int | None = 4,
+            rounds: int = 15, min_time: float = 0.0, criterion: str = "wanda", sensitivity_batches: int | None = 4,
             readout: Callable = model_output, clock: Callable[[], float] = time.perf_counter) -> dict:
     """-> {"machine", "criterion", "model": {"dense_s", "rest_s"}, "units": {name: {"members",
     "shape", "options"}}}.
@@ -273,10 +288,9 @@ def profile(model: nn.Module, calib_batches: Iterable, engine_model: nn.Module, 
             new.activation = old.activation
             config.append(new)
         configs.append(config)
-    timed = time_configs(engine_model, inputs, slots, configs, rounds, clock)
-    (dense_t, rest), timed = timed[0], timed[1:]
+    (dense_t, *timed), rest = time_configs(engine_model, inputs, slots, configs, rounds, clock, min_time)
     options = {unit: [Option("dense", 0.0, "dense", t, 0.0)] for unit, t in zip(groups, dense_t)}
-    for (gran, s), (times, _) in zip(grid, timed):
+    for (gran, s), times in zip(grid, timed):
         for unit, t in zip(groups, times):
             if (unit, str(gran), s) in candidates:
                 options[unit].append(Option(str(gran), s, _format_of(gran)[0], t, candidates[unit, str(gran), s][2]))

@@ -37,6 +37,9 @@ def configure(parser) -> None:
     parser.add_argument("--dense-epochs", type=int, default=60, help="dense training of --example (default 60)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per option (median; default 15)")
+    parser.add_argument("--profile-seconds", type=float, default=20.0,
+                        help="keep timing rounds for at least this many seconds (default 20): a sub-millisecond "
+                             "model needs many rounds to average over a shared host's changes of speed")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by this thread's CPU time (needs --threads 1): for a machine shared with other jobs")
     parser.add_argument("--budget-ms", type=float, help="also print the plan for this model latency")
@@ -63,7 +66,7 @@ def main(args) -> int:
             setup = prepare(subject, Path(tmp), profile_path=out, clock=time.thread_time if args.cpu_time
                             else time.perf_counter, sparsities=sparsities, granularities=grans,
                             criterion=args.criterion, sensitivity_batches=args.sensitivity_batches,
-                            rounds=args.rounds)
+                            rounds=args.rounds, min_time=args.profile_seconds)
         table = {**setup.table, "engine_dense_ms": setup.dense_s * 1e3, "outside_units_ms": setup.rest_s * 1e3}
         out.write_text(json.dumps(table, indent=1))
         print(format_table(table))

@@ -35,7 +35,7 @@ from .latency import Option, allocate, options_of, profile
 from .masks import MaskSet, export_state_dict
 
 REPORT_SUFFIX = ".latency.json"
-PROFILE_VERSION = 5  # bumped whenever what a profile measures changes: older caches are re-measured
+PROFILE_VERSION = 6  # bumped whenever what a profile measures changes: older caches are re-measured
 
 
 @dataclass
@@ -198,14 +198,15 @@ def build(subject: Subject, table: dict, plan: dict[str, Option], method: str, o
     return quality, layers
 
 
-def measure(engine_dense: nn.Module, artifact: Path, inputs: tuple, *, min_time: float = 1.0,
+def measure(engine_dense: nn.Module, artifact: Path, inputs: tuple, *, min_time: float = 3.0,
             clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """(seconds of the artifact's model, seconds of the engine's dense model), timed interleaved."""
+    """(seconds of the artifact's model, seconds of the engine's dense model), timed interleaved
+    over 15 rounds (medians)."""
     from ..runtime import load
     from ..timing import time_interleaved
     model = load(artifact)
     t = time_interleaved({"dense": lambda: engine_dense(*inputs), "pruned": lambda: model(*inputs)},
-                         min_time=min_time, clock=clock)
+                         min_time=min_time, rounds=15, clock=clock)
     return t["pruned"], t["dense"]
 
 
@@ -240,7 +241,7 @@ def prepare(subject: Subject, workdir: Path, *, profile_path: Path | None = None
 
 
 def run_plan(setup: Setup, plan: dict[str, Option], method: str, out: Path, artifact: Path, *,
-             model_time: float = 1.0, clock: Callable[[], float] = time.perf_counter, report: dict | None = None
+             model_time: float = 3.0, clock: Callable[[], float] = time.perf_counter, report: dict | None = None
              ) -> dict:
     """build + measure one plan; -> its row: predicted and measured latency, quality, the plan."""
     t0 = time.time()
@@ -289,6 +290,8 @@ def add_arguments(parser) -> None:
                    help="comma-separated: unstructured (CSR), block:RxC (BSR)")
     g.add_argument("--cpu-time", action="store_true",
                    help="time by this thread's CPU time (with --threads 1): for a machine shared with other jobs")
+    g.add_argument("--profile-seconds", type=float, default=20.0,
+                   help="time the profile's rounds for at least this many seconds (default 20)")
 
 
 def targeted(args) -> bool:
@@ -343,7 +346,8 @@ def run_cli(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log(f"profiling {subject.name} at batch {subject.batch} ...")
         setup = prepare(subject, Path(tmp), profile_path=profile_path, clock=clock, sparsities=sparsities,
-                        granularities=grans, criterion=method, skip=tuple(args.skip))
+                        granularities=grans, criterion=method, skip=tuple(args.skip),
+                        min_time=args.profile_seconds)
         budget_s = (args.latency_budget_ms / 1e3 if args.latency_budget_ms is not None
                     else setup.dense_s / args.target_speedup)
         plan = budget_plan(setup, budget_s)

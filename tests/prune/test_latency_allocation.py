@@ -4,6 +4,7 @@ measures every unit's options inside the engine's model, with sensitivities that
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -80,10 +81,44 @@ def test_profile_times_each_unit_inside_the_engine_model_and_sensitivity_grows_w
 def test_profile_cli_writes_the_table_and_a_plan(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--batch", "8", "--sparsities", "0.5,0.9",
-                "--granularities", "unstructured", "--rounds", "3", "--dense-epochs", "2",
+                "--granularities", "unstructured", "--rounds", "3", "--profile-seconds", "0", "--dense-epochs", "2",
                 "--budget-ms", "1000"]) == 0
     table = json.loads(out.read_text())
     assert list(table["units"]) == ["0", "2", "4"] and table["engine_dense_ms"] > 0
     printed = capsys.readouterr().out
     assert "plan for 1000.000 ms" in printed and "predicted" in printed
     assert cli(["profile", "--example", "mlp-digits", "-o", str(out), "--sparsities", "1.5"]) == 1
+
+
+class _Spy(nn.Module):
+    """Counts its calls and whether any hook was registered on it during each."""
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__()
+        self.seconds, self.calls, self.hooked = seconds, 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        self.hooked.append(bool(self._forward_hooks or self._forward_pre_hooks))
+        if self.seconds:
+            time.sleep(self.seconds)
+        return x
+
+
+def test_time_configs_times_each_config_without_idle_hooks_and_for_min_time():
+    from engine.prune.latency import time_configs
+    fast, slow = _Spy(), _Spy(0.002)
+    model = nn.Sequential(_Spy())
+    slots = [(model, "0")]
+    units_s, rest = time_configs(model, (torch.zeros(1),), slots, [[fast], [slow]], rounds=3,
+                                 clock=time.perf_counter, warm_time=0.0)
+    assert units_s[1][0] > units_s[0][0] + 0.001 and rest >= 0.0
+    # per round and config: one warm pass and one hook-timed pass with hooks, one total pass without
+    for spy in (fast, slow):
+        assert spy.calls == 1 + 3 * 3 and spy.hooked == [False] + [True, True, False] * 3
+    assert isinstance(model[0], _Spy) and model[0].calls == 0  # the original module is put back
+    fast.calls = 0
+    start = time.perf_counter()
+    time_configs(model, (torch.zeros(1),), slots, [[fast]], rounds=1, clock=time.perf_counter, min_time=0.2,
+                 warm_time=0.0)
+    assert time.perf_counter() - start >= 0.2 and fast.calls > 1 + 3 * 10

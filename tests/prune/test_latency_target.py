@@ -18,7 +18,7 @@ from engine.prune.calibrate import calibrated_prune
 from engine.prune.granularity import PruneError
 from tests.prune.test_prune_hf import folder, text  # noqa: F401  (module fixtures: a tiny BERT folder, text)
 
-FAST = ["--dense-epochs", "2", "--epochs", "1", "--sparsities", "0.5,0.9", "--quiet"]
+FAST = ["--dense-epochs", "2", "--epochs", "1", "--sparsities", "0.5,0.9", "--profile-seconds", "0", "--quiet"]
 
 
 def _layers(model) -> dict:
