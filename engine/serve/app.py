@@ -196,7 +196,8 @@ class InferenceApp:
     async def _warm_up(self):
         try:
             for runner in self.models.values():
-                await asyncio.to_thread(runner.warmup, self.settings.max_batch)
+                if not runner.ready:  # a Ray Serve replica warms its runners before it joins
+                    await asyncio.to_thread(runner.warmup, self.settings.max_batch)
                 log.info("model '%s' loaded and warmed up", runner.name)
             self.ready = True
         except Exception as exc:

@@ -47,6 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-key", type=Path, metavar="PUB",
                         help="Ed25519 public key (PEM, from `sparse-engine keygen`): refuse to serve an "
                              "artifact that is not signed by it or was edited after signing")
+    parser.add_argument("--ray", type=int, metavar="N",
+                        help="serve N replicas on a Ray cluster (Ray Serve; the `ray` extra) behind one v2 REST "
+                             "endpoint on --host/--port: the cluster RAY_ADDRESS names, else a local one this "
+                             "command starts and stops. Artifact paths must exist on every node")
+    parser.add_argument("--ray-cpus", type=float, default=1.0,
+                        help="CPUs each Ray replica reserves, also its torch threads (default 1)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -54,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = _settings(args)
+        if args.ray is not None:
+            return _serve_on_ray(args, settings)
         runners = _load(args)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"sparse-engine serve: {exc}", file=sys.stderr)
@@ -93,6 +101,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_on_ray(args, settings: Settings) -> int:
+    if args.grpc_port is not None:
+        raise ValueError("--grpc-port cannot be used with --ray: Ray Serve's gRPC proxy serves only its own "
+                         "protobuf services; use REST, or run `serve --grpc-port` behind another balancer")
+    if args.ray < 1:
+        raise ValueError(f"--ray takes a number of replicas of at least 1, got {args.ray}")
+    try:
+        from . import ray_serve
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray Serve: pip install 'sparse-engine[ray]' ({exc})") from None
+    return ray_serve.main(args, settings)
+
+
 def _settings(args) -> Settings:
     token = None
     if args.token_file is not None:
@@ -120,22 +141,31 @@ def _artifact_paths(given: list[str]) -> list[Path]:
 
 
 def _load(args) -> list[ModelRunner]:
+    return load_runners(args.artifacts, args.name, device=args.device, trust_module=args.trust_module,
+                        verify_key=args.verify_key)
+
+
+def load_runners(artifacts: list, names: list[str], *, device: str = "cpu", trust_module: bool = False,
+                 verify_key: Path | None = None) -> list[ModelRunner]:
+    """The ARTIFACT arguments (files or directories) loaded by engine.load, one runner each, named
+    by `names` (one per artifact, in order) or by the artifacts. Raises ValueError / OSError /
+    RuntimeError with the loader's message."""
     import engine
-    paths = _artifact_paths(args.artifacts)
-    if args.name and len(args.name) != len(paths):
-        raise ValueError(f"--name given {len(args.name)} times for {len(paths)} artifacts; "
+    paths = _artifact_paths([str(a) for a in artifacts])
+    if names and len(names) != len(paths):
+        raise ValueError(f"--name given {len(names)} times for {len(paths)} artifacts; "
                          f"give it once per artifact or not at all")
-    if args.device == "cuda":
+    if device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
     runners = []
     for i, path in enumerate(paths):
-        model = engine.load(path, device=args.device, trust_module=args.trust_module, verify_key=args.verify_key)
-        runners.append(ModelRunner(model, args.name[i] if args.name else None, device=args.device))
-    names = [r.name for r in runners]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two models share a name in {names}; use --name to tell them apart")
+        model = engine.load(path, device=device, trust_module=trust_module, verify_key=verify_key)
+        runners.append(ModelRunner(model, names[i] if names else None, device=device))
+    found = [r.name for r in runners]
+    if len(set(found)) != len(found):
+        raise ValueError(f"two models share a name in {found}; use --name to tell them apart")
     return runners
 
 
