@@ -87,9 +87,21 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-async def run_load(url: str, bodies: list[bytes], expected: list[np.ndarray], first: int, clients: int,
-                   stride: int, duration: float):
-    """`clients` concurrent clients (numbered first.., stepping through the inputs by `stride`)."""
+def decode_answer(r: httpx.Response) -> np.ndarray:
+    """The first output of a v2 answer, JSON or binary (binary tensor data extension)."""
+    n = r.headers.get("inference-header-content-length")
+    header = json.loads(r.content[:int(n)] if n is not None else r.content)
+    out = header["outputs"][0]
+    if n is None:
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+    size = out["parameters"]["binary_data_size"]
+    return np.frombuffer(r.content[int(n):int(n) + size], np.float32).reshape(out["shape"])
+
+
+async def run_load(url: str, path: str, requests: list[tuple[bytes, dict]], expected: list[np.ndarray], first: int,
+                   clients: int, stride: int, duration: float):
+    """`clients` concurrent clients (numbered first.., stepping through the requests, each (body,
+    headers), by `stride`) POSTing to `path`; every answer is checked against `expected`."""
     latencies, failures = [], []
     sent = ok = 0
     stop_at = time.monotonic() + duration
@@ -99,13 +111,12 @@ async def run_load(url: str, bodies: list[bytes], expected: list[np.ndarray], fi
             nonlocal sent, ok
             i = first + k
             while time.monotonic() < stop_at:
-                j = i % len(bodies)
+                j = i % len(requests)
                 i += stride
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v2/models/model/infer", content=bodies[j],
-                                          headers={"Content-Type": "application/json"})
+                    r = await client.post(path, content=requests[j][0], headers=requests[j][1])
                 except httpx.HTTPError as exc:
                     failures.append(f"{type(exc).__name__}: {exc}")
                     continue
@@ -113,8 +124,7 @@ async def run_load(url: str, bodies: list[bytes], expected: list[np.ndarray], fi
                 if r.status_code != 200:
                     failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
                     continue
-                out = r.json()["outputs"][0]
-                got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+                got = decode_answer(r)
                 if got.shape != expected[j].shape or not np.allclose(got, expected[j], rtol=1e-4, atol=1e-4):
                     failures.append(f"wrong answer for input {j}")
                 else:
@@ -130,11 +140,13 @@ def _client_process(job) -> tuple:
     return asyncio.run(run_load(*job))
 
 
-def drive(url: str, bodies, expected, clients: int, procs: int, duration: float):
+def drive(url: str, requests, expected, clients: int, procs: int, duration: float,
+          path: str = "/v2/models/model/infer"):
     """Spread the clients over `procs` processes: one Python process alone cannot keep a server busy."""
     shares = [clients // procs + (p < clients % procs) for p in range(procs)]
     starts = [sum(shares[:p]) for p in range(procs)]
-    jobs = [(url, bodies, expected, start, share, clients, duration) for start, share in zip(starts, shares) if share]
+    jobs = [(url, path, requests, expected, start, share, clients, duration)
+            for start, share in zip(starts, shares) if share]
     # fork: the children need only what is already in memory (bodies, expected answers), no torch.
     with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
         parts = pool.map(_client_process, jobs)
@@ -201,8 +213,9 @@ def main() -> int:
         inputs = [rng.random((args.rows, spec["shape"][1]), dtype=np.float32) for _ in range(256)]
         with torch.inference_mode():
             expected = [model(torch.from_numpy(x)).numpy() for x in inputs]
-        bodies = [json.dumps({"inputs": [{"name": spec["name"], "shape": list(x.shape), "datatype": "FP32",
-                                          "data": x.reshape(-1).tolist()}]}).encode() for x in inputs]
+        bodies = [(json.dumps({"inputs": [{"name": spec["name"], "shape": list(x.shape), "datatype": "FP32",
+                                           "data": x.reshape(-1).tolist()}]}).encode(),
+                   {"Content-Type": "application/json"}) for x in inputs]
         device = ["--device", args.device]
         modes = [("off", ["--max-batch", "1", "--max-delay-ms", "0", *device]),
                  ("on", ["--max-batch", str(args.max_batch), "--max-delay-ms", f"{args.max_delay_ms:g}", *device])]

@@ -28,8 +28,8 @@ import ray
 from ray import serve
 
 from .app import InferenceApp
-from .limits import Settings
-from .server import load_runners
+from .limits import LIMITS, Settings
+from .runner import load_runners
 
 log = logging.getLogger("engine.server")
 DEPLOYMENT = "sparse-engine"
@@ -68,6 +68,24 @@ def application(artifacts: list, names: list[str] = (), *, replicas: int = 2, se
                 raise RuntimeError(failed)
 
     return SparseEngine.bind()
+
+
+def builder(args: dict):
+    """The application from a Ray Serve config's `args` (deploy/ray-serve.yaml; `import_path:
+    engine.serve.ray_serve:builder`): `artifacts` (required), `names`, `replicas`,
+    `cpus_per_replica`, `device`, `token_file`, and any serve limit by its option name with
+    underscores (`max_batch`, `max_delay_ms`, ...)."""
+    args = dict(args)
+    unknown = set(args) - {"artifacts", "names", "replicas", "cpus_per_replica", "device", "token_file", *LIMITS}
+    if unknown:
+        raise ValueError(f"unknown args {sorted(unknown)} for engine.serve.ray_serve:builder")
+    if not args.get("artifacts"):
+        raise ValueError("engine.serve.ray_serve:builder needs `artifacts`: a list of artifact paths")
+    token = Path(args["token_file"]).read_text().strip() if args.get("token_file") else None
+    settings = Settings(token=token, **{k: args[k] for k in LIMITS if k in args})
+    return application(args["artifacts"], args.get("names", ()), replicas=int(args.get("replicas", 2)),
+                       settings=settings, cpus_per_replica=float(args.get("cpus_per_replica", 1.0)),
+                       device=args.get("device", "cpu"))
 
 
 def _replica_name() -> str:

@@ -20,7 +20,7 @@ from prometheus_client import disable_created_metrics
 
 from .app import InferenceApp
 from .limits import LIMITS, Settings, guarded_protocol
-from .runner import ModelRunner
+from .runner import ModelRunner, load_runners
 
 log = logging.getLogger("engine.server")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -123,50 +123,9 @@ def _settings(args) -> Settings:
     return Settings(token=token, **{name: getattr(args, name) for name in LIMITS})
 
 
-ARTIFACT_SUFFIXES = (".spz", ".sparse")  # what a directory argument serves
-
-
-def _artifact_paths(given: list[str]) -> list[Path]:
-    """The ARTIFACT arguments with each directory replaced by its artifacts, sorted by name."""
-    paths = []
-    for arg in map(Path, given):
-        if not arg.is_dir():
-            paths.append(arg)
-            continue
-        found = sorted(p for p in arg.iterdir() if p.suffix in ARTIFACT_SUFFIXES and p.is_file())
-        if not found:
-            raise ValueError(f"directory {arg} holds no artifact (*{' / *'.join(ARTIFACT_SUFFIXES)})")
-        paths += found
-    return paths
-
-
 def _load(args) -> list[ModelRunner]:
     return load_runners(args.artifacts, args.name, device=args.device, trust_module=args.trust_module,
                         verify_key=args.verify_key)
-
-
-def load_runners(artifacts: list, names: list[str], *, device: str = "cpu", trust_module: bool = False,
-                 verify_key: Path | None = None) -> list[ModelRunner]:
-    """The ARTIFACT arguments (files or directories) loaded by engine.load, one runner each, named
-    by `names` (one per artifact, in order) or by the artifacts. Raises ValueError / OSError /
-    RuntimeError with the loader's message."""
-    import engine
-    paths = _artifact_paths([str(a) for a in artifacts])
-    if names and len(names) != len(paths):
-        raise ValueError(f"--name given {len(names)} times for {len(paths)} artifacts; "
-                         f"give it once per artifact or not at all")
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
-    runners = []
-    for i, path in enumerate(paths):
-        model = engine.load(path, device=device, trust_module=trust_module, verify_key=verify_key)
-        runners.append(ModelRunner(model, names[i] if names else None, device=device))
-    found = [r.name for r in runners]
-    if len(set(found)) != len(found):
-        raise ValueError(f"two models share a name in {found}; use --name to tell them apart")
-    return runners
 
 
 class _GracefulServer(uvicorn.Server):
