@@ -1,6 +1,8 @@
 """Our server against MLServer on loopback: throughput and p50 / p99 at several concurrencies.
 
-    python bench/peer_server.py --mlserver PATH/TO/mlserver-venv/bin/mlserver [--concurrency 1,8,32]
+    python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver==1.7.1 torch==2.13.0 \
+        'transformers<5.25' uvloop==0.21.0   # uvloop 0.22+ kills MLServer 1.7.1's inference workers
+    python bench/peer_server.py --mlserver /tmp/mlserver-venv/bin/mlserver [--concurrency 1,8,32]
                                 [--duration 8] [--models mlp,minilm] [--procs 2] -o bench/results/server_peers
 
 For each model, one server at a time on 127.0.0.1:
@@ -13,7 +15,9 @@ against the model run in this process (the dense torch model for dense servers, 
 the sparse one); a failed, lost or wrong answer fails the run.
 
 Models: the wide digits MLP 64-2048-1024-10 (one row per request) and all-MiniLM-L6-v2 (one
-sentence per request, text in, pooled embedding out: both servers tokenize). Sparse weights are
+sentence per request, text in, pooled embedding out: both servers tokenize); `minilm-hidden`
+(ours only) sends 128 token ids and asks for last_hidden_state, a 128 x 384 answer, where the body
+encoding matters. Sparse weights are
 random 16x16 blocks at 90 % (speed does not depend on the values); the dense servers run the
 unpruned weights. Writes OUT.json, OUT.md and OUT.png.
 """
@@ -63,7 +67,7 @@ def prepare_mlp(tmp: Path) -> dict:
     rng = np.random.default_rng(0)
     inputs = [rng.random((1, 64), dtype=np.float32) for _ in range(64)]
     return {"name": "mlp", "uri": str(tmp / "mlp.pt"), "inputs": inputs, "output": "output",
-            "tensor": lambda x: ("input", "FP32", list(x.shape), x.tobytes(), x.reshape(-1).tolist())}
+            "tensors": lambda x: [("input", "FP32", list(x.shape), x.tobytes(), x.reshape(-1).tolist())]}
 
 
 def prepare_minilm(tmp: Path) -> dict:
@@ -82,26 +86,40 @@ def prepare_minilm(tmp: Path) -> dict:
     save_file(weights, pruned / "model.safetensors", metadata={"format": "pt"})
     convert(pruned, tmp / "minilm-sparse.spz", **quiet)
 
-    def tensor(text):
-        raw = b"".join(len(t).to_bytes(4, "little") + t for t in [text.encode()])
-        return "text", "BYTES", [1], raw, [text]
-    return {"name": "minilm", "uri": str(folder), "inputs": SENTENCES, "output": "embedding", "tensor": tensor}
+    def tensors(text):
+        return [("text", "BYTES", [1], len(text.encode()).to_bytes(4, "little") + text.encode(), [text])]
+    return {"name": "minilm", "uri": str(folder), "inputs": SENTENCES, "output": "embedding", "tensors": tensors}
+
+
+def prepare_minilm_hidden(tmp: Path) -> dict:
+    """MiniLM with a large answer: 128 token ids in, last_hidden_state (128 x 384 floats) out. Our
+    servers only (the MLServer runtime returns embeddings): JSON against binary bodies."""
+    if not (tmp / "minilm-sparse.spz").exists():
+        prepare_minilm(tmp)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(1000, 30000, size=(1, 128)).astype(np.int64) for _ in range(8)]
+
+    def tensors(ids):
+        mask = np.ones_like(ids)
+        return [(n, "INT64", list(a.shape), a.tobytes(), a.reshape(-1).tolist())
+                for n, a in (("input_ids", ids), ("attention_mask", mask))]
+    return {"name": "minilm-hidden", "artifacts": "minilm", "inputs": inputs, "output": "last_hidden_state",
+            "tensors": tensors, "peer": False}
 
 
 def requests(model: dict, binary: bool) -> list[tuple[bytes, dict]]:
     """One v2 request per input: JSON, or the binary tensor data extension both ways."""
     out = []
     for x in model["inputs"]:
-        name, datatype, shape, raw, data = model["tensor"](x)
-        given = {"name": name, "shape": shape, "datatype": datatype}
+        given = [({"name": n, "shape": shape, "datatype": dt}, raw, data) for n, dt, shape, raw, data in model["tensors"](x)]
         if not binary:
-            out.append((json.dumps({"inputs": [{**given, "data": data}]}).encode(),
+            out.append((json.dumps({"inputs": [{**g, "data": data} for g, _, data in given]}).encode(),
                         {"Content-Type": "application/json"}))
             continue
-        header = json.dumps({"inputs": [{**given, "parameters": {"binary_data_size": len(raw)}}],
+        header = json.dumps({"inputs": [{**g, "parameters": {"binary_data_size": len(raw)}} for g, raw, _ in given],
                              "outputs": [{"name": model["output"], "parameters": {"binary_data": True}}]}).encode()
-        out.append((header + raw, {"Content-Type": "application/octet-stream",
-                                   "Inference-Header-Content-Length": str(len(header))}))
+        out.append((header + b"".join(raw for _, raw, _ in given),
+                    {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}))
     return out
 
 
@@ -113,6 +131,8 @@ def expected(model: dict, artifact: Path | None, uri: str) -> list[np.ndarray]:
         with torch.inference_mode():
             if model["name"] == "mlp":
                 return [m(torch.from_numpy(x)).numpy() for x in model["inputs"]]
+            if model["name"] == "minilm-hidden":
+                return [m(torch.from_numpy(x), torch.ones_like(torch.from_numpy(x))).numpy() for x in model["inputs"]]
             return [m.encode([s]).numpy() for s in model["inputs"]]
     if model["name"] == "mlp":
         from engine.examples import mlp_digits
@@ -188,12 +208,13 @@ def measure(server, path: str, reqs, want, concurrency: int, args) -> dict:
 
 def run_model(model: dict, tmp: Path, args) -> list[dict]:
     rows, name = [], model["name"]
-    path = f"/v2/models/{name}/infer"
-    cases = [("ours", "dense", tmp / f"{name}-dense.spz"), ("ours", "sparse 90 % (16x16)", tmp / f"{name}-sparse.spz"),
-             ("MLServer 1.7", "dense", None)]
+    path, stem = f"/v2/models/{name}/infer", model.get("artifacts", name)
+    cases = [("ours", "dense", tmp / f"{stem}-dense.spz"), ("ours", "sparse 90 % (16x16)", tmp / f"{stem}-sparse.spz")]
+    if model.get("peer", True):
+        cases.append(("MLServer 1.7", "dense", None))
     for server_name, weights, artifact in cases:
         bodies = (False, True) if artifact is not None else (False,)
-        want = expected(model, artifact, model["uri"])
+        want = expected(model, artifact, model.get("uri"))
         if artifact is not None:
             server = ServerProcess(artifact, ["--max-batch", "32", "--max-delay-ms", "5"],
                                    tmp / f"{name}-{artifact.stem}.log")
@@ -232,7 +253,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            model = {"mlp": prepare_mlp, "minilm": prepare_minilm}[name](Path(tmp))
+            model = {"mlp": prepare_mlp, "minilm": prepare_minilm, "minilm-hidden": prepare_minilm_hidden}[name](Path(tmp))
             rows += run_model(model, Path(tmp), args)
     out = Path(args.output)
     meta = {"machine": machine(), "started": f"{started:%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv),
