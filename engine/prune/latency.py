@@ -9,7 +9,8 @@ on this machine and how much the model's output suffers.
   *measured* here inside whole forward passes of the engine's model at the user's batch and
   sequence length (every unit in that option at once, timed by hooks; the options take turns in
   every round, each turn warmed first; medians of at least `rounds` rounds and `min_time`
-  seconds), so caches hold what they hold in the real model; the model's time outside its units;
+  seconds; scaled to each option's whole-model time in blocks of back-to-back passes), so caches
+  hold what they hold in the real model; the model's time outside its units;
   and its sensitivity: the relative change of the *model's* output on calibration data
   when this unit alone is pruned that way by the calibrated criterion (wanda or sparsegpt), i.e.
   ||f(x) - f'(x)||^2 / ||f(x)||^2, measured, not assumed.
@@ -137,8 +138,8 @@ def unit_slots(engine_model: nn.Module, shapes: list[tuple[int, int]]) -> list[t
 
 
 def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: list[list[nn.Module]], rounds: int,
-                 clock: Callable[[], float], min_time: float = 0.0, warm_time: float = 0.01
-                 ) -> tuple[list[list[float]], float]:
+                 clock: Callable[[], float], min_time: float = 0.0, warm_time: float = 0.01,
+                 block_time: float = 0.02) -> tuple[list[list[float]], float]:
     """([each unit's seconds per config], the model's seconds outside its units): each config is
     one module per slot; a unit's seconds are timed by hooks inside whole forward passes, less the
     hooks' own cost (measured on an empty module). The configs take turns within every round, so a
@@ -147,9 +148,16 @@ def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: l
     config as they hold a model that serves call after call, not the config before it. Rounds go on
     until `rounds` are done and `min_time` wall seconds have passed: this host's speed changes
     from second to second, and a sub-millisecond model needs many rounds to see as many of those
-    changes as the seconds-long measurement it predicts. Medians. The time outside the units is
-    the median over configs of (a pass without hooks - the units' sum): the hooks exist only
-    during the untimed and the hook-timed pass, as even an idle hook costs microseconds per call."""
+    changes as the seconds-long measurement it predicts. Medians.
+
+    Each turn ends with a block of back-to-back passes without hooks (about `block_time` seconds),
+    timed as a whole: the config's whole-model time as a model serving call after call runs (a
+    single pass timed after switching configs ran up to 10 % faster than that here, and the hook
+    bracketing adds its own disturbance). The time outside the units is the median over configs of
+    (that time - the units' sum), and each config's units are scaled so that they and the time
+    outside add up to its whole-model time: hooks give the split between units, the blocks the
+    total. The hooks exist only during the untimed and the hook-timed pass, as even an idle hook
+    costs microseconds per call."""
     spent = [0.0] * (len(slots) + 1)  # index -1: the probe
     state = {"on": False, "t0": 0.0}
 
@@ -175,13 +183,17 @@ def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: l
     samples = [([[] for _ in slots], []) for _ in configs]
     try:
         with torch.inference_mode():
+            passes = []  # per config: passes in one timed block of about block_time seconds
             for config in configs:  # first calls pack and cache
                 use(config)
                 engine_model(*inputs)
+                begin = time.perf_counter()
+                engine_model(*inputs)
+                passes.append(max(1, round(block_time / max(time.perf_counter() - begin, 1e-6))))
             start, done = time.perf_counter(), 0
             while done < rounds or time.perf_counter() - start < min_time:
                 done += 1
-                for config, (per_unit, totals) in zip(configs, samples):
+                for config, n, (per_unit, totals) in zip(configs, passes, samples):
                     use(config)
                     handles = hooked(config)
                     try:  # an untimed pass first: caches (and the hooks' code) hold this config
@@ -202,14 +214,18 @@ def time_configs(engine_model: nn.Module, inputs: tuple, slots: list, configs: l
                         per_unit[i].append(spent[i])
                     probe_t.append(spent[-1])
                     begin = clock()
-                    engine_model(*inputs)
-                    totals.append(clock() - begin)
+                    for _ in range(n):
+                        engine_model(*inputs)
+                    totals.append((clock() - begin) / n)
     finally:
         use(originals)
     cost = statistics.median(probe_t)
     units_s = [[max(statistics.median(v) - cost, 0.0) for v in per_unit] for per_unit, _ in samples]
-    rest = statistics.median([statistics.median(totals) - sum(u) for u, (_, totals) in zip(units_s, samples)])
-    return units_s, max(rest, 0.0)
+    totals = [statistics.median(t) for _, t in samples]
+    rest = max(statistics.median([t - sum(u) for u, t in zip(units_s, totals)]), 0.0)
+    # Each config's units scaled so that they and the rest add up to its own whole-model time.
+    return [[x * (t - rest) / sum(u) if sum(u) > 0 and t > rest else x for x in u]
+            for u, t in zip(units_s, totals)], rest
 
 
 @torch.no_grad()

@@ -111,14 +111,20 @@ def test_time_configs_times_each_config_without_idle_hooks_and_for_min_time():
     model = nn.Sequential(_Spy())
     slots = [(model, "0")]
     units_s, rest = time_configs(model, (torch.zeros(1),), slots, [[fast], [slow]], rounds=3,
-                                 clock=time.perf_counter, warm_time=0.0)
+                                 clock=time.perf_counter, warm_time=0.0, block_time=0.0)
     assert units_s[1][0] > units_s[0][0] + 0.001 and rest >= 0.0
-    # per round and config: one warm pass and one hook-timed pass with hooks, one total pass without
+    # two first calls (pack, size the timed block), then per round: one warm pass and one
+    # hook-timed pass with hooks, one timed block (here of one pass) without
     for spy in (fast, slow):
-        assert spy.calls == 1 + 3 * 3 and spy.hooked == [False] + [True, True, False] * 3
+        assert spy.calls == 2 + 3 * 3 and spy.hooked == [False, False] + [True, True, False] * 3
     assert isinstance(model[0], _Spy) and model[0].calls == 0  # the original module is put back
+    # a block of about block_time seconds of passes; the unit's time still matches its own
+    slow.calls = 0
+    units_s, rest = time_configs(model, (torch.zeros(1),), slots, [[slow]], rounds=2, clock=time.perf_counter,
+                                 warm_time=0.0, block_time=0.02)
+    assert slow.calls >= 2 + 2 * (2 + 5) and units_s[0][0] == pytest.approx(0.002, rel=0.5)
     fast.calls = 0
     start = time.perf_counter()
     time_configs(model, (torch.zeros(1),), slots, [[fast]], rounds=1, clock=time.perf_counter, min_time=0.2,
-                 warm_time=0.0)
-    assert time.perf_counter() - start >= 0.2 and fast.calls > 1 + 3 * 10
+                 warm_time=0.0, block_time=0.0)
+    assert time.perf_counter() - start >= 0.2 and fast.calls > 2 + 3 * 10
