@@ -108,13 +108,17 @@ class _Named:
 
 def main(args, settings: Settings) -> int:
     """`sparse-engine serve ... --ray N`: runs until SIGINT / SIGTERM, then removes the application
-    (replicas answer what they hold first) and stops Ray if this process started it."""
+    (replicas answer what they hold first) and stops Ray Serve and Ray if this process started
+    them; on a cluster RAY_ADDRESS names, only this application is removed."""
     app = application(args.artifacts, args.name, replicas=args.ray, settings=settings,
                       cpus_per_replica=args.ray_cpus, device=args.device, trust_module=args.trust_module,
                       verify_key=args.verify_key)
     port = args.port or _free_port(args.host)  # Ray Serve's proxy takes no port 0
-    joined = "RAY_ADDRESS" in os.environ
-    ray.init(include_dashboard=False, configure_logging=False) if not joined else ray.init()
+    joined = "RAY_ADDRESS" in os.environ  # a cluster someone else runs: leave it (and its other apps) be
+    if joined:
+        ray.init()
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
     stop = threading.Event()  # set by SIGINT / SIGTERM; installed after ray.init, which installs its own
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -127,8 +131,11 @@ def main(args, settings: Settings) -> int:
             pass
         log.info("stopping: removing the Ray Serve application")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if joined:
+            serve.delete(DEPLOYMENT)
+        else:
+            serve.shutdown()
+        ray.shutdown()  # joined: only disconnects
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

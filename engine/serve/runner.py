@@ -125,7 +125,6 @@ def load_runners(artifacts: list, names: list[str], *, device: str = "cpu", trus
         raise ValueError(f"--name given {len(names)} times for {len(paths)} artifacts; "
                          f"give it once per artifact or not at all")
     if device == "cuda":
-        import torch
         if not torch.cuda.is_available():
             raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU on this machine")
     runners = []
