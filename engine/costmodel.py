@@ -32,7 +32,8 @@ CPU_FITTED = {
 #               paid per layer either way (tiny layers: F.linear ~4 us, engine.cpu wrapper ~6 us).
 #   isa_factor  rate multiplier by batch when the kernels run a narrower ISA than CPU_FITTED's,
 #               applied from the smallest batch listed (AVX2 measured: the batched sparse
-#               micro-kernels run 8-wide, ~0.55x at batch >= 32; portable not measured, AVX2's used).
+#               micro-kernels run 8-wide, ~0.55x at batch >= 32; portable not measured, AVX2's used;
+#               the factored rate never falls below its value at a smaller listed batch).
 #   scalar_spmv / narrow_rows   block-shape factors of blocked layouts, see BLOCK_VECTOR below.
 CPU = {
     "dense": dict(bandwidth=48e9, overhead=4e-6,
@@ -168,7 +169,9 @@ def predict_seconds(fmt: str, shape: tuple[int, int], stored: int, batch: int,
     rate = _interp(row["rate"], batch)
     factor = row.get("isa_factor", {}).get(isa or current_isa())
     if factor and batch >= min(factor):
-        rate *= _interp(factor, batch)
+        # never below the factored rate at a smaller listed batch: a rate flat past batch 32 times
+        # a factor falling past it (AVX2) would make the time per row grow with the batch
+        rate = max(_interp(row["rate"], n) * _interp(factor, n) for n in {batch, *(k for k in factor if k <= batch)})
     if blocksize is not None and "scalar_spmv" in row and bf16_row is None:
         r, c = blocksize
         if batch < SPMM_FROM_BATCH and not (c % BLOCK_VECTOR == 0 or (c == 1 and r % BLOCK_VECTOR == 0)):
