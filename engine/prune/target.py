@@ -35,7 +35,7 @@ from .latency import Option, allocate, options_of, profile
 from .masks import MaskSet, export_state_dict
 
 REPORT_SUFFIX = ".latency.json"
-PROFILE_VERSION = 7  # bumped whenever what a profile measures changes: older caches are re-measured
+PROFILE_VERSION = 8  # bumped whenever what a profile measures changes: older caches are re-measured
 
 
 @dataclass
