@@ -128,3 +128,26 @@ def test_time_configs_times_each_config_without_idle_hooks_and_for_min_time():
     time_configs(model, (torch.zeros(1),), slots, [[fast]], rounds=1, clock=time.perf_counter, min_time=0.2,
                  warm_time=0.0, block_time=0.0)
     assert time.perf_counter() - start >= 0.2 and fast.calls > 2 + 3 * 10
+
+
+def test_dense_option_of_an_untiled_unit_is_its_median_over_the_configs_it_ran_dense_in(monkeypatch):
+    """16x16 blocks cannot tile a 10-row head, so it stays dense in every block option: its dense
+    option is the median of its times there and in the all-dense model (where it runs after the big
+    dense layers), while the model's dense time stays the all-dense model's."""
+    import copy
+    import engine
+    from engine.prune import latency
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    configs_seen = []
+
+    def fake(engine_model, inputs, slots, configs, rounds, clock, min_time=0.0):
+        configs_seen.append(len(configs))  # all-dense, block 50 %, block 90 %
+        return [[1e-3, 9e-3], [0.5e-3, 3e-3], [0.2e-3, 4e-3]], 1e-4
+    monkeypatch.setattr(latency, "time_configs", fake)
+    table = profile(model, [torch.randn(16, 64) for _ in range(2)],
+                    engine.sparsify(copy.deepcopy(model), format="dense"), (torch.randn(4, 64),),
+                    sparsities=(0.5, 0.9), granularities=("block:16x16",), rounds=1)
+    opts = options_of(table)
+    assert configs_seen == [3] and table["model"]["dense_s"] == pytest.approx(10e-3 + 1e-4)
+    assert [(o.granularity, o.seconds) for o in opts["2"]] == [("dense", pytest.approx(4e-3))]
+    assert [o.seconds for o in opts["0"]] == pytest.approx([1e-3, 0.5e-3, 0.2e-3])
