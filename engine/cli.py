@@ -18,7 +18,8 @@ VERBS = {
     "keygen": ("engine.signing", "write an Ed25519 key pair to sign (convert --sign-key) and verify artifacts"),
     "inspect": ("engine.inspect", "per-layer table of an artifact: format, block, sparsity, bytes, speedup"),
     "run": ("engine.runtime", "offline inference: .npy in, .npy or JSON out"),
-    "serve": ("engine.serve.server", "Open Inference Protocol v2 server (HTTP, and gRPC with --grpc-port) with dynamic batching"),
+    "serve": ("engine.serve.server", "Open Inference Protocol v2 server (HTTP, and gRPC with --grpc-port) with dynamic batching; "
+              "--ray N: N replicas on Ray Serve"),
     "bench": ("engine.bench", "speed comparison against dense torch and torch.sparse"),
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -42,6 +43,14 @@ LIMITS: dict[str, tuple[type, float, str]] = {
                                       "start or its last answer; then it is closed"),
     "body_timeout_s": (float, 30.0, "time to receive a request body once its headers arrived; 408 past it"),
 }
+
+
+def read_token(path) -> str:
+    """The bearer token in a --token-file (surrounding whitespace stripped); an empty file is an error."""
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"--token-file {path} is empty")
+    return token
 
 
 class Settings:

@@ -28,7 +28,7 @@ import ray
 from ray import serve
 
 from .app import InferenceApp
-from .limits import LIMITS, Settings
+from .limits import LIMITS, Settings, read_token
 from .runner import load_runners
 
 log = logging.getLogger("engine.server")
@@ -81,7 +81,7 @@ def builder(args: dict):
         raise ValueError(f"unknown args {sorted(unknown)} for engine.serve.ray_serve:builder")
     if not args.get("artifacts"):
         raise ValueError("engine.serve.ray_serve:builder needs `artifacts`: a list of artifact paths")
-    token = Path(args["token_file"]).read_text().strip() if args.get("token_file") else None
+    token = read_token(args["token_file"]) if args.get("token_file") else None
     settings = Settings(token=token, **{k: args[k] for k in LIMITS if k in args})
     return application(args["artifacts"], args.get("names", ()), replicas=int(args.get("replicas", 2)),
                        settings=settings, cpus_per_replica=float(args.get("cpus_per_replica", 1.0)),

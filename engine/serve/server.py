@@ -2,6 +2,8 @@
 loads the artifacts, builds the app (engine.serve.app) and runs it on uvicorn with the connection
 limits of engine.serve.limits.
 
+With `--ray N` the same app runs as N replicas on Ray Serve instead (engine.serve.ray_serve).
+
 Binds 127.0.0.1 unless told otherwise. SIGTERM/SIGINT: stop accepting connections, run every queued
 request, answer it, exit 0 (a second SIGINT forces the exit).
 """
@@ -19,7 +21,7 @@ import uvicorn
 from prometheus_client import disable_created_metrics
 
 from .app import InferenceApp
-from .limits import LIMITS, Settings, guarded_protocol
+from .limits import LIMITS, Settings, guarded_protocol, read_token
 from .runner import ModelRunner, load_runners
 
 log = logging.getLogger("engine.server")
@@ -115,11 +117,7 @@ def _serve_on_ray(args, settings: Settings) -> int:
 
 
 def _settings(args) -> Settings:
-    token = None
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-        if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty")
+    token = read_token(args.token_file) if args.token_file is not None else None
     return Settings(token=token, **{name: getattr(args, name) for name in LIMITS})
 
 

@@ -45,7 +45,8 @@ async def main(url: str, port: int, out: str, features: int) -> None:
         assert await rest.is_server_live(url) and await rest.is_server_ready(url)
         assert await rest.is_model_ready(url, "minilm")
         for key in ("mlp", "fp16", "text", "ids"):
-            answers[f"rest_{key}"] = await rest.infer(url, made[key](), made[key]().model_name)
+            request = made[key]()
+            answers[f"rest_{key}"] = await rest.infer(url, request, request.model_name)
         answers["rest_json_mlp"] = await rest.infer(url, made["mlp"](binary=False), "mlp")
     finally:
         await rest.close()

