@@ -4,7 +4,8 @@
 
 Each OUT_DIR's prune.report.json gives one row: method, granularity, measured sparsity, distillation
 (steps and seconds, or none), validation cosine to dense (mean, min), nearest-neighbour agreement,
-the one-shot cosine before distillation, and the threads used.
+the one-shot cosine before distillation, the threads used and the whole run's seconds (loading,
+calibration, pruning, distillation, validation; reports written before it was recorded show "-").
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 HEADER = ("| method | granularity | sparsity | distillation | cosine mean | cosine min | NN agreement | "
-          "one-shot cosine | threads |\n|---|---|---|---|---|---|---|---|---|")
+          "one-shot cosine | threads | total s |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(folder: Path) -> str:
@@ -21,9 +22,10 @@ def row(folder: Path) -> str:
     first, final = r["steps"][0], r["final"]
     distilled = (f"{final['step']} steps, {final['seconds']:.0f} s"
                  if final["step"] else "none (one-shot)")
+    total = f"{r['seconds_total']:.0f}" if "seconds_total" in r else "-"
     return (f"| {r['method']} | {r['granularity']} | {r['measured_sparsity']:.3f} | {distilled} | "
             f"{final['cosine_mean']:.4f} | {final['cosine_min']:.4f} | {final['nn_agreement']:.3f} | "
-            f"{first['cosine_mean']:.4f} | {r['threads']} |")
+            f"{first['cosine_mean']:.4f} | {r['threads']} | {total} |")
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ import torch
 from . import distributed, target
 from .calibrate import CALIBRATED
 from .criteria import METHODS
+from .distill import LR_DECAYS
 from .finetune import DISTILL, OPTIMIZERS, TrainConfig, evaluate, finetune
 from .granularity import PruneError, check_sparsity, parse_granularity
 from .loop import WHEN, Task, run_trial, search_sparsity
@@ -58,7 +59,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--seq-len", type=int, default=128, help="tokens kept of each calibration / training text")
     h.add_argument("--val-sentences", type=int, default=256, help="validation sentences measured (default 256)")
     h.add_argument("--distill-steps", type=int, default=0, help="distillation steps after pruning (default 0)")
-    h.add_argument("--distill-lr", type=float, default=1e-4, help="AdamW learning rate of distillation")
+    h.add_argument("--distill-lr", type=float, default=6e-4,
+                   help="AdamW peak learning rate of distillation (default 6e-4)")
+    h.add_argument("--distill-lr-decay", default="cosine", choices=LR_DECAYS,
+                   help="cosine (default): 3 %% linear warm-up, then cosine decay to 0 at the end of the run "
+                        "(--distill-steps, or --time-budget when that ends it sooner); none: constant rate")
     h.add_argument("--distill-batch", type=int, default=16, help="sentences per distillation step")
     h.add_argument("--eval-every", type=int, default=50, help="validate every N distillation steps")
     h.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -354,8 +359,9 @@ def run_hf(args) -> dict:
                         skip=args.skip, text=args.text, calib_samples=args.calib_samples, seq_len=args.seq_len,
                         val_sentences=args.val_sentences, distill_steps=args.distill_steps,
                         schedule=args.schedule or "oneshot", every_rank=args.save_every_rank, log=log,
-                        distill=dict(lr=args.distill_lr, batch=args.distill_batch, eval_every=args.eval_every,
-                                     time_budget=args.time_budget, layer_loss=args.layer_loss, seed=args.seed))
+                        distill=dict(lr=args.distill_lr, lr_decay=args.distill_lr_decay, batch=args.distill_batch,
+                                     eval_every=args.eval_every, time_budget=args.time_budget,
+                                     layer_loss=args.layer_loss, seed=args.seed))
 
 
 def main(args) -> int:

@@ -1,8 +1,9 @@
 """English text that ships with Python, for calibration and distillation: no download, ever.
 
 The corpus is built at run time from the standard library's own documentation: the reference
-topics of `pydoc_data.topics` (what `help("if")` prints) and the docstrings of a fixed list of
-modules, split into sentences. Each sentence lands in one split by a hash of its text, so the
+topics of `pydoc_data.topics` (what `help("if")` prints), the docstrings of a fixed list of
+modules and their members, then of the methods of the classes those modules define, split into
+sentences. Each sentence lands in one split by a hash of its text, so the
 calibration / train / validation splits do not depend on the order or on the Python version's
 other sentences. `--text FILE` (one passage per line, UTF-8) replaces it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,14 @@ from .granularity import PruneError
 MODULES = ("argparse collections functools itertools json logging os pathlib re subprocess threading "
            "asyncio email http.client urllib.request csv datetime decimal fractions statistics textwrap "
            "typing unittest sqlite3 zipfile tarfile shutil socket ssl string heapq bisect enum dataclasses "
-           "inspect ast random calendar").split()
+           "inspect ast random calendar "
+           # added 2026-12-07 for more distillation text
+           "abc base64 bz2 codecs concurrent.futures configparser contextlib copy difflib doctest filecmp "
+           "fnmatch ftplib getopt gettext glob gzip hashlib hmac html.parser http.server imaplib io "
+           "ipaddress locale lzma mailbox mimetypes multiprocessing numbers operator optparse pickle "
+           "pkgutil platform plistlib poplib pprint queue sched secrets selectors shelve shlex signal "
+           "smtplib socketserver struct sys sysconfig tempfile timeit tokenize traceback types uuid "
+           "warnings weakref xml.dom.minidom xml.etree.ElementTree zipimport zoneinfo").split()
 MIN_CHARS, MAX_CHARS = 30, 300
 SPLITS = ("calib", "train", "val")
 
@@ -47,9 +56,16 @@ def stdlib_sentences() -> list[str]:
     """Deduplicated sentences, in a fixed order, of pydoc_data's topics and the modules' docstrings."""
     from pydoc_data.topics import topics
     docs = [topics[k] for k in sorted(topics)]
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        docs += [mod.__doc__] + [getattr(v, "__doc__", None) for _, v in inspect.getmembers(mod)]
+    with warnings.catch_warnings():  # getmembers touches deprecated aliases (typing.io, ...)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in MODULES:
+            mod = importlib.import_module(name)
+            docs += [mod.__doc__] + [getattr(v, "__doc__", None) for _, v in inspect.getmembers(mod)
+                                     if not inspect.ismodule(v)]  # submodules: there when imported
+        for name in MODULES:  # then the methods of the classes each module defines
+            for _, cls in inspect.getmembers(importlib.import_module(name), inspect.isclass):
+                if cls.__module__ == name:
+                    docs += [getattr(v, "__doc__", None) for v in vars(cls).values()]
     seen, out = set(), []
     for doc in docs:
         if isinstance(doc, str):

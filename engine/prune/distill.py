@@ -4,7 +4,14 @@ Loss per batch of training sentences: MSE of the final hidden states over real (
 per hidden unit, plus 1 - cosine of the pooled sentence embeddings; with `layer_loss` W > 0, plus W
 times the same masked MSE between the hidden states after every encoder layer, averaged over the
 layers (read by forward hooks on the model's first nn.ModuleList of blocks, `encoder.layer` for BERT,
-so the model itself is not changed). AdamW; the masks stay enforced
+so the model itself is not changed). AdamW with a short linear warm-up and a cosine decay to zero over
+the run (the run's length is its step count or, when a time budget ends it sooner, its seconds),
+or a constant rate (`lr_decay="none"`). Batches hold sentences of similar length (a pool of
+`POOL` random batches' worth, sorted by token count and cut into batches, served in random order),
+so little time goes into padding. The embeddings stay the teacher's (they are not pruned; frozen,
+they also cost no optimizer work), and the teacher's final states of each training sentence are kept
+after their first use (`TeacherCache`; not with `layer_loss`, which needs the teacher's layers).
+The masks stay enforced
 (gradients masked, weights re-masked after every step, `MaskSet.enforce`). Validation cosine to the
 dense embeddings every `eval_every` steps; the best state is kept and restored at the end. A time
 budget stops training early (checked every step). `schedule="gradual"` starts from the dense model
@@ -14,6 +21,7 @@ criterion (weights pruned earlier are zero, so they score lowest and stay pruned
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable
 
@@ -26,6 +34,31 @@ from . import distributed
 from .embeddings import fidelity, token_batches, tokenizer
 from .granularity import PruneError
 from .masks import MaskSet, unwrap
+
+LR_DECAYS = ("cosine", "none")
+WARMUP = 0.03  # fraction of the run spent raising the learning rate from 0
+POOL = 8  # batches drawn at once and regrouped by length
+
+
+def lr_factor(progress: float, decay: str) -> float:
+    """The learning rate's multiplier at `progress` (0 at the start, 1 at the end of the run)."""
+    if decay == "none":
+        return 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < WARMUP:
+        return progress / WARMUP
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - WARMUP) / (1.0 - WARMUP)))
+
+
+def length_grouped(lengths: list[int], batch: int, gen: torch.Generator):
+    """Endless index batches: POOL batches' worth of random indices, sorted by `lengths`, cut into
+    batches of `batch` and yielded in random order (sentences of a batch pad to similar lengths)."""
+    while True:
+        idx = torch.randint(0, len(lengths), (batch * POOL,), generator=gen).tolist()
+        idx.sort(key=lengths.__getitem__)
+        chunks = [idx[i:i + batch] for i in range(0, len(idx), batch)]
+        for k in torch.randperm(len(chunks), generator=gen).tolist():
+            yield chunks[k]
 
 
 def encoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -53,6 +86,32 @@ class LayerTap:
             h.remove()
 
 
+class TeacherCache:
+    """The dense teacher's final hidden states per training sentence (real tokens only), computed
+    the first time a sentence is drawn and reused after: the teacher never changes, and its forward
+    pass is a fifth of a distillation step. Stops adding once it holds `limit_bytes`."""
+
+    def __init__(self, teacher: nn.Module, limit_bytes: int = 1 << 30):
+        self.teacher, self.limit, self.held, self.states = teacher, limit_bytes, 0, {}
+
+    @torch.no_grad()
+    def __call__(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, S, H) teacher states of the batch of training sentences `idx`; zeros at padding."""
+        lengths = mask.sum(1).tolist()
+        todo = [k for k, i in enumerate(idx) if i not in self.states]
+        fresh = self.teacher(ids[todo], mask[todo]) if todo else None
+        out = None
+        for k, i in enumerate(idx):
+            state = fresh[todo.index(k)][:lengths[k]] if k in todo else self.states[i]
+            if out is None:
+                out = state.new_zeros(len(idx), ids.shape[1], state.shape[-1])
+            out[k, :lengths[k]] = state
+            if k in todo and self.held < self.limit:
+                self.states[i] = state.clone()
+                self.held += state.numel() * state.element_size()
+        return out
+
+
 def masked_mse(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mean squared difference over real tokens (m: (B, S, 1) of 0/1) and hidden units."""
     return ((a - b).pow(2) * m).sum() / m.sum() / a.shape[-1]
@@ -68,12 +127,15 @@ def layer_mse(taps: tuple[LayerTap, LayerTap], m: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                 layer_loss: float = 0.0, taps: tuple[LayerTap, LayerTap] | None = None) -> torch.Tensor:
-    """The loss of one batch; `taps` (student's, teacher's) are needed when `layer_loss` > 0."""
+                 layer_loss: float = 0.0, taps: tuple[LayerTap, LayerTap] | None = None,
+                 t_h: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one batch; `taps` (student's, teacher's) are needed when `layer_loss` > 0;
+    `t_h`: the teacher's final hidden states of this batch when already known (else computed)."""
     for tap in taps or ():
         tap.take()  # drop what other forward passes (validation) recorded
-    with torch.no_grad():
-        t_h = teacher(ids, mask)
+    if t_h is None:
+        with torch.no_grad():
+            t_h = teacher(ids, mask)
     s_h = student(ids, mask)
     m = mask.unsqueeze(-1).to(s_h.dtype)  # (B, S, 1)
     cos = F.cosine_similarity(unwrap(student).pool(s_h, mask), unwrap(teacher).pool(t_h, mask), dim=-1)
@@ -85,13 +147,13 @@ def distill_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask
     return loss
 
 
-def _agree(flag: bool) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+def _max_over_ranks(value: float) -> float:
+    """The largest `value` of all ranks (so all ranks set the same rate and stop at the same step)."""
     if not distributed.active():
-        return flag
-    t = torch.tensor([int(flag)])
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
 
 
 def _sync_from_rank0(model: nn.Module, masks: MaskSet) -> MaskSet:
@@ -105,9 +167,9 @@ def _sync_from_rank0(model: nn.Module, masks: MaskSet) -> MaskSet:
 
 def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_json: str, texts,
             dense_emb: torch.Tensor, val: list[str], *, steps: int, seq_len: int = 128, batch: int = 16,
-            lr: float = 1e-4, weight_decay: float = 0.01, eval_every: int = 50, time_budget: float | None = None,
-            layer_loss: float = 0.0, reprune: Callable[[float], MaskSet] | None = None,
-            plan: dict[int, float] | None = None, seed: int = 0,
+            lr: float = 6e-4, lr_decay: str = "cosine", weight_decay: float = 0.01, eval_every: int = 50,
+            time_budget: float | None = None, layer_loss: float = 0.0,
+            reprune: Callable[[float], MaskSet] | None = None, plan: dict[int, float] | None = None, seed: int = 0,
             log: Callable[[str], None] = print) -> tuple[list[dict], MaskSet]:
     """Trains `student` in place; -> (one {"step", "seconds", "cosine_mean", ...} per evaluation,
     the one whose state is kept marked "kept": True; the final masks).
@@ -118,12 +180,17 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     the best-state choice agrees, and the time budget stops all ranks at the same step."""
     if layer_loss < 0:
         raise PruneError(f"--layer-loss must be >= 0, got {layer_loss}")
+    if lr_decay not in LR_DECAYS:
+        raise PruneError(f"--distill-lr-decay: unknown {lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
     rank, world = distributed.rank(), distributed.world_size()
     gen = torch.Generator().manual_seed(seed + rank)
     masks = _sync_from_rank0(student, masks)
     student.requires_grad_(True)
+    for m in student.modules():  # not pruned, so the teacher's are right; frozen, they cost no AdamW work
+        if isinstance(m, nn.Embedding):
+            m.requires_grad_(False)
     model = distributed.wrap(student)  # DDP's constructor broadcasts rank 0's parameters
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     masks.enforce(student, opt)
     t0 = time.time()
     history, best, best_state, best_row = [], -2.0, None, None
@@ -131,11 +198,14 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     if not train:
         raise PruneError(f"distillation: rank {rank} of {world} got no training texts")
     taps = (LayerTap(student), LayerTap(teacher)) if layer_loss else None
+    cache = None if layer_loss else TeacherCache(teacher)  # the layer term needs the teacher's pass
+    batches = length_grouped([sum(e.attention_mask) for e in tok.encode_batch(train)], batch, gen)
 
     def evaluate(step: int) -> None:
         nonlocal best, best_state, best_row
         student.eval()
-        row = {"step": step, "seconds": time.time() - t0, **fidelity(dense_emb, student.encode(val))}
+        row = {"step": step, "seconds": time.time() - t0, "lr": opt.param_groups[0]["lr"],
+               **fidelity(dense_emb, student.encode(val))}
         student.train()
         history.append(row)
         final_sparsity = plan is None or step >= max(plan)
@@ -145,19 +215,25 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
             f"({row['seconds']:.0f} s)")
 
     student.train()
+    elapsed = 0.0
     try:
         for step in range(1, steps + 1):
             if plan and reprune is not None and step - 1 in plan and step > 1:
                 masks.release()
                 masks = _sync_from_rank0(student, reprune(plan[step - 1]))
                 masks.enforce(student, opt)
-            idx = torch.randint(0, len(train), (batch,), generator=gen).tolist()
+            progress = max(step / steps, elapsed / time_budget if time_budget else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(progress, lr_decay)
+            idx = next(batches)
             (ids, mask), = token_batches(tok, [train[i] for i in idx], batch)
-            loss = distill_loss(model, teacher, ids, mask, layer_loss, taps)
+            t_h = cache(idx, ids, mask) if cache else None
+            loss = distill_loss(model, teacher, ids, mask, layer_loss, taps, t_h)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            out_of_time = _agree(time_budget is not None and time.time() - t0 > time_budget)
+            elapsed = _max_over_ranks(time.time() - t0)
+            out_of_time = time_budget is not None and elapsed > time_budget
             if step % eval_every == 0 or step == steps or out_of_time:
                 evaluate(step)
             if out_of_time:

@@ -162,7 +162,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
                  log: Callable[[str], None] = print) -> dict:
     """The `prune --hf` pipeline; -> the report (also written as OUT/prune.report.json).
     Under torchrun rank 0 writes OUT; with `every_rank`, rank R also writes OUT.rankR (to compare)."""
-    out = Path(out)
+    started, out = time.time(), Path(out)
     gran = parse_granularity(granularity)
     sparsity = gran.fixed_sparsity if gran.kind == "nm" else check_sparsity(sparsity)
     if calib_samples < 1 or seq_len < 2:
@@ -205,7 +205,8 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
               "corpus": texts.source, "calib_samples": calib_samples, "seq_len": seq_len,
               "val_sentences": len(val), "threads": torch.get_num_threads(),
               "world_size": distributed.world_size(), "distill": dict(distill or {}), "layers": layers, "steps": steps,
-              "final": next((s for s in steps if s.get("kept")), steps[-1])}
+              "final": next((s for s in steps if s.get("kept")), steps[-1]),
+              "seconds_total": time.time() - started}
     masks.apply(student)
     if every_rank and distributed.active():
         write_folder(enc, student, masks, report, out.with_name(f"{out.name}.rank{distributed.rank()}"))

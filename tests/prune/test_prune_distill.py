@@ -141,3 +141,82 @@ def test_taylor_scores_by_output_sensitivity_not_magnitude():
     assert not masks["taylor"][:, 3].any() and masks["magnitude"][:, 3].all()
     assert (masks["taylor"].sum(1) == 12).all()
     assert isinstance(calibrated_prune(_tiny(), [_batch()], "taylor", 0.5)[0], MaskSet)
+
+
+# -- learning-rate schedule and length-grouped batches --------------------------------------------
+def test_lr_warms_up_then_decays_to_zero():
+    from engine.prune.distill import WARMUP, lr_factor
+    assert lr_factor(0.0, "cosine") == 0.0 and lr_factor(WARMUP, "cosine") == pytest.approx(1.0)
+    assert lr_factor(WARMUP / 2, "cosine") == pytest.approx(0.5)
+    after = [lr_factor(WARMUP + (1 - WARMUP) * k / 20, "cosine") for k in range(21)]
+    assert all(a > b for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(1.5, "cosine") == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    assert {lr_factor(p, "none") for p in (0.0, 0.5, 1.0)} == {1.0}
+
+
+def test_length_grouped_batches_hold_similar_lengths():
+    from engine.prune.distill import POOL, length_grouped
+    lengths = [5, 100] * 500  # two lengths, evenly mixed
+    gen = torch.Generator().manual_seed(0)
+    batches = length_grouped(lengths, 16, gen)
+    drawn = [next(batches) for _ in range(10 * POOL)]
+    assert all(len(b) == 16 and all(0 <= i < len(lengths) for i in b) for b in drawn)
+    mixed = sum(len({lengths[i] for i in b}) > 1 for b in drawn)
+    assert mixed <= 10  # sorted pools: only the batch at each pool's boundary mixes the two lengths
+    # random batches of 16 from the same sentences would mix both lengths in nearly every batch
+    assert len({i for b in drawn for i in b}) > 500  # and the batches still cover the sentences
+
+
+def test_distillation_rate_follows_the_schedule(folder, text, tmp_path):  # noqa: F811
+    from engine.prune.distill import lr_factor
+    report = _run(folder, text, tmp_path / "lr", sparsity=0.6, distill_steps=6,
+                  distill=dict(eval_every=2, batch=4, lr=1e-3))
+    rows = report["steps"][1:]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * lr_factor(r["step"] / 6, "cosine") for r in rows])
+    assert report["seconds_total"] >= rows[-1]["seconds"] > 0  # the whole run, distillation included
+    flat = _run(folder, text, tmp_path / "flat", sparsity=0.6, distill_steps=4,
+                distill=dict(eval_every=2, batch=4, lr=1e-3, lr_decay="none"))
+    assert [r["lr"] for r in flat["steps"][1:]] == [1e-3, 1e-3]
+
+
+def test_unknown_lr_decay_is_refused(folder, text, tmp_path):  # noqa: F811
+    from engine.prune import PruneError
+    with pytest.raises(PruneError, match="--distill-lr-decay: unknown 'linear'"):
+        _run(folder, text, tmp_path / "bad", distill_steps=2, distill=dict(lr_decay="linear"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_teacher_cache_gives_the_teachers_states_whatever_the_padding():
+    from engine.prune.distill import TeacherCache
+    teacher = _tiny().requires_grad_(False)
+    cache = TeacherCache(teacher)
+    ids, mask = _batch(seed=4, batch=4, seq=12)
+    mask[1, 7:] = 0  # a shorter sentence
+    with torch.no_grad():
+        want = teacher(ids, mask)
+    first = cache([10, 11, 12, 13], ids, mask)
+    assert torch.allclose(first, want * mask.unsqueeze(-1), atol=1e-6)
+    # sentence 11 again, now padded to 7 tokens beside a new sentence: taken from the cache
+    ids2, mask2 = ids[[1, 0], :7].clone(), mask[[1, 0], :7].clone()
+    with torch.no_grad():
+        want2 = teacher(ids2, mask2)
+    calls = []
+    handle = teacher.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    got = cache([11, 20], ids2, mask2)
+    handle.remove()
+    assert calls == [1]  # the teacher ran on the one sentence it had not seen
+    assert torch.allclose(got, want2 * mask2.unsqueeze(-1), atol=1e-5)
+    full = TeacherCache(teacher, limit_bytes=0)  # a full cache computes but keeps nothing
+    full([1, 2], ids[:2], mask[:2])
+    assert not full.states
+
+
+def test_distillation_leaves_the_embeddings_as_the_teachers(folder, text, tmp_path):  # noqa: F811
+    out = tmp_path / "emb"
+    _run(folder, text, out, sparsity=0.6, distill_steps=4, distill=dict(eval_every=2, batch=4, lr=1e-2))
+    before, after = load_file(str(folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    emb = [k for k in after if "embeddings" in k and k.endswith("_embeddings.weight")]
+    assert len(emb) == 3 and all(torch.equal(after[k], before[k]) for k in emb)
+    layer = "encoder.layer.0.output.dense.weight"
+    assert not torch.equal(after[layer], before[layer])  # while the pruned layers trained

@@ -112,7 +112,7 @@ class Server:
         self._port = threading.Event()
         self.port = None
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._port.wait(STARTUP_S):
+        if not self._port.wait(STARTUP_S) or self.port is None:  # None: the output ended first
             self.stop()
             raise RuntimeError("server did not report its port:\n" + "".join(self.lines))
         self.url = f"http://127.0.0.1:{self.port}"
