@@ -98,18 +98,15 @@ class TeacherCache:
     def __call__(self, idx: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, S, H) teacher states of the batch of training sentences `idx`; zeros at padding."""
         lengths = mask.sum(1).tolist()
-        todo = [k for k, i in enumerate(idx) if i not in self.states]
-        fresh = self.teacher(ids[todo], mask[todo]) if todo else None
-        out = None
-        for k, i in enumerate(idx):
-            state = fresh[todo.index(k)][:lengths[k]] if k in todo else self.states[i]
-            if out is None:
-                out = state.new_zeros(len(idx), ids.shape[1], state.shape[-1])
-            out[k, :lengths[k]] = state
-            if k in todo and self.held < self.limit:
-                self.states[i] = state.clone()
-                self.held += state.numel() * state.element_size()
-        return out
+        todo = {k: j for j, k in enumerate(k for k, i in enumerate(idx) if i not in self.states)}
+        fresh = self.teacher(ids[list(todo)], mask[list(todo)]) if todo else None
+        states = [fresh[todo[k]][:n] if k in todo else self.states[i] for k, (i, n) in enumerate(zip(idx, lengths))]
+        for k in todo:
+            if self.held < self.limit:
+                self.states[idx[k]] = states[k].clone()
+                self.held += states[k].numel() * states[k].element_size()
+        out = nn.utils.rnn.pad_sequence(states, batch_first=True)
+        return F.pad(out, (0, 0, 0, ids.shape[1] - out.shape[1]))
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
