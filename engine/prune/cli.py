@@ -91,6 +91,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="gradual (Zhu & Gupta cubic ramp over the first half of training; default when "
                         "fine-tuning a trained model) or oneshot (default for --when pre, N:M, --epochs 0 and --hf)")
+    p.add_argument("--initial-sparsity", type=float, default=0.0, metavar="S",
+                   help="--hf --schedule gradual: prune to S first, then ramp to --sparsity (default 0)")
+    p.add_argument("--prune-steps", type=int, default=10, metavar="N",
+                   help="--hf --schedule gradual: re-prunings along the ramp over the first half of the "
+                        "distillation run (default 10; each re-runs the calibrated pruner)")
     p.add_argument("--when", default="auto", choices=("auto",) + WHEN,
                    help="post: prune the trained model then fine-tune; pre: prune at initialisation then "
                         "train from scratch; auto (default): pre for snip, post otherwise")
@@ -358,7 +363,8 @@ def run_hf(args) -> dict:
     return prune_folder(args.hf, args.output, method=method, granularity=args.granularity, sparsity=args.sparsity,
                         skip=args.skip, text=args.text, calib_samples=args.calib_samples, seq_len=args.seq_len,
                         val_sentences=args.val_sentences, distill_steps=args.distill_steps,
-                        schedule=args.schedule or "oneshot", every_rank=args.save_every_rank, log=log,
+                        schedule=args.schedule or "oneshot", initial_sparsity=args.initial_sparsity,
+                        prune_steps=args.prune_steps, every_rank=args.save_every_rank, log=log,
                         distill=dict(lr=args.distill_lr, lr_decay=args.distill_lr_decay, batch=args.distill_batch,
                                      eval_every=args.eval_every, time_budget=args.time_budget,
                                      layer_loss=args.layer_loss, seed=args.seed))
@@ -388,6 +394,8 @@ def main(args) -> int:
                       f"cosine to dense {f['cosine_mean']:.4f}, NN agreement {f['nn_agreement']:.3f}; "
                       f"wrote {args.output}")
             return 0
+        if args.initial_sparsity or args.prune_steps != 10:
+            raise PruneError("--initial-sparsity and --prune-steps are for --hf folders (--schedule gradual)")
         if args.method in HF_ONLY:
             raise PruneError(f"--method {args.method} prunes --hf folders; for --example / --model use the "
                              "Python API engine.prune.calibrate.calibrated_prune")

@@ -166,11 +166,15 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
             dense_emb: torch.Tensor, val: list[str], *, steps: int, seq_len: int = 128, batch: int = 16,
             lr: float = 6e-4, lr_decay: str = "cosine", weight_decay: float = 0.01, eval_every: int = 50,
             time_budget: float | None = None, layer_loss: float = 0.0,
-            reprune: Callable[[float], MaskSet] | None = None, plan: dict[int, float] | None = None, seed: int = 0,
-            log: Callable[[str], None] = print) -> tuple[list[dict], MaskSet]:
+            reprune: Callable[[float], MaskSet] | None = None, plan: dict[float, float] | None = None, seed: int = 0,
+            start: dict | None = None, log: Callable[[str], None] = print) -> tuple[list[dict], MaskSet]:
     """Trains `student` in place; -> (one {"step", "seconds", "cosine_mean", ...} per evaluation,
-    the one whose state is kept marked "kept": True; the final masks).
-    With `reprune` and `plan` ({step: sparsity}), masks are recomputed at those steps (gradual).
+    the one whose state is kept marked "kept": True; the final masks). `start`, the caller's
+    evaluation of the student as given (step 0), competes for the kept state too (not with a plan,
+    whose step 0 is not at the final sparsity): a short run cannot end below its starting point.
+    With `reprune` and `plan` ({fraction of the run: sparsity}), masks are recomputed when the run's
+    progress (steps done of `steps`, or seconds of `time_budget` when that ends it sooner) reaches each
+    fraction after the first (gradual pruning).
     Under torchrun (distributed.active()) each rank draws its batches from its own shard of the
     training texts (every world_size-th), DDP averages the gradients, rank 0's masks and weights are
     the start (and are re-broadcast after every re-pruning), every rank validates on all of `val` so
@@ -191,12 +195,15 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     masks.enforce(student, opt)
     t0 = time.time()
     history, best, best_state, best_row = [], -2.0, None, None
+    if start is not None and plan is None:
+        best, best_state, best_row = start["cosine_mean"], copy.deepcopy(student.state_dict()), start
     train, tok = texts.train[rank::world], tokenizer(tokenizer_json, seq_len)
     if not train:
         raise PruneError(f"distillation: rank {rank} of {world} got no training texts")
     taps = (LayerTap(student), LayerTap(teacher)) if layer_loss else None
     cache = None if layer_loss else TeacherCache(teacher)  # the layer term needs the teacher's pass
     batches = length_grouped([sum(e.attention_mask) for e in tok.encode_batch(train)], batch, gen)
+    pending = sorted(plan.items())[1:] if plan and reprune is not None else []  # (fraction, sparsity) to come
 
     def evaluate(step: int) -> None:
         nonlocal best, best_state, best_row
@@ -205,7 +212,7 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
                **fidelity(dense_emb, student.encode(val))}
         student.train()
         history.append(row)
-        final_sparsity = plan is None or step >= max(plan)
+        final_sparsity = not pending
         if final_sparsity and row["cosine_mean"] > best:
             best, best_state, best_row = row["cosine_mean"], copy.deepcopy(student.state_dict()), row
         log(f"step {step}: cosine {row['cosine_mean']:.4f}, NN agreement {row['nn_agreement']:.3f} "
@@ -215,13 +222,16 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     elapsed = 0.0
     try:
         for step in range(1, steps + 1):
-            if plan and reprune is not None and step - 1 in plan and step > 1:
+            timed = elapsed / time_budget if time_budget else 0.0
+            if pending and max((step - 1) / steps, timed) >= pending[0][0]:
+                while pending and max((step - 1) / steps, timed) >= pending[0][0]:
+                    target = pending.pop(0)[1]
                 masks.release()
-                masks = _sync_from_rank0(student, reprune(plan[step - 1]))
+                masks = _sync_from_rank0(student, reprune(target))
                 masks.enforce(student, opt)
-            progress = max(step / steps, elapsed / time_budget if time_budget else 0.0)
+                log(f"step {step}: pruned to {target:.3f}")
             for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(progress, lr_decay)
+                group["lr"] = lr * lr_factor(max(step / steps, timed), lr_decay)
             idx = next(batches)
             (ids, mask), = token_batches(tok, [train[i] for i in idx], batch)
             t_h = cache(idx, ids, mask) if cache else None

@@ -158,9 +158,12 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
                  granularity: str = "unstructured", sparsity: float = 0.5, skip: list[str] = (),
                  text: str | None = None, calib_samples: int = 512, seq_len: int = 128,
                  val_sentences: int = 256, distill_steps: int = 0, schedule: str = "oneshot",
+                 initial_sparsity: float = 0.0, prune_steps: int = 10,
                  distill: dict | None = None, every_rank: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """The `prune --hf` pipeline; -> the report (also written as OUT/prune.report.json).
+    schedule="gradual": pruned to `initial_sparsity` first, then `prune_steps` times more along the
+    cubic ramp (first half of the run) to `sparsity`, distilling in between.
     Under torchrun rank 0 writes OUT; with `every_rank`, rank R also writes OUT.rankR (to compare)."""
     started, out = time.time(), Path(out)
     gran = parse_granularity(granularity)
@@ -186,7 +189,16 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     if schedule == "gradual" and (not distill_steps or gran.kind == "nm"):
         raise PruneError("--schedule gradual needs --distill-steps N > 0 and a granularity with a free "
                          "sparsity (not N:M)")
-    plan = pruning_plan(schedule, sparsity, distill_steps) if schedule == "gradual" else {0: sparsity}
+    if schedule != "gradual" and (initial_sparsity or prune_steps != 10):
+        raise PruneError("--initial-sparsity and --prune-steps shape the gradual schedule; add --schedule gradual")
+    if schedule == "gradual" and not 0.0 <= initial_sparsity < sparsity:
+        raise PruneError(f"--initial-sparsity must lie in [0, --sparsity {sparsity}), got {initial_sparsity}")
+    if prune_steps < 1:
+        raise PruneError(f"--prune-steps must be >= 1, got {prune_steps}")
+    plan = {0: sparsity}
+    if schedule == "gradual":  # in fractions of the run, which a time budget may end before distill_steps
+        plan = {k / distill_steps: s for k, s in pruning_plan(schedule, sparsity, distill_steps, initial=initial_sparsity,
+                                                              n_prunes=prune_steps).items()}
     t0 = time.time()
     masks, layers = calibrated_prune(student, calib, method, plan[0], gran, skipped, log=log)
     steps = [{"step": 0, "seconds": time.time() - t0, **fidelity(dense_emb, student.encode(val))}]
@@ -198,10 +210,13 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
             return calibrated_prune(student, calib, method, s, gran, skipped)[0]
         history, masks = run_distill(student, teacher, masks, enc.tokenizer_json, texts, dense_emb, val,
                                      steps=distill_steps, seq_len=seq_len, log=log, reprune=reprune,
-                                     plan=plan if schedule == "gradual" else None, **(distill or {}))
+                                     plan=plan if schedule == "gradual" else None, start=steps[0],
+                                     **(distill or {}))
         steps += history
     report = {"source": str(Path(src)), "family": enc.family.name, "method": method, "granularity": str(gran),
-              "sparsity": sparsity, "schedule": schedule, "measured_sparsity": masks.sparsity(), "skip": list(skipped),
+              "sparsity": sparsity, "schedule": schedule,
+              **({"initial_sparsity": initial_sparsity, "prune_steps": prune_steps} if schedule == "gradual" else {}),
+              "measured_sparsity": masks.sparsity(), "skip": list(skipped),
               "corpus": texts.source, "calib_samples": calib_samples, "seq_len": seq_len,
               "val_sentences": len(val), "threads": torch.get_num_threads(),
               "world_size": distributed.world_size(), "distill": dict(distill or {}), "layers": layers, "steps": steps,

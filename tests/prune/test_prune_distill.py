@@ -96,10 +96,23 @@ def test_distillation_with_layer_loss_keeps_masks(folder, text, tmp_path):  # no
         assert abs(1 - float(keep.float().mean()) - 0.7) < 0.02
     # the report's final row is the kept (best) state, and it is what the folder holds
     final = report["final"]
-    assert final["kept"] and final["cosine_mean"] == max(s["cosine_mean"] for s in report["steps"][1:])
+    assert final["kept"] and final["cosine_mean"] == max(s["cosine_mean"] for s in report["steps"])
     val = corpus.load(str(text)).val[:16]
     got = fidelity(load_folder(folder).model.encode(val), load_folder(out).model.encode(val))
     assert got["cosine_mean"] == pytest.approx(final["cosine_mean"], abs=1e-5)
+
+
+def test_a_run_that_only_hurts_keeps_the_one_shot_state(folder, text, tmp_path):  # noqa: F811
+    """A learning rate far too high wrecks the student: the kept state is step 0, the pruned start."""
+    out = tmp_path / "hurt"
+    report = _run(folder, text, out, sparsity=0.7, distill_steps=4,
+                  distill=dict(eval_every=2, batch=4, lr=5.0, lr_decay="none"))
+    steps = report["steps"]
+    assert [s["step"] for s in steps] == [0, 2, 4] and max(s["cosine_mean"] for s in steps[1:]) < steps[0]["cosine_mean"]
+    assert report["final"]["step"] == 0 and report["final"]["kept"]
+    val = corpus.load(str(text)).val[:16]
+    got = fidelity(load_folder(folder).model.encode(val), load_folder(out).model.encode(val))
+    assert got["cosine_mean"] == pytest.approx(steps[0]["cosine_mean"], abs=1e-5)
 
 
 def test_negative_layer_loss_is_refused(folder, text, tmp_path):  # noqa: F811

@@ -96,6 +96,30 @@ def test_gradual_schedule_reaches_the_target(folder, text, tmp_path):
     assert abs(report["measured_sparsity"] - 0.6) < 0.02
 
 
+def test_gradual_from_an_initial_sparsity_prunes_on_time_under_a_budget(folder, text, tmp_path):
+    """--initial-sparsity 0.5 -> 0.7 in 2 re-prunings; 10**6 steps never come: the ramp follows the clock."""
+    logged = []
+    report = prune_folder(folder, tmp_path / "g", method="wanda", sparsity=0.7, text=str(text), calib_samples=8,
+                          seq_len=24, val_sentences=16, distill_steps=10 ** 6, schedule="gradual",
+                          initial_sparsity=0.5, prune_steps=2, log=logged.append,
+                          distill=dict(eval_every=10 ** 6, batch=4, time_budget=4.0))
+    assert report["initial_sparsity"] == 0.5 and report["prune_steps"] == 2
+    assert abs(report["measured_sparsity"] - 0.7) < 0.02
+    pruned = [float(m.split("pruned to ")[1]) for m in logged if "pruned to" in m]
+    assert len(pruned) == 2 and pruned[0] < 0.7 and pruned[-1] == pytest.approx(0.7)
+    assert report["steps"][-1]["seconds"] < 4.0 + 30 and report["steps"][-1]["step"] < 10 ** 6
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(schedule="gradual", initial_sparsity=0.7), r"--initial-sparsity must lie in \[0, --sparsity 0.6\)"),
+    (dict(schedule="gradual", prune_steps=0), "--prune-steps must be >= 1"),
+    (dict(initial_sparsity=0.3), "add --schedule gradual"),
+])
+def test_gradual_options_are_checked(folder, text, tmp_path, kw, message):
+    with pytest.raises(PruneError, match=message):
+        _run(folder, text, tmp_path / "bad", sparsity=0.6, distill_steps=4, **kw)
+
+
 def _broken(folder, tmp_path, what):
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
