@@ -40,6 +40,7 @@ from engine import checkpoint as checkpoint_io
 from engine import modules, transformer
 from engine.convert import convert
 from engine.models import bert, get_family
+from engine.peers import BERT_2X768 as BERT, l1_prune_
 from engine.timing import cpu_model, median_and_min, time_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,21 +132,6 @@ def minilm(args) -> None:
         fns = {name: (lambda m=m: m.encode(batch_texts, batch_size=batch)) for name, m in models.items()}
         report(f"all-MiniLM-L6-v2 encode, batch {batch}, seq {args.seq}, {args.threads} threads, "
                f"{args.sparsity:.0%} sparsity", time_samples(fns, args.min_time, args.rounds, args.clock))
-
-
-BERT = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
-            intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
-            layer_norm_eps=1e-12, pad_token_id=0)
-
-
-def l1_prune_(model: nn.Module, sparsity: float) -> None:
-    """Per encoder linear layer: zero the `sparsity` share of weights with the smallest |w|."""
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and name.startswith("encoder."):
-                w = m.weight
-                k = int(round(sparsity * w.numel()))
-                w.view(-1)[w.abs().view(-1).argsort()[:k]] = 0
 
 
 def bert_grid(args) -> None:

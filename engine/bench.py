@@ -8,6 +8,7 @@ timer are shared with the pytest-benchmark suite (bench/test_bench_kernels.py).
     sparse-engine bench                      # --quick: 2 shapes x 2 batches x 2 sparsities, ~1 min
     sparse-engine bench --full               # the issue-7 grid (4 shapes x 4 batches x 5 sparsities)
     sparse-engine bench --shapes 4096x4096 --batch 1,128 --sparsity 0.9 --threads 2
+    sparse-engine bench --peers              # whole pruned models vs ONNX Runtime and DeepSparse (engine/peers.py)
 """
 from __future__ import annotations
 
@@ -200,7 +201,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for every provider (default 2)")
     parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 weight variants")
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
-    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per provider per cell")
+    parser.add_argument("--min-time", type=float,
+                        help="seconds of timing per provider per cell (default 0.3; 2 with --peers)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with this thread's CPU time (needs --threads 1): steady on a shared, "
                              "loaded machine where wall-clock 2-thread runs are not")
@@ -211,6 +213,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="time a converted model instead: dense torch twin (fp32 and bf16) vs engine, "
                              "at --batch (default 1,32; BERT inputs use sequence --seq)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length for --model on a BERT artifact")
+    parser.add_argument("--peers", action="store_true",
+                        help="whole pruned models (784-4096-4096-10 MLP at batch 1,64; BERT 2x768 seq 128 at "
+                             "batch 1,8; 80/90/95 %% unstructured): dense torch fp32/bf16, ONNX Runtime, the "
+                             "engine and DeepSparse (when found) on the same inputs; writes -o .md/.json/.png")
+    parser.add_argument("--peer-models", type=lambda s: [v for v in s.split(",") if v], default=["mlp", "bert"],
+                        help="models for --peers (default mlp,bert)")
+    parser.add_argument("--deepsparse-python", metavar="PYTHON",
+                        help="interpreter of a venv with deepsparse==1.8.0 (default: $SPARSE_ENGINE_DEEPSPARSE_PYTHON)")
+    parser.add_argument("-o", "--out", default="bench/results/peers",
+                        help="--peers output path without suffix (default bench/results/peers)")
     parser.add_argument("--bound", action="store_true",
                         help="measure bandwidth and FMA peak first and print each cell's roofline bound")
 
@@ -224,6 +236,19 @@ def main(args: argparse.Namespace) -> int:
     if not cpu.available():
         print(f"sparse-engine bench: the C++ extension is not built ({cpu.import_error()})")
         return 1
+    if args.peers:
+        from pathlib import Path
+
+        from . import peers
+        batches = {m: args.batch or peers.GRID.get(m, ()) for m in args.peer_models}
+        unknown = [m for m in args.peer_models if m not in peers.GRID]
+        if unknown:
+            print(f"sparse-engine bench --peers: unknown model(s) {unknown}; expected {sorted(peers.GRID)}")
+            return 2
+        return peers.run(args.peer_models, args.sparsity or peers.SPARSITIES, batches, args.threads,
+                         args.min_time or 2.0, args.deepsparse_python, Path(args.out))
+    if args.min_time is None:
+        args.min_time = 0.3
     if args.model:
         from .model_bench import run
         return run(args.model, args.batch or [1, 32], args.threads, seq=args.seq,

@@ -20,7 +20,7 @@ VERBS = {
     "run": ("engine.runtime", "offline inference: .npy in, .npy or JSON out"),
     "serve": ("engine.serve.server", "Open Inference Protocol v2 server (HTTP, and gRPC with --grpc-port) with dynamic batching; "
               "--ray N: N replicas on Ray Serve"),
-    "bench": ("engine.bench", "speed comparison against dense torch and torch.sparse"),
+    "bench": ("engine.bench", "speed comparison against dense torch and torch.sparse; --peers: whole models against ONNX Runtime and DeepSparse"),
 }
 
 
