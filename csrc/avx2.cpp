@@ -201,13 +201,22 @@ void csr_chunk_panelled(const LinearArgs& a, int64_t o0, int64_t o1, const float
                         int64_t nc, float* acc) {
   const int64_t O = a.out_features, P = (a.in_features + a.panel_width - 1) / a.panel_width;
   const WT* val = static_cast<const WT*>(a.panel_val);
-  const int v16 = int(nc / 16);
+  const bool w512 = current_isa() == ISA_AVX512;  // 16-wide vectors (nc % 16 == 0), else 8-wide
+  const int v16 = int(nc / 16), v8 = int(nc / 8);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t* seg = a.panel_seg + p * O;
     for (int64_t o = o0; o < o1; ++o) {
       const int32_t k0 = seg[o], k1 = seg[o + 1];
       float* out = acc + (o - o0) * kChunk;
-      if (k1 > k0) csr_row_acc_512<WT, uint16_t>(v16, a.panel_col, val, k0, k1, xt, np, out, p > 0);
+      if (k1 > k0) {
+        if (w512) {
+          csr_row_acc_512<WT, uint16_t>(v16, a.panel_col, val, k0, k1, xt, np, out, p > 0);
+        } else {
+          simd::with_v<8>(v8, [&](auto v) {
+            simd::csr_row_acc<Avx2, WT, uint16_t, decltype(v)::value>(a.panel_col, val, k0, k1, xt, np, out, p > 0);
+          });
+        }
+      }
       else if (p == 0) std::memset(out, 0, size_t(nc) * sizeof(float));
     }
   }
@@ -272,8 +281,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
 
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
-  // The panelled layout needs every chunk 16-aligned (n_pad % 16 == 0) and AVX-512.
-  const bool panelled = w512 && a.panel_seg && n_pad % 16 == 0;
+  // The panelled layout: AVX-512 needs every chunk 16-aligned (n_pad % 16 == 0); AVX2 8-aligned.
+  const bool panelled = a.panel_seg && (!w512 || n_pad % 16 == 0);
   const bool grouped = w512 && a.grp_off && n_pad % 16 == 0;
   float* acc_shared = grouped ? scratch(2, size_t((O + 63) / 64 * 64 * kChunk)) : nullptr;
 #pragma omp parallel num_threads(T) if (T > 1)

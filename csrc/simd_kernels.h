@@ -74,31 +74,33 @@ inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const 
 
 // One row's entries [k0, k1) of one input panel: out[0 : W·V] (+)= Σ val[k] · xt[col[k]·np + ...];
 // adds to out when accumulate (partial sums of earlier panels), else overwrites it.
+// Two entries in flight (2·V independent FMA chains) where the registers hold two accumulator
+// sets (S::csr_unroll(V) >= 2), else one (V >= 4 on 16-register AVX2: V chains already).
 template <typename S, typename WT, typename IT, int V>
 inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                         int64_t np, float* out, bool accumulate) {
-  constexpr int W = S::W;
-  typename S::vec a0[V], a1[V];
+  constexpr int W = S::W, U = S::csr_unroll(V) >= 2 ? 2 : 1;
+  typename S::vec a[U][V];
   for (int v = 0; v < V; ++v) {
-    a0[v] = accumulate ? S::load(out + W * v) : S::zero();
-    a1[v] = S::zero();
+    a[0][v] = accumulate ? S::load(out + W * v) : S::zero();
+    for (int u = 1; u < U; ++u) a[u][v] = S::zero();
   }
   int32_t k = k0;
-  for (; k + 2 <= k1; k += 2) {  // two entries in flight: 2·V independent FMA chains
-    const auto w0 = S::bcast(val + k), w1 = S::bcast(val + k + 1);
-    const float* p0 = xt + int64_t(col[k]) * np;
-    const float* p1 = xt + int64_t(col[k + 1]) * np;
-    for (int v = 0; v < V; ++v) {
-      a0[v] = S::fmadd(w0, S::loadu(p0 + W * v), a0[v]);
-      a1[v] = S::fmadd(w1, S::loadu(p1 + W * v), a1[v]);
+  for (; k + U <= k1; k += U)
+    for (int u = 0; u < U; ++u) {
+      const auto w = S::bcast(val + k + u);
+      const float* p = xt + int64_t(col[k + u]) * np;
+      for (int v = 0; v < V; ++v) a[u][v] = S::fmadd(w, S::loadu(p + W * v), a[u][v]);
     }
-  }
   if (k < k1) {
-    const auto w0 = S::bcast(val + k);
-    const float* p0 = xt + int64_t(col[k]) * np;
-    for (int v = 0; v < V; ++v) a0[v] = S::fmadd(w0, S::loadu(p0 + W * v), a0[v]);
+    const auto w = S::bcast(val + k);
+    const float* p = xt + int64_t(col[k]) * np;
+    for (int v = 0; v < V; ++v) a[0][v] = S::fmadd(w, S::loadu(p + W * v), a[0][v]);
   }
-  for (int v = 0; v < V; ++v) S::store(out + W * v, S::add(a0[v], a1[v]));
+  for (int v = 0; v < V; ++v) {
+    for (int u = 1; u < U; ++u) a[0][v] = S::add(a[0][v], a[u][v]);
+    S::store(out + W * v, a[0][v]);
+  }
 }
 
 // One SELL-4 group of one panel: 4 rows (lanes) with len entries each, slot (j, lane) at

@@ -85,7 +85,7 @@ def _col16(w: CSR) -> torch.Tensor | None:
     return _cached("col16", (w.col_indices,), lambda: w.col_indices.contiguous().to(torch.int16))
 
 
-# Panelled CSR copy for the batched AVX-512 path: entries regrouped by input panel of
+# Panelled CSR copy for the batched AVX-512 and AVX2 paths: entries regrouped by input panel of
 # _PANEL_WIDTH features (128 x 64 batch columns of packed X = 32 KiB, an L1's worth), then by row.
 _PANEL_WIDTH = 128
 _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time loop is as fast
@@ -96,14 +96,20 @@ _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time lo
 #   below: the row-at-a-time loop over L2-resident packed X is as fast.
 _PANEL_MIN_PER_ROW = 20.0
 _GROUP_MIN_PER_ROW = 9.0
+# AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2 panels"): panel-major rows
+# beat the row loop (packed X from L2/L3) 1.2-2x from s = 0.8 to 0.95 at 64-1024 rows; no grouped
+# copy there (4 rows x 64 columns of partial sums need 32 ymm registers, AVX2 has 16).
+_AVX2_PANEL_MIN_PER_ROW = 6.0
 
 
 def _batched_layout(w: CSR, batch: int) -> str:
     """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads."""
     o, i = w.shape
-    if not (batch >= _PANEL_MIN_BATCH and _ISA[0] == "avx512" and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
+    if not (batch >= _PANEL_MIN_BATCH and _ISA[0] in ("avx512", "avx2") and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
         return "rows"
     per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
+    if _ISA[0] == "avx2":
+        return "panels" if per_row_panel >= _AVX2_PANEL_MIN_PER_ROW else "rows"
     if per_row_panel >= _PANEL_MIN_PER_ROW:
         return "panels"
     return "groups" if per_row_panel >= _GROUP_MIN_PER_ROW else "rows"
@@ -176,7 +182,7 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     """One-time layout work for the C++ kernels, cached and reused by every later call on the same
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
-    a `batch` >= 16 on an AVX-512 CPU and density >= 0.07, the panel-major or grouped copy the
+    a `batch` >= 16 on an AVX-512 CPU and density >= 0.07 (AVX2: >= 0.047, panel-major only), the panel-major or grouped copy the
     batched kernel reads (another value + 2 bytes per stored value, plus padding). The first kernel call does it lazily; SparseLinear calls
     this (without `batch`) at construction to keep the index copy out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":

@@ -390,18 +390,21 @@ def test_prepare_weight_cache_follows_buffers(isa):
     check(run(x, w1_full), x, w1_full, None, "none")
 
 
-@pytest.mark.parametrize("layout,sparsity,o", [("panels", 0.5, 40), ("groups", 0.88, 40),
-                                                ("groups", 0.88, 130)])
+@pytest.mark.parametrize("layouts,sparsity,o", [
+    ({"avx512": "panels", "avx2": "panels"}, 0.5, 40),
+    ({"avx512": "groups", "avx2": "panels"}, 0.88, 40),
+    ({"avx512": "groups", "avx2": "panels"}, 0.88, 130),
+    ({"avx512": "rows", "avx2": "rows"}, 0.97, 40)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", (16, 33, 130))
-def test_csr_panelled_and_grouped_batched_paths(isa, layout, sparsity, o, wdtype, n):
-    # Dense enough and wide enough for the panel-major / grouped copies (AVX-512 only); I = 600
-    # leaves a partial last panel, O = 130 a partial 64-row window, and some rows are empty.
+def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtype, n):
+    # Dense enough and wide enough for the panel-major (AVX-512, AVX2) / grouped (AVX-512) copies;
+    # I = 600 leaves a partial last panel, O = 130 a partial 64-row window, and some rows are empty.
     w, keep = rand_weight(o, 600, sparsity)
     keep[5:9] = False
     w = (w * keep).to(wdtype)
     wc = CSR.from_dense(w, mask=keep)
-    assert cpu._batched_layout(wc, n) == (layout if isa == "avx512" else "rows")
+    assert cpu._batched_layout(wc, n) == layouts.get(isa, "rows")
     x, b = torch.randn(n, 600), torch.randn(o)
     check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
     # The copy follows in-place updates of the values.
