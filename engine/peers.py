@@ -295,7 +295,7 @@ def table(results: list[dict]) -> list[str]:
 def write(results: list[dict], machine: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    command = "sparse-engine bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    command = " ".join(["sparse-engine bench --peers", *(a for a in sys.argv[1:] if a not in ("bench", "--peers"))])
     lines = [f"# Whole-model speed against peers ({date})", "", f"{machine}.", "",
              f"Command: `{command}`. Speedup = median t(dense torch fp32) / median t(provider), interleaved "
              "rounds in one run; every layer L1-magnitude pruned, unstructured; MLP 784-4096-4096-10 (ReLU), "
