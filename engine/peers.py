@@ -75,24 +75,43 @@ class IdsOnly(nn.Module):
         return self.encoder(input_ids)
 
 
+def _mlp(sparsity: float) -> nn.Module:
+    from .bench import pruned_mlp
+    return pruned_mlp(sparsity)
+
+
+def _bert(sparsity: float) -> nn.Module:
+    from .models import bert
+    torch.manual_seed(0)
+    model = bert.build(BERT_2X768).eval()
+    l1_prune_(model, sparsity)
+    return IdsOnly(model).eval()
+
+
+def _features(batch: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, 784, generator=g)
+
+
+def _token_ids(batch: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(1000, BERT_2X768["vocab_size"], (batch, SEQ), generator=g)
+
+
+# name -> (pruned model at a sparsity, its input at a batch)
+MODELS = {"mlp": (_mlp, _features), "bert": (_bert, _token_ids)}
+
+
+def _model(name: str):
+    if name not in MODELS:
+        raise ValueError(f"bench --peers: unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
 def pruned_model(name: str, sparsity: float) -> nn.Module:
-    if name == "mlp":
-        from .bench import pruned_mlp
-        return pruned_mlp(sparsity)
-    if name == "bert":
-        from .models import bert
-        torch.manual_seed(0)
-        model = bert.build(BERT_2X768).eval()
-        l1_prune_(model, sparsity)
-        return IdsOnly(model).eval()
-    raise ValueError(f"bench --peers: unknown model {name!r}; expected one of {sorted(GRID)}")
+    return _model(name)[0](sparsity)
 
 
 def example_input(name: str, batch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(batch)
-    if name == "mlp":
-        return torch.randn(batch, 784, generator=g)
-    return torch.randint(1000, BERT_2X768["vocab_size"], (batch, SEQ), generator=g)
+    return _model(name)[1](batch, torch.Generator().manual_seed(batch))
 
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
