@@ -129,29 +129,12 @@ def providers(shape, sparsity: float, batch: int, *, blocks=BLOCKS, threads: int
     return out
 
 
-def pruned_mlp(sparsity: float, sizes=(784, 4096, 4096, 10), seed: int = 0) -> torch.nn.Sequential:
-    """The issue-7 whole-model case: an MLP (ReLU) with every layer magnitude-pruned, unstructured,
-    to `sparsity` (random weights: the speed does not depend on training)."""
-    from torch import nn
-    g = torch.Generator().manual_seed(seed)
-    layers: list = []
-    for a, b in zip(sizes, sizes[1:]):
-        lin = nn.Linear(a, b)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(b, a, generator=g) / a ** 0.5)
-            k = int(sparsity * lin.weight.numel())
-            if k:
-                thr = lin.weight.abs().flatten().kthvalue(k).values
-                lin.weight.mul_(lin.weight.abs() > thr)
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers[:-1]).eval()
-
-
 def mlp_providers(sparsity: float, batch: int, fmt: str = "csr", seed: int = 0) -> dict[str, dict]:
     """dense torch vs engine.sparsify(model, format=fmt) on the pruned 784-4096-4096-10 MLP."""
     import copy
 
     from .modules import sparsify
+    from .peers import pruned_mlp
     dense = pruned_mlp(sparsity, seed=seed)
     sparse = sparsify(copy.deepcopy(dense), format=fmt)
     x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(seed + 1))

@@ -75,9 +75,21 @@ class IdsOnly(nn.Module):
         return self.encoder(input_ids)
 
 
-def _mlp(sparsity: float) -> nn.Module:
-    from .bench import pruned_mlp
-    return pruned_mlp(sparsity)
+def pruned_mlp(sparsity: float, sizes=(784, 4096, 4096, 10), seed: int = 0) -> nn.Sequential:
+    """The issue-7 whole-model case: an MLP (ReLU) with every layer magnitude-pruned, unstructured,
+    to `sparsity` (random weights: the speed does not depend on training)."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list = []
+    for a, b in zip(sizes, sizes[1:]):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=g) / a ** 0.5)
+            k = int(sparsity * lin.weight.numel())
+            if k:
+                thr = lin.weight.abs().flatten().kthvalue(k).values
+                lin.weight.mul_(lin.weight.abs() > thr)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
 
 
 def _bert(sparsity: float) -> nn.Module:
@@ -97,7 +109,7 @@ def _token_ids(batch: int, g: torch.Generator) -> torch.Tensor:
 
 
 # name -> (pruned model at a sparsity, its input at a batch)
-MODELS = {"mlp": (_mlp, _features), "bert": (_bert, _token_ids)}
+MODELS = {"mlp": (pruned_mlp, _features), "bert": (_bert, _token_ids)}
 
 
 def _model(name: str):
