@@ -213,7 +213,7 @@ void csr_chunk_panelled(const LinearArgs& a, int64_t o0, int64_t o1, const float
           csr_row_acc_512<WT, uint16_t>(v16, a.panel_col, val, k0, k1, xt, np, out, p > 0);
         } else {
           simd::with_v<8>(v8, [&](auto v) {
-            simd::csr_row_acc<Avx2, WT, uint16_t, decltype(v)::value>(a.panel_col, val, k0, k1, xt, np, out, p > 0);
+            simd::csr_row_acc<Avx2, WT, uint16_t, decltype(v)::value, 2>(a.panel_col, val, k0, k1, xt, np, out, p > 0);
           });
         }
       }

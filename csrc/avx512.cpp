@@ -33,7 +33,7 @@ template <typename WT, typename IT>
 void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out, bool accumulate) {
   simd::with_v<4>(v16, [&](auto V) {
-    simd::csr_row_acc<Avx512, WT, IT, decltype(V)::value>(col, val, k0, k1, xt, np, out, accumulate);
+    simd::csr_row_acc<Avx512, WT, IT, decltype(V)::value, 2>(col, val, k0, k1, xt, np, out, accumulate);
   });
 }
 

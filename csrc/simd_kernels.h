@@ -45,41 +45,14 @@ inline void with_v(int v, F&& f) {
   }
 }
 
-// One CSR row, V vectors of batch columns: out[0 : W·V] = Σ_{k in [k0,k1)} val[k] · xt[col[k]·np + ...].
-// S::csr_unroll(V) independent accumulator sets hide FMA latency when V is small. out: aligned.
-template <typename S, typename WT, typename IT, int V>
-inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
-                    int64_t np, float* out) {
-  constexpr int U = S::csr_unroll(V), W = S::W;
-  typename S::vec acc[U][V];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) acc[u][v] = S::zero();
-  int32_t k = k0;
-  for (; k + U <= k1; k += U)
-    for (int u = 0; u < U; ++u) {
-      const auto w = S::bcast(val + k + u);
-      const float* p = xt + int64_t(col[k + u]) * np;
-      for (int v = 0; v < V; ++v) acc[u][v] = S::fmadd(w, S::loadu(p + W * v), acc[u][v]);
-    }
-  for (; k < k1; ++k) {
-    const auto w = S::bcast(val + k);
-    const float* p = xt + int64_t(col[k]) * np;
-    for (int v = 0; v < V; ++v) acc[0][v] = S::fmadd(w, S::loadu(p + W * v), acc[0][v]);
-  }
-  for (int v = 0; v < V; ++v) {
-    for (int u = 1; u < U; ++u) acc[0][v] = S::add(acc[0][v], acc[u][v]);
-    S::store(out + W * v, acc[0][v]);
-  }
-}
-
-// One row's entries [k0, k1) of one input panel: out[0 : W·V] (+)= Σ val[k] · xt[col[k]·np + ...];
-// adds to out when accumulate (partial sums of earlier panels), else overwrites it.
-// Two entries in flight (2·V independent FMA chains) where the registers hold two accumulator
-// sets (S::csr_unroll(V) >= 2), else one (V >= 4 on 16-register AVX2: V chains already).
-template <typename S, typename WT, typename IT, int V>
+// One row's entries [k0, k1), V vectors of batch columns: out[0 : W·V] (+)= Σ val[k] · xt[col[k]·np + ...];
+// adds to out when accumulate (partial sums of earlier input panels), else overwrites it.
+// min(UMAX, S::csr_unroll(V)) accumulator sets hide FMA latency when V is small (on 16-register
+// AVX2, V >= 4 keeps one set: V chains already). out: aligned.
+template <typename S, typename WT, typename IT, int V, int UMAX = 4>
 inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                         int64_t np, float* out, bool accumulate) {
-  constexpr int W = S::W, U = S::csr_unroll(V) >= 2 ? 2 : 1;
+  constexpr int W = S::W, U = S::csr_unroll(V) < UMAX ? S::csr_unroll(V) : UMAX;
   typename S::vec a[U][V];
   for (int v = 0; v < V; ++v) {
     a[0][v] = accumulate ? S::load(out + W * v) : S::zero();
@@ -92,7 +65,7 @@ inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, co
       const float* p = xt + int64_t(col[k + u]) * np;
       for (int v = 0; v < V; ++v) a[u][v] = S::fmadd(w, S::loadu(p + W * v), a[u][v]);
     }
-  if (k < k1) {
+  for (; k < k1; ++k) {
     const auto w = S::bcast(val + k);
     const float* p = xt + int64_t(col[k]) * np;
     for (int v = 0; v < V; ++v) a[0][v] = S::fmadd(w, S::loadu(p + W * v), a[0][v]);
@@ -101,6 +74,13 @@ inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, co
     for (int u = 1; u < U; ++u) a[0][v] = S::add(a[0][v], a[u][v]);
     S::store(out + W * v, a[0][v]);
   }
+}
+
+// One CSR row, V vectors of batch columns: out[0 : W·V] = Σ_{k in [k0,k1)} val[k] · xt[col[k]·np + ...].
+template <typename S, typename WT, typename IT, int V>
+inline void csr_row(const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
+                    int64_t np, float* out) {
+  csr_row_acc<S, WT, IT, V>(col, val, k0, k1, xt, np, out, false);
 }
 
 // One SELL-4 group of one panel: 4 rows (lanes) with len entries each, slot (j, lane) at
