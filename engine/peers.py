@@ -255,7 +255,7 @@ def measure_cell(name: str, sparsity: float, batch: int, dense: nn.Module, onnx_
         # Every fp32 provider must compute the same function; bf16 rounds (8 bits of mantissa).
         tol = 0.1 if k.endswith("bf16") else 1e-3
         if d > tol * scale:
-            raise AssertionError(f"{name} {sparsity:.0%} batch {batch}: {k} differs from dense torch by {d:.3g} "
+            raise RuntimeError(f"{name} {sparsity:.0%} batch {batch}: {k} differs from dense torch by {d:.3g} "
                                  f"(|y| up to {scale:.3g})")
     samples = time_rounds(timers, min_time)
     return {k: {"ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_diff": diffs[k]}

@@ -223,13 +223,13 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
     try:
         for step in range(1, steps + 1):
             timed = elapsed / time_budget if time_budget else 0.0
-            if pending and max((step - 1) / steps, timed) >= pending[0][0]:
-                while pending and max((step - 1) / steps, timed) >= pending[0][0]:
-                    target = pending.pop(0)[1]
+            due = [s for f, s in pending if f <= max((step - 1) / steps, timed)]
+            if due:  # one re-prune, to the latest target reached (a slow step may pass several)
+                pending = pending[len(due):]
                 masks.release()
-                masks = _sync_from_rank0(student, reprune(target))
+                masks = _sync_from_rank0(student, reprune(due[-1]))
                 masks.enforce(student, opt)
-                log(f"step {step}: pruned to {target:.3f}")
+                log(f"step {step}: pruned to {due[-1]:.3f}")
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(max(step / steps, timed), lr_decay)
             idx = next(batches)

@@ -115,7 +115,7 @@ def test_grid_cell_end_to_end_writes_table_json_and_plot(stand_in, tmp_path):
 
 def test_a_peer_with_wrong_numbers_fails_the_run(stand_in, tmp_path, monkeypatch):
     monkeypatch.setenv("STAND_IN_WRONG", "1")
-    with pytest.raises(AssertionError, match="deepsparse differs from dense torch"):
+    with pytest.raises(RuntimeError, match="deepsparse differs from dense torch"):
         peers.run(["mlp"], [0.9], {"mlp": (1,)}, threads=1, min_time=0.05, ds_python=stand_in,
                   out=tmp_path / "peers")
 
