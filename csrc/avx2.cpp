@@ -122,6 +122,36 @@ void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, fl
 #pragma omp barrier
 }
 
+// ---- GELU on 8 lanes ---------------------------------------------------------------------------
+// exp(u) for u <= 0: u = n·ln2 + r (|r| <= ln2/2), e^r by its degree-6 Taylor polynomial (relative
+// error < 2e-7), 2^n built in the exponent field; u below -87 is clamped (the result is then < 1e-37).
+inline __m256 exp_nonpositive(__m256 u) {
+  u = _mm256_max_ps(u, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(u, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), u);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
+  __m256 e = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(c));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n));
+}
+
+// 0.5·v·(1 + erf(v/√2)) on 8 lanes, as gelu512 in bf16.cpp: with a = |x|, x = v/√2, Abramowitz &
+// Stegun 7.1.26 gives 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a) (|error| <= 1.5e-7); 1 + erf(x)
+// is 2 - q·e^(-a²) for x >= 0 and q·e^(-a²) itself for x < 0 (no cancellation in the negative tail).
+// std::erf per lane was 10-17x slower than the kernel it followed.
+inline __m256 gelu8(__m256 v) {
+  const __m256 x = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 q = _mm256_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(c));
+  q = _mm256_mul_ps(_mm256_mul_ps(q, t), exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))));
+  const __m256 one_plus_erf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.f), q), q, x);  // x's sign bit picks
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), one_plus_erf);
+}
+
 // ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
 // Batch column outer, 8-row blocks inner: a 16-row tile writes each Y row's 64-byte segment with two
 // back-to-back stores. (8-row tiles wrote half lines; with Y rows 12-16 KiB apart they alias in L1
@@ -139,11 +169,12 @@ void store_tile(float* y, int64_t O, const float* tile, int64_t o0, int64_t g, i
       for (int64_t q = 0; q < m; ++q) {
         __m256 v = _mm256_add_ps(r[q], b);
         if (act == ACT_RELU) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN in v stays NaN (maxps returns the second operand)
+        else if (act == ACT_GELU) v = gelu8(v);
         _mm256_storeu_ps(y + (n0 + j0 + q) * O + o0 + r0, v);
       }
     }
   }
-  if (act >= ACT_GELU && g8)
+  if (act > ACT_GELU && g8)  // gelu_tanh: per element
     for (int64_t j = 0; j < nn; ++j) {
       float* dst = y + (n0 + j) * O + o0;
       for (int64_t r = 0; r < g8; ++r) dst[r] = activate(dst[r], act);
