@@ -91,9 +91,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="gradual (Zhu & Gupta cubic ramp over the first half of training; default when "
                         "fine-tuning a trained model) or oneshot (default for --when pre, N:M, --epochs 0 and --hf)")
-    p.add_argument("--initial-sparsity", type=float, default=0.0, metavar="S",
+    p.add_argument("--initial-sparsity", type=float, metavar="S",
                    help="--hf --schedule gradual: prune to S first, then ramp to --sparsity (default 0)")
-    p.add_argument("--prune-steps", type=int, default=10, metavar="N",
+    p.add_argument("--prune-steps", type=int, metavar="N",
                    help="--hf --schedule gradual: re-prunings along the ramp over the first half of the "
                         "distillation run (default 10; each re-runs the calibrated pruner)")
     p.add_argument("--when", default="auto", choices=("auto",) + WHEN,
@@ -394,7 +394,7 @@ def main(args) -> int:
                       f"cosine to dense {f['cosine_mean']:.4f}, NN agreement {f['nn_agreement']:.3f}; "
                       f"wrote {args.output}")
             return 0
-        if args.initial_sparsity or args.prune_steps != 10:
+        if args.initial_sparsity is not None or args.prune_steps is not None:
             raise PruneError("--initial-sparsity and --prune-steps are for --hf folders (--schedule gradual)")
         if args.method in HF_ONLY:
             raise PruneError(f"--method {args.method} prunes --hf folders; for --example / --model use the "

@@ -14,8 +14,9 @@ after their first use (`TeacherCache`; not with `layer_loss`, which needs the te
 The masks stay enforced
 (gradients masked, weights re-masked after every step, `MaskSet.enforce`). Validation cosine to the
 dense embeddings every `eval_every` steps; the best state is kept and restored at the end. A time
-budget stops training early (checked every step). `schedule="gradual"` starts from the dense model
-and re-prunes on Zhu & Gupta's cubic schedule over the first half of the steps with the chosen
+budget stops training early (checked every step). `schedule="gradual"` (hf.py) starts from the dense
+model or a given initial sparsity and re-prunes on Zhu & Gupta's cubic schedule over the first half of
+the run (steps, or the time budget's seconds) with the chosen
 criterion (weights pruned earlier are zero, so they score lowest and stay pruned).
 """
 from __future__ import annotations
@@ -212,8 +213,7 @@ def distill(student: nn.Module, teacher: nn.Module, masks: MaskSet, tokenizer_js
                **fidelity(dense_emb, student.encode(val))}
         student.train()
         history.append(row)
-        final_sparsity = not pending
-        if final_sparsity and row["cosine_mean"] > best:
+        if not pending and row["cosine_mean"] > best:  # only states at the final sparsity compete
             best, best_state, best_row = row["cosine_mean"], copy.deepcopy(student.state_dict()), row
         log(f"step {step}: cosine {row['cosine_mean']:.4f}, NN agreement {row['nn_agreement']:.3f} "
             f"({row['seconds']:.0f} s)")

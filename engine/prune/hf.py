@@ -158,12 +158,12 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
                  granularity: str = "unstructured", sparsity: float = 0.5, skip: list[str] = (),
                  text: str | None = None, calib_samples: int = 512, seq_len: int = 128,
                  val_sentences: int = 256, distill_steps: int = 0, schedule: str = "oneshot",
-                 initial_sparsity: float = 0.0, prune_steps: int = 10,
+                 initial_sparsity: float | None = None, prune_steps: int | None = None,
                  distill: dict | None = None, every_rank: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """The `prune --hf` pipeline; -> the report (also written as OUT/prune.report.json).
-    schedule="gradual": pruned to `initial_sparsity` first, then `prune_steps` times more along the
-    cubic ramp (first half of the run) to `sparsity`, distilling in between.
+    schedule="gradual": pruned to `initial_sparsity` (default 0) first, then `prune_steps` (default 10)
+    times more along the cubic ramp (first half of the run) to `sparsity`, distilling in between.
     Under torchrun rank 0 writes OUT; with `every_rank`, rank R also writes OUT.rankR (to compare)."""
     started, out = time.time(), Path(out)
     gran = parse_granularity(granularity)
@@ -189,8 +189,10 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, *, method: str 
     if schedule == "gradual" and (not distill_steps or gran.kind == "nm"):
         raise PruneError("--schedule gradual needs --distill-steps N > 0 and a granularity with a free "
                          "sparsity (not N:M)")
-    if schedule != "gradual" and (initial_sparsity or prune_steps != 10):
+    if schedule != "gradual" and (initial_sparsity is not None or prune_steps is not None):
         raise PruneError("--initial-sparsity and --prune-steps shape the gradual schedule; add --schedule gradual")
+    initial_sparsity = 0.0 if initial_sparsity is None else initial_sparsity
+    prune_steps = 10 if prune_steps is None else prune_steps
     if schedule == "gradual" and not 0.0 <= initial_sparsity < sparsity:
         raise PruneError(f"--initial-sparsity must lie in [0, --sparsity {sparsity}), got {initial_sparsity}")
     if prune_steps < 1:
