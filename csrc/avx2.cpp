@@ -113,12 +113,19 @@ inline int64_t panel_columns(int64_t I, int64_t n_pad) {
 
 // Called by every thread t of a team of nt for each panel: waits until the team is done with the
 // previous panel, packs this thread's 8-aligned share of the input features, waits for the rest.
-void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, float* xt, int t, int nt) {
+// chunk_major: each kChunk columns of the panel packed apart, (I, kChunk) at xt + c0·I, so a
+// chunk's rows are contiguous 256-byte lines (in the (I, np) layout a chunk's rows sit np floats
+// apart, a power-of-two stride at np = 128 that maps them onto half of L1's sets).
+void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, float* xt, int t, int nt,
+                bool chunk_major = false) {
   const int64_t i0 = std::min(I, (I * t / nt + 7) / 8 * 8), i1 = std::min(I, (I * (t + 1) / nt + 7) / 8 * 8);
   if (p0) {
 #pragma omp barrier
   }
-  pack_xt(x, N, I, p0, np, xt, i0, i1);
+  if (chunk_major)
+    for (int64_t c0 = 0; c0 < np; c0 += kChunk) pack_xt(x, N, I, p0 + c0, kChunk, xt + c0 * I, i0, i1);
+  else
+    pack_xt(x, N, I, p0, np, xt, i0, i1);
 #pragma omp barrier
 }
 
@@ -311,9 +318,9 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   }
 
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
-  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
   // The panelled layout: AVX-512 needs every chunk 16-aligned (n_pad % 16 == 0); AVX2 8-aligned.
   const bool panelled = a.panel_seg && (!w512 || n_pad % 16 == 0);
+  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * (panel + kChunk - 1) / kChunk * kChunk));
   const bool grouped = w512 && a.grp_off && n_pad % 16 == 0;
   float* acc_shared = grouped ? scratch(2, size_t((O + 63) / 64 * 64 * kChunk)) : nullptr;
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -324,7 +331,7 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      pack_panel(a.x, N, I, p0, np, xt, t, nt);
+      pack_panel(a.x, N, I, p0, np, xt, t, nt, panelled && !grouped);
       if (grouped) {
         const int64_t w0 = o0 / 64, w1 = (o1 + 63) / 64;  // o0, o1: multiples of 64 (or O)
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
@@ -340,10 +347,8 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
           float* acc = scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
-          csr_chunk_panelled<WT>(a, o0, o1, xt + c0, np, nc, acc);
-          for (int64_t og = o0; og < o1; og += kTileRows)
-            store_tile(a.y, O, acc + (og - o0) * kChunk, og, std::min<int64_t>(kTileRows, o1 - og), p0 + c0,
-                       std::min(nc, N - p0 - c0), a.bias, a.act);
+          csr_chunk_panelled<WT>(a, o0, o1, xt + c0 * I, kChunk, nc, acc);
+          store_tile(a.y, O, acc, o0, o1 - o0, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
         }
         continue;
       }
