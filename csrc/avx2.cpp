@@ -18,6 +18,7 @@
 namespace se {
 void csr_linear_avx2(const LinearArgs& a) { csr_linear_portable(a); }
 void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
+void csr_pair_avx2(const LinearArgs&, const LinearArgs&) {}  // never called: no panelled layout here
 }  // namespace se
 #else
 
@@ -374,6 +375,60 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   }
 }
 
+// ============================ two CSR layers back to back ======================================
+
+// rows [r0, r1) of a (rows x kChunk) block of partial sums, first nc columns, in place:
+// v <- act(v + bias[row]).
+void bias_act_rows(float* h, int64_t r0, int64_t r1, int64_t nc, const float* bias, int act) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = h + r * kChunk;
+    const __m256 b = _mm256_set1_ps(bias ? bias[r] : 0.f);
+    for (int64_t j = 0; j < nc; j += 8) {
+      __m256 v = _mm256_add_ps(_mm256_load_ps(row + j), b);
+      if (act == ACT_RELU) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+      else if (act == ACT_GELU) v = gelu8(v);
+      _mm256_store_ps(row + j, v);
+    }
+    if (act > ACT_GELU)
+      for (int64_t j = 0; j < nc; ++j) row[j] = activate(row[j], act);
+  }
+}
+
+// y = L2(act1(L1(x))) with both weights in the panelled layout (the transformer's FFN). For one
+// chunk of batch columns, L1's partial sums (rows [f0, f1) at hidden + f·kChunk) are already the
+// chunk-major packed input L2 reads: L1's output is never transposed into (N, F) and packed back;
+// its bias and activation are applied in place. hidden (F x kChunk) is shared by the team.
+template <typename WT>
+void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
+  const int64_t N = a1.n, I = a1.in_features, F = a1.out_features, O = a2.out_features;
+  const int T = pick_threads(a1.nthreads, est_spmm((double(a1.crow[F]) + double(a2.crow[O])) * double(N)));
+  const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
+  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * ((panel + kChunk - 1) / kChunk * kChunk)));
+  float* hidden = scratch(3, size_t(std::max<int64_t>(F, 1) * kChunk));
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    const int t = thread_id(), nt = team_size();
+    const int64_t f0 = split_begin(a1.crow, F, kTileRows, 4, t, nt), f1 = split_begin(a1.crow, F, kTileRows, 4, t + 1, nt);
+    const int64_t o0 = split_begin(a2.crow, O, kTileRows, 4, t, nt), o1 = split_begin(a2.crow, O, kTileRows, 4, t + 1, nt);
+    float* acc = scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
+    for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
+      const int64_t np = std::min(panel, n_pad - p0);
+      pack_panel(a1.x, N, I, p0, np, xt, t, nt, true);  // its first barrier: the last chunk's L2 is done
+      for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
+        const int64_t nc = std::min<int64_t>(kChunk, np - c0);
+        if (c0) {
+#pragma omp barrier
+        }
+        csr_chunk_panelled<WT>(a1, f0, f1, xt + c0 * I, kChunk, nc, hidden + f0 * kChunk);
+        bias_act_rows(hidden, f0, f1, nc, a1.bias, a1.act);
+#pragma omp barrier
+        csr_chunk_panelled<WT>(a2, o0, o1, hidden, kChunk, nc, acc);
+        store_tile(a2.y, O, acc, o0, o1 - o0, p0 + c0, std::min(nc, N - p0 - c0), a2.bias, a2.act);
+      }
+    }
+  }
+}
+
 // =================================== BSR =========================================================
 
 // Rows [r0, r0 + RB) of one block row, V vectors of 8 batch columns (simd::bsr_rows), out row
@@ -566,6 +621,10 @@ void csr_linear_avx2(const LinearArgs& a) {
 
 void bsr_linear_avx2(const LinearArgs& a) {
   with_wtype(a.wdtype, [&](auto w) { bsr_avx2<decltype(w)>(a); });
+}
+
+void csr_pair_avx2(const LinearArgs& a1, const LinearArgs& a2) {
+  with_wtype(a1.wdtype, [&](auto w) { csr_pair<decltype(w)>(a1, a2); });
 }
 
 }  // namespace se

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "bf16.h"
 #include "common.h"
@@ -91,6 +92,14 @@ void csr_linear(const LinearArgs& a) {
 void bsr_linear(const LinearArgs& a) {
   if (a.n == 0 || a.out_features == 0) return;
   if (current_isa() >= ISA_AVX2) bsr_linear_avx2(a); else bsr_linear_portable(a);
+}
+
+void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
+  if (a1.n == 0 || a2.out_features == 0) return;
+  if (current_isa() < ISA_AVX2) throw std::runtime_error("csr_pair: needs the AVX2 or AVX-512 kernels (set_isa)");
+  if (current_isa() == ISA_AVX512 && (a1.n + 7) / 8 * 8 % 16)
+    throw std::invalid_argument("csr_pair: on AVX-512 the batch rounded up to 8 must be a multiple of 16");
+  csr_pair_avx2(a1, a2);
 }
 
 }  // namespace se
@@ -182,6 +191,33 @@ PYBIND11_MODULE(_C, m) {
         py::arg("panel_col") = 0, py::arg("panel_val") = 0, py::arg("panel_width") = 0,
         py::arg("grp_off") = 0, py::arg("grp_len") = 0, py::arg("grp_rows") = 0, py::arg("grp_col") = 0,
         py::arg("grp_val") = 0);
+
+  m.def("csr_pair",
+        [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t f, int64_t o, int wdtype, int nthreads,
+           int64_t panel_width, uintptr_t crow1, uintptr_t seg1, uintptr_t col1, uintptr_t val1, uintptr_t bias1,
+           int act1, uintptr_t crow2, uintptr_t seg2, uintptr_t col2, uintptr_t val2, uintptr_t bias2, int act2) {
+          se::LinearArgs a1 = make_args(0, x, n, i, f, crow1, 0, 0, wdtype, bias1, act1, nthreads);
+          se::LinearArgs a2 = make_args(y, 0, n, f, o, crow2, 0, 0, wdtype, bias2, act2, nthreads);
+          if (i > 65536 || f > 65536) throw std::invalid_argument("csr_pair: uint16 indices need in_features <= 65536");
+          if (panel_width <= 0 || !seg1 || !col1 || !val1 || !seg2 || !col2 || !val2)
+            throw std::invalid_argument("csr_pair: both panel layouts are needed");
+          for (auto [a, seg, col, val] : {std::tuple{&a1, seg1, col1, val1}, std::tuple{&a2, seg2, col2, val2}}) {
+            a->panel_seg = as_ptr<const int32_t>(seg);
+            a->panel_col = as_ptr<const uint16_t>(col);
+            a->panel_val = as_ptr<const void>(val);
+            a->panel_width = panel_width;
+          }
+          py::gil_scoped_release nogil;
+          se::csr_pair(a1, a2);
+        },
+        "Y(N,O) = act2(act1(X(N,I) · W1ᵀ + b1) · W2ᵀ + b2), W1 (F, I) and W2 (O, F) in CSR with their "
+        "panelled copies (panel_seg, panel_col, panel_val per layer, as csr_linear takes them), one weight "
+        "dtype; the (N, F) hidden activations stay in the kernels' packed layout. AVX2/AVX-512 only.",
+        py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("hidden_features"),
+        py::arg("out_features"), py::arg("wdtype"), py::arg("nthreads"), py::arg("panel_width"),
+        py::arg("crow1"), py::arg("panel_seg1"), py::arg("panel_col1"), py::arg("panel_val1"), py::arg("bias1"),
+        py::arg("act1"), py::arg("crow2"), py::arg("panel_seg2"), py::arg("panel_col2"), py::arg("panel_val2"),
+        py::arg("bias2"), py::arg("act2"));
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

@@ -66,4 +66,10 @@ void bsr_linear_portable(const LinearArgs& a);
 void csr_linear_avx2(const LinearArgs& a);
 void bsr_linear_avx2(const LinearArgs& a);
 
+// y = act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) in one call: a1 (x, W1 in the panelled layout, b1, act1)
+// and a2 (y, W2 in the panelled layout, b2, act2; its x unused), a1.out_features == a2.in_features,
+// a1.n == a2.n > 0, one weight dtype. AVX2 or AVX-512 (then with n rounded up to 8 a multiple of 16).
+void csr_pair(const LinearArgs& a1, const LinearArgs& a2);
+void csr_pair_avx2(const LinearArgs& a1, const LinearArgs& a2);
+
 }  // namespace se

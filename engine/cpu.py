@@ -236,6 +236,39 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
     return y if out_dtype is torch.float32 else y.to(out_dtype)
 
 
+def pair_fits(x: torch.Tensor, w1, w2) -> bool:
+    """Whether csr_pair_cpu runs act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) for this x: fp32 x on the CPU,
+    both weights CSR with one value dtype, and both in the panel-major batched layout at x's batch
+    (AVX2, or AVX-512 with the batch rounded up to 8 a multiple of 16)."""
+    if not (isinstance(w1, CSR) and isinstance(w2, CSR) and x.dtype is torch.float32 and x.dim() == 2
+            and x.device.type == "cpu" and w1.values.is_cpu and w2.values.is_cpu
+            and w1.values.dtype is w2.values.dtype and w1.shape[0] == w2.shape[1]):
+        return False
+    n = x.shape[0]
+    if _ISA[0] == "avx512" and (n + 7) // 8 * 8 % 16:
+        return False
+    return _batched_layout(w1, n) == "panels" and _batched_layout(w2, n) == "panels"
+
+
+def csr_pair_cpu(x: torch.Tensor, w1: CSR, b1: torch.Tensor | None, act1: str, w2: CSR,
+                 b2: torch.Tensor | None, act2: str = "none") -> torch.Tensor:
+    """act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) (N, O) in one kernel call, where pair_fits(x, w1, w2):
+    the (N, F) hidden activations never leave the kernels' packed layout (no transposing them out
+    and packing them back in between), which is most of a layer's non-multiply work at batch >= 16."""
+    x = x.contiguous()
+    crow1, crow2 = w1.crow_indices.contiguous(), w2.crow_indices.contiguous()
+    (seg1, col1, val1), (seg2, col2, val2) = _panels(w1), _panels(w2)
+    b1, b2 = _bias32(b1), _bias32(b2)
+    y = x.new_empty((x.shape[0], w2.shape[0]))
+    _C.csr_pair(y.data_ptr(), x.data_ptr(), x.shape[0], w1.shape[1], w1.shape[0], w2.shape[0],
+                _WDTYPE[w1.values.dtype], torch.get_num_threads(), _PANEL_WIDTH,
+                crow1.data_ptr(), seg1.data_ptr(), col1.data_ptr(), val1.data_ptr(),
+                0 if b1 is None else b1.data_ptr(), _ACT[act1],
+                crow2.data_ptr(), seg2.data_ptr(), col2.data_ptr(), val2.data_ptr(),
+                0 if b2 is None else b2.data_ptr(), _ACT[act2])
+    return y
+
+
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks. bf16 x with bf16
     weights in bf16-kernel blocks computes in bf16 on AMX / AVX512-BF16 where present."""

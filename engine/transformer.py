@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import formats
+from . import cpu, formats, ops
 from .modules import FORMATS, SparseLinear, detect_blocksize
 from .modules import sparsify as sparsify_linears
 
@@ -35,6 +35,7 @@ _ACTIVATION_FNS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
 _IN_PLACE = {"gelu": torch.ops.aten.gelu_, "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
              "relu": torch.relu_}
 # Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
+_CPU_BACKENDS = {"auto", "cpu"}  # SparseLinear backends under which the C++ kernels run on CPU tensors
 _HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
 
@@ -98,6 +99,13 @@ class SparseEncoderLayer(nn.Module):
         return self.out(ctx.transpose(1, 2).reshape(b * s, h))   # (B·S, H)
 
     def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
+        # Both layers in the panel-major CSR layout on the C++ kernels: one call, the hidden
+        # activations kept in the kernels' packed layout (cpu.csr_pair_cpu).
+        l1, l2 = self.ffn_in, self.ffn_out
+        w1, w2 = l1.sparse_weight, l2.sparse_weight
+        if {l1.backend, l2.backend} <= _CPU_BACKENDS and cpu.pair_fits(x2, w1, w2):
+            ops.calls[("cpu", "csr-pair")] += 1
+            return cpu.csr_pair_cpu(x2, w1, l1.bias, self.activation, w2, l2.bias, l2.activation or "none")
         f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
         if self.post_activation is not None:
             _IN_PLACE[self.post_activation](f)

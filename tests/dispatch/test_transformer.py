@@ -75,6 +75,28 @@ def test_torch_encoder_matches_reference(fmt, norm_first, act):
     torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("batch,seq", [(2, 16), (3, 11)])
+def test_ffn_is_one_pair_call_where_both_layers_are_panel_major(batch, seq):
+    """Hidden 264 and FFN 520 (wider than two 128-input panels), 40 % dense CSR: where the panel-major
+    layout serves both FFN layers at this many tokens (AVX2; AVX-512 at a multiple of 16), the FFN
+    runs as one csr_pair call, the hidden activations kept packed, and the block still matches torch."""
+    from engine import cpu
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(264, 8, 520, dropout=0.0, activation="gelu", batch_first=True)
+    ref = prune_(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), 0.6, torch.Generator().manual_seed(5))
+    fast = sparsify(copy.deepcopy(ref), format="csr")
+    tokens = batch * seq
+    pairs = cpu.isa() == "avx2" or (cpu.isa() == "avx512" and tokens % 16 == 0)
+    x = torch.randn(batch, seq, 264)
+    ops.calls.clear()
+    with torch.no_grad():
+        y = fast(x)
+        expected = ref(x)
+    assert ops.calls[("cpu", "csr-pair")] == (2 if pairs else 0)
+    assert kernel_calls() == (3 if pairs else 4) * 2
+    torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_causal_and_float_masks(batch_first):
     ref = torch_encoder(False, "gelu", batch_first=batch_first)

@@ -413,6 +413,54 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtyp
     check(run(x, wc, b, "relu"), x, wc, b, "relu")
 
 
+# ---- two CSR layers in one call (cpu.csr_pair_cpu): the hidden activations stay packed --------------
+
+def check_pair(y, x, w1, b1, act1, w2, b2, act2):
+    """The pair against its second layer in float64 on the first layer's one-layer kernel output
+    (itself checked against float64 above), within check()'s fp32 tolerance: the weights are
+    scaled so the hidden units are of order 1, as check() assumes of its inputs."""
+    check(y, run(x, w1, b1, act1), w2, b2, act2)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", (16, 33, 130))
+def test_csr_pair_equals_the_two_layers(isa, act, wdtype, n):
+    # I = 600 and F = 520 leave partial last input panels, O = 130 a partial row tile; rows 5-8 of
+    # W1 are empty (their hidden units are act(b1) alone) and rows 3-4 of W2 too.
+    w1, keep1 = rand_weight(520, 600, 0.6)
+    w2, keep2 = rand_weight(130, 520, 0.7)
+    w1, w2 = w1 / 15, w2 / 12  # ~1 / sqrt(stored entries per row)
+    keep1[5:9], keep2[3:5] = False, False
+    c1 = CSR.from_dense((w1 * keep1).to(wdtype), mask=keep1)
+    c2 = CSR.from_dense((w2 * keep2).to(wdtype), mask=keep2)
+    b1, b2, x = torch.randn(520), torch.randn(130), torch.randn(n, 600)
+    fits = cpu.pair_fits(x, c1, c2)
+    assert fits == (isa == "avx2" or (isa == "avx512" and (n + 7) // 8 * 8 % 16 == 0))
+    if not fits:
+        with pytest.raises(RuntimeError if isa == "portable" else ValueError):
+            cpu.csr_pair_cpu(x, c1, b1, act, c2, b2)  # the kernel refuses what pair_fits rules out
+        return
+    check_pair(cpu.csr_pair_cpu(x, c1, b1, act, c2, b2, "relu"), x, c1, b1, act, c2, b2, "relu")
+
+
+def test_csr_pair_many_panels_and_what_does_not_fit(isa):
+    if isa == "portable":
+        pytest.skip("no panel-major layout on the portable kernels")
+    # batch 1030 takes several packed-X panels (4096 inputs x 64 columns each) and a partial chunk
+    w1, _ = rand_weight(264, 4096, 0.9)
+    w2, _ = rand_weight(300, 264, 0.5)
+    c1, c2 = CSR.from_dense(w1 / 20), CSR.from_dense(w2 / 11)
+    b1, b2 = torch.randn(264), torch.randn(300)
+    x = torch.randn(1040, 4096)
+    assert cpu.pair_fits(x, c1, c2)
+    check_pair(cpu.csr_pair_cpu(x, c1, b1, "gelu", c2, b2), x, c1, b1, "gelu", c2, b2, "none")
+    assert not cpu.pair_fits(x[:8], c1, c2)                              # below the batched layout
+    assert not cpu.pair_fits(x.bfloat16(), c1, c2)                       # bf16 x: the bf16 kernels
+    assert not cpu.pair_fits(x, c1, CSR.from_dense(w2.bfloat16()))      # two weight dtypes
+    assert not cpu.pair_fits(x, c1, CSR.from_dense(rand_weight(300, 264, 0.99)[0]))  # too sparse: rows
+
+
 # ---- the `sparse-engine bench` verb runs end to end (tiny grid; timings are not asserted) -----------
 
 def test_bench_verb_prints_the_comparison_table(capsys):
