@@ -532,7 +532,9 @@ void bsr_spmv_block_row(const LinearArgs& a, const WT* val, int64_t b, const flo
   const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
   if (C % 8 == 0) {
     int64_t r0 = 0;
-    // 8 rows per pass read each 8-row block once, front to back (one memory stream).
+    // All rows of a block in one pass: its values are read once, front to back (8-row passes over
+    // 16-row blocks read each block's halves in two strided streams: ~half the bandwidth when cold).
+    for (; r0 + 16 <= R; r0 += 16) bsr_rows_dot<WT, 16>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 + 8 <= R; r0 += 8) bsr_rows_dot<WT, 8>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 + 4 <= R; r0 += 4) bsr_rows_dot<WT, 4>(a.col, val, k0, k1, R, C, r0, x, out + r0);
     for (; r0 + 2 <= R; r0 += 2) bsr_rows_dot<WT, 2>(a.col, val, k0, k1, R, C, r0, x, out + r0);
