@@ -102,6 +102,13 @@ void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
   csr_pair_avx2(a1, a2);
 }
 
+void attention(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale, int nthreads) {
+  if (current_isa() < ISA_AVX2) throw std::runtime_error("attention: needs the AVX2 or AVX-512 kernels (set_isa)");
+  if (hs % 8) throw std::invalid_argument("attention: the head size must be a multiple of 8");
+  if (B == 0 || S == 0 || nh == 0) return;
+  attention_avx2(qkv, out, B, S, nh, hs, scale, nthreads);
+}
+
 }  // namespace se
 
 namespace {
@@ -218,6 +225,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("crow1"), py::arg("panel_seg1"), py::arg("panel_col1"), py::arg("panel_val1"), py::arg("bias1"),
         py::arg("act1"), py::arg("crow2"), py::arg("panel_seg2"), py::arg("panel_col2"), py::arg("panel_val2"),
         py::arg("bias2"), py::arg("act2"));
+
+  m.def("attention",
+        [](uintptr_t out, uintptr_t qkv, int64_t b, int64_t s, int64_t heads, int64_t head_size, double scale,
+           int nthreads) {
+          if (b < 0 || s < 0 || heads < 0 || head_size <= 0) throw std::invalid_argument("attention: sizes must be positive");
+          py::gil_scoped_release nogil;
+          se::attention(as_ptr<const float>(qkv), as_ptr<float>(out), b, s, heads, head_size, float(scale), nthreads);
+        },
+        "OUT(B·S, H) = softmax(Q Kᵀ · scale) V per (batch, head), no mask; Q, K, V read from QKV (B·S, 3H) fp32 "
+        "(each row: the heads' queries, then keys, then values), H = heads · head_size, head_size a multiple "
+        "of 8. AVX2/AVX-512 only.",
+        py::arg("out"), py::arg("qkv"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_size"),
+        py::arg("scale"), py::arg("nthreads"));
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

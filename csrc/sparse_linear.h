@@ -72,4 +72,10 @@ void bsr_linear_avx2(const LinearArgs& a);
 void csr_pair(const LinearArgs& a1, const LinearArgs& a2);
 void csr_pair_avx2(const LinearArgs& a1, const LinearArgs& a2);
 
+// Self-attention without a mask: out (B·S, nh·hs) = softmax(Q Kᵀ · scale) V per (batch, head), Q, K, V
+// read from qkv (B·S, 3·nh·hs) (each token's row: all heads' q, then k, then v). hs a multiple of 8.
+void attention(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale, int nthreads);
+void attention_avx2(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale,
+                    int nthreads);
+
 }  // namespace se

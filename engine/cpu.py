@@ -269,6 +269,26 @@ def csr_pair_cpu(x: torch.Tensor, w1: CSR, b1: torch.Tensor | None, act1: str, w
     return y
 
 
+def attention_fits(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether attention_cpu runs on this QKV projection output: fp32 on the CPU, (tokens, 3H) with a
+    head size that is a multiple of 8, AVX2 or AVX-512 kernels."""
+    return (_ISA[0] in ("avx2", "avx512") and qkv.dtype is torch.float32 and qkv.device.type == "cpu"
+            and qkv.dim() == 2 and heads > 0 and qkv.shape[1] % (3 * heads) == 0
+            and qkv.shape[1] // (3 * heads) % 8 == 0)
+
+
+def attention_cpu(qkv: torch.Tensor, batch: int, seq: int, heads: int) -> torch.Tensor:
+    """softmax(Q Kᵀ / sqrt(head size)) V per (batch, head), no mask, straight from the QKV projection's
+    output (batch·seq, 3H) (each row: the heads' queries, then keys, then values) to (batch·seq, H),
+    the layout the output projection reads (where attention_fits)."""
+    qkv = qkv.contiguous()
+    h = qkv.shape[1] // 3
+    out = qkv.new_empty((qkv.shape[0], h))
+    _C.attention(out.data_ptr(), qkv.data_ptr(), batch, seq, heads, h // heads, (h // heads) ** -0.5,
+                 torch.get_num_threads())
+    return out
+
+
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks. bf16 x with bf16
     weights in bf16-kernel blocks computes in bf16 on AMX / AVX512-BF16 where present."""

@@ -18,7 +18,8 @@ from .reference import check_activation
 BACKENDS = ("auto", "cpu", "triton", "torch")
 
 # (backend, format) -> number of kernel launches; tests read it to prove a fast path really ran.
-# ("cpu", "csr-pair"): two CSR layers run as one call (engine.transformer, the FFN).
+# ("cpu", "csr-pair"): two CSR layers run as one call; ("cpu", "attention"): the C++ attention
+# (both by engine.transformer).
 calls: Counter = Counter()
 _warned: set[str] = set()
 

@@ -5,9 +5,11 @@ for it before swapping the remaining nn.Linear layers (engine.modules.sparsify).
 One block, per call (x: (B, S, H), nh heads of hs = H / nh):
   qkv   = x · [Wq; Wk; Wv]ᵀ + b         one sparse kernel call on the stacked (3H, H) weight
   q,k,v = strided views of qkv           (B, nh, S, hs), no copies
-  ctx   = scaled_dot_product_attention   (B, S, H) after one reshape
+  ctx   = scaled_dot_product_attention   (B, S, H) after one reshape; without a mask, on the AVX2 /
+          AVX-512 kernels, cpu.attention_cpu instead: straight from qkv to ctx's (B·S, H) rows
   a     = LN1(x + ctx · Woᵀ + bo)         residual added in place into the kernel's output
-  y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue
+  y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue; both FFN
+          layers in panel-major CSR: one cpu.csr_pair_cpu call, the hidden activations kept packed
 (pre-LN, `norm_first`: a = x + (LN1(x) ...), y = a + FFN(LN2(a))).
 The layout, dtype and activation of every linear layer are checked once, when the block is built;
 the forward pass runs the kernels through sparse_linear's skip-checks path. Inference only:
@@ -93,7 +95,11 @@ class SparseEncoderLayer(nn.Module):
 
     def _attention(self, x2: torch.Tensor, b: int, s: int, attn_mask) -> torch.Tensor:
         nh, h = self.heads, self.hidden
-        qkv = self.qkv(x2).view(b, s, 3, nh, h // nh)            # (B, S, 3, nh, hs)
+        qkv = self.qkv(x2)
+        if attn_mask is None and cpu.attention_fits(qkv, nh):  # C++: no strided views, no transposed copy
+            ops.calls[("cpu", "attention")] += 1
+            return self.out(cpu.attention_cpu(qkv, b, s, nh))
+        qkv = qkv.view(b, s, 3, nh, h // nh)                      # (B, S, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # each (B, nh, S, hs), strided views
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(ctx.transpose(1, 2).reshape(b * s, h))   # (B·S, H)

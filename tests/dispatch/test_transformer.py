@@ -97,6 +97,27 @@ def test_ffn_is_one_pair_call_where_both_layers_are_panel_major(batch, seq):
     torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
 
 
+def test_unmasked_attention_runs_on_the_cpp_kernel():
+    """No mask: attention straight from the QKV output on the AVX2 / AVX-512 kernels (head size 8);
+    on the portable ISA it stays on scaled_dot_product_attention. Both match torch."""
+    from engine import cpu
+    ref = torch_encoder(False, "gelu")
+    fast = sparsify(copy.deepcopy(ref), format="csr")
+    x = torch.randn(3, SEQ, H)
+    before = cpu.isa()
+    try:
+        for isa in ("avx2", "portable"):
+            if isa == "avx2" and not cpu._C.cpu_has_avx2():
+                continue
+            cpu.set_isa(isa)
+            ops.calls.clear()
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x), ref(x), atol=2e-5, rtol=2e-5)
+            assert ops.calls[("cpu", "attention")] == (2 if isa == "avx2" else 0)
+    finally:
+        cpu.set_isa(before)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_causal_and_float_masks(batch_first):
     ref = torch_encoder(False, "gelu", batch_first=batch_first)

@@ -461,6 +461,35 @@ def test_csr_pair_many_panels_and_what_does_not_fit(isa):
     assert not cpu.pair_fits(x, c1, CSR.from_dense(rand_weight(300, 264, 0.99)[0]))  # too sparse: rows
 
 
+# ---- attention straight from the QKV projection's output (cpu.attention_cpu) -------------------------
+
+@pytest.mark.parametrize("b,s,heads,hs", [(1, 128, 12, 32), (2, 33, 3, 64), (3, 7, 5, 8), (1, 1, 2, 24),
+                                          (2, 17, 1, 16), (0, 5, 2, 8)])
+def test_attention_matches_sdpa(isa, b, s, heads, hs):
+    h = heads * hs
+    qkv = torch.randn(b * s, 3 * h) * 2
+    fits = cpu.attention_fits(qkv, heads)
+    assert fits == (isa != "portable")
+    if not fits:
+        with pytest.raises(RuntimeError, match="AVX2"):
+            cpu.attention_cpu(qkv, b, s, heads)
+        return
+    y = cpu.attention_cpu(qkv, b, s, heads)
+    q, k, v = qkv.view(b, s, 3, heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    # torch's own fp32 SDPA is within 1.5e-5 of float64 on these inputs
+    torch.testing.assert_close(y, ref.transpose(1, 2).reshape(b * s, h).float(), atol=2e-5, rtol=1e-5)
+
+
+def test_attention_fits_only_what_it_runs():
+    qkv = torch.randn(10, 3 * 40)
+    assert cpu.attention_fits(qkv, 5) == (cpu.isa() != "portable")  # head size 8
+    assert not cpu.attention_fits(qkv, 4)                             # head size 10
+    assert not cpu.attention_fits(qkv, 7)                             # 120 columns are not 3 x 7 heads
+    assert not cpu.attention_fits(qkv.double(), 5)
+    assert not cpu.attention_fits(qkv.view(2, 5, 120), 5)
+
+
 # ---- the `sparse-engine bench` verb runs end to end (tiny grid; timings are not asserted) -----------
 
 def test_bench_verb_prints_the_comparison_table(capsys):
