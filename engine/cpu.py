@@ -96,10 +96,12 @@ _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time lo
 #   below: the row-at-a-time loop over L2-resident packed X is as fast.
 _PANEL_MIN_PER_ROW = 20.0
 _GROUP_MIN_PER_ROW = 9.0
-# AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2 panels"): panel-major rows
-# beat the row loop (packed X from L2/L3) 1.2-2x from s = 0.8 to 0.95 at 64-1024 rows; no grouped
-# copy there (4 rows x 64 columns of partial sums need 32 ymm registers, AVX2 has 16).
-_AVX2_PANEL_MIN_PER_ROW = 6.0
+# AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2: panel-major CSR" and "AVX2,
+# afternoon"): with X packed chunk-major, panel-major rows beat the row loop from s = 0.8 to 0.97
+# (3.8 entries per row-panel: 7 of 9 cells, 2 ties) at 64-1024 rows; at 0.98 (2.6) it is mixed and at
+# 0.99 the row loop wins. No grouped copy on AVX2 (4 rows x 64 columns of partial sums need 32 ymm
+# registers, AVX2 has 16).
+_AVX2_PANEL_MIN_PER_ROW = 3.0
 
 
 def _batched_layout(w: CSR, batch: int) -> str:
@@ -183,7 +185,7 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
     a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (AVX-512 from density
-    0.07; AVX2 panel-major from 0.047; another value + 2 bytes per stored value, plus padding). The
+    0.07; AVX2 panel-major from 0.023; another value + 2 bytes per stored value, plus padding). The
     first kernel call does it lazily; SparseLinear calls this (without `batch`) at construction to
     keep the index copy out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":

@@ -394,7 +394,8 @@ def test_prepare_weight_cache_follows_buffers(isa):
     ({"avx512": "panels", "avx2": "panels"}, 0.5, 40),
     ({"avx512": "groups", "avx2": "panels"}, 0.88, 40),
     ({"avx512": "groups", "avx2": "panels"}, 0.88, 130),
-    ({"avx512": "rows", "avx2": "rows"}, 0.97, 40)])
+    ({"avx512": "rows", "avx2": "panels"}, 0.96, 40),
+    ({"avx512": "rows", "avx2": "rows"}, 0.99, 40)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", (16, 33, 130))
 def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtype, n):
