@@ -36,8 +36,8 @@ _ACTIVATION_FNS = {F.relu: "relu", F.gelu: "gelu", torch.relu: "relu"}
 # The activations applied after the kernel, in place on its output.
 _IN_PLACE = {"gelu": torch.ops.aten.gelu_, "gelu_tanh": lambda t: torch.ops.aten.gelu_(t, approximate="tanh"),
              "relu": torch.relu_}
-# Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
 _CPU_BACKENDS = {"auto", "cpu"}  # SparseLinear backends under which the C++ kernels run on CPU tensors
+# Hugging Face activation classes (transformers.activations), matched by name: no import of transformers.
 _HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
 
@@ -111,7 +111,7 @@ class SparseEncoderLayer(nn.Module):
         w1, w2 = l1.sparse_weight, l2.sparse_weight
         if {l1.backend, l2.backend} <= _CPU_BACKENDS and cpu.pair_fits(x2, w1, w2):
             ops.calls[("cpu", "csr-pair")] += 1
-            return cpu.csr_pair_cpu(x2, w1, l1.bias, self.activation, w2, l2.bias, l2.activation or "none")
+            return cpu.csr_pair_cpu(x2, w1, l1.bias, self.activation, w2, l2.bias, l2.activation)
         f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
         if self.post_activation is not None:
             _IN_PLACE[self.post_activation](f)
