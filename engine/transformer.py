@@ -42,6 +42,12 @@ _HF_ACTIVATIONS = {"GELUActivation": "gelu", "ReLU": "relu", "NewGELUActivation"
                    "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}
 
 
+def _on_cpu_kernels(*layers) -> bool:
+    """Whether the block's own C++ kernels (the FFN pair, the attention) may serve these layers:
+    SparseLinear ones left on the C++ backend (not forced to torch; not swapped for dense twins)."""
+    return all(isinstance(lin, SparseLinear) and lin.backend in _CPU_BACKENDS for lin in layers)
+
+
 def activation_name(act) -> str | None:
     """The kernel epilogue's name for an activation module/function, or None when it has none."""
     if isinstance(act, str):
@@ -96,7 +102,8 @@ class SparseEncoderLayer(nn.Module):
     def _attention(self, x2: torch.Tensor, b: int, s: int, attn_mask) -> torch.Tensor:
         nh, h = self.heads, self.hidden
         qkv = self.qkv(x2)
-        if attn_mask is None and cpu.attention_fits(qkv, nh):  # C++: no strided views, no transposed copy
+        if attn_mask is None and _on_cpu_kernels(self.qkv) and cpu.attention_fits(qkv, nh):
+            # C++: no strided views, no transposed copy
             ops.calls[("cpu", "attention")] += 1
             return self.out(cpu.attention_cpu(qkv, b, s, nh))
         qkv = qkv.view(b, s, 3, nh, h // nh)                      # (B, S, 3, nh, hs)
@@ -107,11 +114,14 @@ class SparseEncoderLayer(nn.Module):
     def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
         # Both layers in the panel-major CSR layout on the C++ kernels: one call, the hidden
         # activations kept in the kernels' packed layout (cpu.csr_pair_cpu).
+        # (Not when a hook watches either layer: hooks see each layer's own call, e.g. the latency
+        # profile's per-layer timing.)
         l1, l2 = self.ffn_in, self.ffn_out
-        w1, w2 = l1.sparse_weight, l2.sparse_weight
-        if {l1.backend, l2.backend} <= _CPU_BACKENDS and cpu.pair_fits(x2, w1, w2):
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (l1, l2))
+        if not hooked and _on_cpu_kernels(l1, l2) and cpu.pair_fits(x2, l1.sparse_weight, l2.sparse_weight):
             ops.calls[("cpu", "csr-pair")] += 1
-            return cpu.csr_pair_cpu(x2, w1, l1.bias, self.activation, w2, l2.bias, l2.activation)
+            return cpu.csr_pair_cpu(x2, l1.sparse_weight, l1.bias, self.activation, l2.sparse_weight, l2.bias,
+                                    l2.activation)
         f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
         if self.post_activation is not None:
             _IN_PLACE[self.post_activation](f)

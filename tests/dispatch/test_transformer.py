@@ -95,6 +95,14 @@ def test_ffn_is_one_pair_call_where_both_layers_are_panel_major(batch, seq):
     assert ops.calls[("cpu", "csr-pair")] == (2 if pairs else 0)
     assert kernel_calls() == (3 if pairs else 4) * 2
     torch.testing.assert_close(y, expected, atol=2e-5, rtol=2e-5)
+    fast.layers[0].block.ffn_out.backend = "torch"  # one FFN layer off the C++ kernels: no pair there
+    seen = []  # and a hooked layer runs its own call, so the hook sees it (the latency profile times so)
+    fast.layers[1].block.ffn_in.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    ops.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, atol=2e-5, rtol=2e-5)
+    assert ops.calls[("cpu", "csr-pair")] == 0
+    assert seen == [(tokens, 520)]
 
 
 def test_unmasked_attention_runs_on_the_cpp_kernel():
@@ -116,6 +124,12 @@ def test_unmasked_attention_runs_on_the_cpp_kernel():
             assert ops.calls[("cpu", "attention")] == (2 if isa == "avx2" else 0)
     finally:
         cpu.set_isa(before)
+    for layer in fast.layers:  # a QKV projection forced onto torch takes the attention with it
+        layer.block.qkv.backend = "torch"
+    ops.calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), atol=2e-5, rtol=2e-5)
+    assert ops.calls[("cpu", "attention")] == 0
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
