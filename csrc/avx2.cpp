@@ -113,6 +113,12 @@ inline int64_t panel_columns(int64_t I, int64_t n_pad) {
   return std::min(std::max<int64_t>(kChunk, cols), n_pad);
 }
 
+// Floats of the packed-X scratch for a panel of `panel` columns over I inputs, room for the
+// chunk-major packing (whole kChunk-column chunks) as for the (I, panel) one.
+inline size_t packed_x_floats(int64_t I, int64_t panel) {
+  return size_t(std::max<int64_t>(I, 1) * ((panel + kChunk - 1) / kChunk * kChunk));
+}
+
 // Called by every thread t of a team of nt for each panel: waits until the team is done with the
 // previous panel, packs this thread's 8-aligned share of the input features, waits for the rest.
 // chunk_major: each kChunk columns of the panel packed apart, (I, kChunk) at xt + c0·I, so a
@@ -322,7 +328,7 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   // The panelled layout: AVX-512 needs every chunk 16-aligned (n_pad % 16 == 0); AVX2 8-aligned.
   const bool panelled = a.panel_seg && (!w512 || n_pad % 16 == 0);
-  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * (panel + kChunk - 1) / kChunk * kChunk));
+  float* xt = scratch(0, packed_x_floats(I, panel));
   const bool grouped = w512 && a.grp_off && n_pad % 16 == 0;
   float* acc_shared = grouped ? scratch(2, size_t((O + 63) / 64 * 64 * kChunk)) : nullptr;
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -404,7 +410,7 @@ void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
   const int64_t N = a1.n, I = a1.in_features, F = a1.out_features, O = a2.out_features;
   const int T = pick_threads(a1.nthreads, est_spmm((double(a1.crow[F]) + double(a2.crow[O])) * double(N)));
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
-  float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * ((panel + kChunk - 1) / kChunk * kChunk)));
+  float* xt = scratch(0, packed_x_floats(I, panel));
   float* hidden = scratch(3, size_t(std::max<int64_t>(F, 1) * kChunk));
 #pragma omp parallel num_threads(T) if (T > 1)
   {

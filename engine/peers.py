@@ -33,13 +33,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from .timing import calls_timer, time_rounds
 
 BERT_2X768 = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
                   intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
@@ -194,32 +194,6 @@ class DeepSparse:
             self.proc.wait(timeout=60)
 
 
-def local(fn: Callable) -> Callable[[int], float]:
-    """fn -> timed(n): seconds per call over n back-to-back calls in this process."""
-    def timed(n: int) -> float:
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            return (time.perf_counter() - t0) / n
-    return timed
-
-
-def time_rounds(timers: dict[str, Callable[[int], float]], min_time: float, rounds: int = 7
-                ) -> dict[str, list[float]]:
-    """Seconds per call of each provider, one sample per round, providers taking turns each round
-    (like engine.timing.time_samples, for timers that may run in another process)."""
-    reps = {}
-    for name, timed in timers.items():
-        timed(1)  # warm-up
-        reps[name] = max(1, min(5000, int(min_time / rounds / max(timed(1), 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in timers}
-    for _ in range(rounds):
-        for name, timed in timers.items():
-            samples[name].append(timed(reps[name]))
-    return samples
-
-
 def ort_session(path: Path, threads: int):
     import onnxruntime as ort
     opts = ort.SessionOptions()
@@ -244,7 +218,7 @@ def measure_cell(name: str, sparsity: float, batch: int, dense: nn.Module, onnx_
     with torch.inference_mode():
         ref = dense(x).numpy()
         outs = {k: np.asarray(torch.as_tensor(fn()).float()) for k, fn in fns.items()}
-    timers = {k: local(fn) for k, fn in fns.items()}
+    timers = {k: calls_timer(fn) for k, fn in fns.items()}
     if ds is not None:
         ds.load(onnx_path, xn)
         outs["deepsparse"] = ds.run()
@@ -257,7 +231,8 @@ def measure_cell(name: str, sparsity: float, batch: int, dense: nn.Module, onnx_
         if d > tol * scale:
             raise RuntimeError(f"{name} {sparsity:.0%} batch {batch}: {k} differs from dense torch by {d:.3g} "
                                  f"(|y| up to {scale:.3g})")
-    samples = time_rounds(timers, min_time)
+    with torch.inference_mode():
+        samples = time_rounds(timers, min_time)
     return {k: {"ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_diff": diffs[k]}
             for k, v in samples.items()}
 

@@ -13,29 +13,40 @@ from typing import Callable
 import torch
 
 
+def time_rounds(timers: dict[str, Callable[[int], float]], min_time: float = 0.4, rounds: int = 7
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each provider, one sample per round; timed(n) runs n calls back to back
+    and returns seconds per call (in this process, or in another that times itself). Each round runs
+    every provider in turn (enough calls to fill min_time/rounds), so a burst of load from other
+    processes lands on all providers alike."""
+    reps = {}
+    for name, timed in timers.items():
+        timed(1)  # warm-up: first calls pack and cache
+        reps[name] = max(1, min(2000, int(min_time / rounds / max(timed(1), 1e-6))))
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(rounds):
+        for name, timed in timers.items():
+            samples[name].append(timed(reps[name]))
+    return samples
+
+
+def calls_timer(fn: Callable, clock: Callable[[], float] = time.perf_counter) -> Callable[[int], float]:
+    """fn -> timed(n) for time_rounds: seconds per call of n back-to-back calls of fn by `clock`."""
+    def timed(n: int) -> float:
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        return (clock() - t0) / n
+    return timed
+
+
 def time_samples(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
                  clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one sample per round. Each round runs every fn back to back
-    (enough calls to fill min_time/rounds), so a burst of load from other processes lands on all
-    providers alike. clock=time.thread_time counts only this thread's CPU time: immune to time
-    slices lost to other processes, but valid for single-threaded runs only (--cpu-time)."""
+    """Seconds per call of each fn, one sample per round (time_rounds, under inference_mode).
+    clock=time.thread_time counts only this thread's CPU time: immune to time slices lost to other
+    processes, but valid for single-threaded runs only (--cpu-time)."""
     with torch.inference_mode():
-        reps = {}
-        for name, fn in fns.items():
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            dt = max(time.perf_counter() - t0, 1e-6)
-            reps[name] = max(1, min(2000, int(min_time / rounds / dt)))
-        samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                n = reps[name]
-                t0 = clock()
-                for _ in range(n):
-                    fn()
-                samples[name].append((clock() - t0) / n)
-    return samples
+        return time_rounds({k: calls_timer(fn, clock) for k, fn in fns.items()}, min_time, rounds)
 
 
 def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
