@@ -3,14 +3,17 @@
     python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver==1.7.1 torch==2.13.0 \
         'transformers<5.25' uvloop==0.21.0   # uvloop 0.22+ kills MLServer 1.7.1's inference workers
     python bench/peer_server.py --mlserver /tmp/mlserver-venv/bin/mlserver [--concurrency 1,8,32]
-                                [--duration 8] [--models mlp,minilm] [--procs 2] -o bench/results/server_peers
+                                [--duration 16] [--rounds 4] [--models mlp,minilm] [--procs 2]
+                                -o bench/results/server_peers
 
-For each model, one server at a time on 127.0.0.1:
+For each model, these servers up at once on 127.0.0.1, driven one at a time in interleaved rounds:
 - ours, dense artifact (`convert --format dense`), JSON bodies and binary bodies;
 - ours, sparse artifact (16x16 blocks at 90 %), JSON and binary;
 - MLServer 1.7 with bench/mlserver_runtime.py running the same dense torch model, JSON bodies
   (its REST API has no binary tensor extension).
-Both servers batch adaptively with at most 32 rows and 5 ms of waiting. Every answer is checked
+Both servers batch adaptively with at most 32 rows and 5 ms of waiting. The clients are
+bench/load_server.py's light keep-alive connections (~0.2-0.3 ms of CPU per request; httpx took
+3.5-6.5 ms, more than either server). Every answer is checked
 against the model run in this process (the dense torch model for dense servers, the artifact for
 the sparse one); a failed, lost or wrong answer fails the run.
 
@@ -197,45 +200,58 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def measure(server, path: str, reqs, want, concurrency: int, args) -> dict:
-    sent, ok, latencies, failures, elapsed = drive(server.url, reqs, want, concurrency,
-                                                   min(args.procs, concurrency), args.duration, path=path)
-    lat = np.asarray(latencies) * 1e3
-    return {"sent": sent, "ok": ok, "failed": len(failures), "failures": failures[:3], "rps": len(latencies) / elapsed,
-            "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-            "p99": float(np.percentile(lat, 99)) if lat.size else float("nan")}
-
-
 def run_model(model: dict, tmp: Path, args) -> list[dict]:
-    rows, name = [], model["name"]
-    path, stem = f"/v2/models/{name}/infer", model.get("artifacts", name)
+    """Every server of `model` up at once (idle ones cost nothing), then `--rounds` rounds that each
+    give every (server, body, concurrency) cell an equal slice of `--duration`: this host's speed
+    drifts over minutes, and interleaving spreads the drift over all servers alike."""
+    name, stem = model["name"], model.get("artifacts", model["name"])
     cases = [("ours", "dense", tmp / f"{stem}-dense.spz"), ("ours", "sparse 90 % (16x16)", tmp / f"{stem}-sparse.spz")]
     if model.get("peer", True):
         cases.append(("MLServer 1.7", "dense", None))
-    for server_name, weights, artifact in cases:
-        bodies = (False, True) if artifact is not None else (False,)
-        want = expected(model, artifact, model.get("uri"))
-        if artifact is not None:
-            server = ServerProcess(artifact, ["--max-batch", "32", "--max-delay-ms", "5"],
-                                   tmp / f"{name}-{artifact.stem}.log")
-            server_path = "/v2/models/model/infer"
-        else:
-            server = MLServerProcess(args.mlserver, model, tmp / f"mlserver-{name}", threads=torch.get_num_threads())
-            server_path = path
-        try:
-            for binary in bodies:
+    servers, cells = [], []
+    try:
+        for server_name, weights, artifact in cases:
+            want = expected(model, artifact, model.get("uri"))
+            if artifact is not None:
+                server = ServerProcess(artifact, ["--max-batch", "32", "--max-delay-ms", "5"],
+                                       tmp / f"{name}-{artifact.stem}.log")
+                path = "/v2/models/model/infer"
+            else:
+                server = MLServerProcess(args.mlserver, model, tmp / f"mlserver-{name}", threads=torch.get_num_threads())
+                path = f"/v2/models/{name}/infer"
+            servers.append((server, artifact))
+            for binary in ((False, True) if artifact is not None else (False,)):
                 reqs = requests(model, binary)
-                for c in args.concurrency:
-                    r = measure(server, server_path, reqs, want, c, args)
-                    r.update(model=name, server=server_name, weights=weights, body="binary" if binary else "JSON",
-                             concurrency=c)
-                    print(f"{name:7s} {server_name:13s} {weights:20s} {r['body']:6s} c={c:<3d} {r['rps']:8.1f} req/s  "
-                          f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  failed {r['failed']}", flush=True)
-                    rows.append(r)
-        finally:
-            code = server.stop()
-        if artifact is not None and code != 0:
-            raise RuntimeError(f"our server exited {code} after SIGTERM")
+                cells += [{"server": server, "path": path, "reqs": reqs, "want": want, "concurrency": c,
+                           "row": {"model": name, "server": server_name, "weights": weights,
+                                   "body": "binary" if binary else "JSON", "concurrency": c},
+                           "sent": 0, "ok": 0, "latencies": [], "failures": [], "elapsed": 0.0}
+                          for c in args.concurrency]
+        for _ in range(args.rounds):
+            for cell in cells:
+                sent, ok, latencies, failures, elapsed = drive(
+                    cell["server"].url, cell["reqs"], cell["want"], cell["concurrency"],
+                    min(args.procs, cell["concurrency"]), args.duration / args.rounds, path=cell["path"])
+                cell["sent"] += sent
+                cell["ok"] += ok
+                cell["latencies"] += latencies
+                cell["failures"] += failures
+                cell["elapsed"] += elapsed
+    finally:
+        codes = [(artifact, server.stop()) for server, artifact in servers]
+    bad = [str(artifact) for artifact, code in codes if artifact is not None and code != 0]
+    if bad:
+        raise RuntimeError(f"our server exited non-zero after SIGTERM serving {', '.join(bad)}")
+    rows = []
+    for cell in cells:
+        lat = np.asarray(cell["latencies"]) * 1e3
+        r = {**cell["row"], "sent": cell["sent"], "ok": cell["ok"], "failed": len(cell["failures"]),
+             "failures": cell["failures"][:3], "rps": len(lat) / cell["elapsed"],
+             "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+             "p99": float(np.percentile(lat, 99)) if lat.size else float("nan")}
+        print(f"{name:7s} {r['server']:13s} {r['weights']:20s} {r['body']:6s} c={r['concurrency']:<3d} {r['rps']:8.1f} "
+              f"req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  failed {r['failed']}", flush=True)
+        rows.append(r)
     return rows
 
 
@@ -244,7 +260,8 @@ def main() -> int:
     ap.add_argument("--mlserver", required=True, help="the `mlserver` command of MLServer's own venv")
     ap.add_argument("--models", default="mlp,minilm")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds per cell")
+    ap.add_argument("--duration", type=float, default=16.0, help="seconds per cell, over all rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds the duration is split into")
     ap.add_argument("--procs", type=int, default=2, help="client processes (at most the concurrency)")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
@@ -257,7 +274,7 @@ def main() -> int:
             rows += run_model(model, Path(tmp), args)
     out = Path(args.output)
     meta = {"machine": machine(), "started": f"{started:%Y-%m-%d %H:%M} UTC", "command": " ".join(sys.argv),
-            "duration_s": args.duration, "procs": args.procs}
+            "duration_s": args.duration, "rounds": args.rounds, "procs": args.procs}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     write_report(out, meta, rows)
     bad = [r for r in rows if r["failed"] or r["ok"] != r["sent"]]
@@ -268,7 +285,8 @@ def main() -> int:
 
 def write_report(out: Path, meta: dict, rows: list[dict]) -> None:
     lines = [f"- {meta['started']}, `{meta['command']}`", f"- machine: {meta['machine']}; clients ({meta['procs']} "
-             f"processes) and server share it; {meta['duration_s']:g} s per cell", "",
+             f"processes) and server share it; {meta['duration_s']:g} s per cell in {meta.get('rounds', 1)} "
+             f"interleaved rounds", "",
              "| model | server | weights | body | concurrency | req/s | p50 (ms) | p99 (ms) | vs MLServer req/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     peer = {(r["model"], r["concurrency"]): r for r in rows if r["server"].startswith("MLServer")}

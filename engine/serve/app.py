@@ -8,7 +8,7 @@ Every error is JSON `{"error": "..."}` naming the problem.
 
 Per request: body read within `body_timeout_s` (408) and under `max_body` (413); its bytes and the
 answer's predicted size held in a `ByteBudget` across in-flight requests (503 + Retry-After past
-it); an answer predicted above `max_response` refused (413) before the model runs; the answer
+it); an answer predicted above `max_response` refused (413) before the model runs; a large answer
 encoded off the event loop, so health probes and other clients are served meanwhile.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batching import Batcher, QueueFull
-from .limits import PARSE_IN_THREAD_BYTES, BudgetExceeded, ByteBudget, Settings
+from .batching import Arrival, Batcher, QueueFull
+from .limits import ENCODE_IN_THREAD_BYTES, PARSE_IN_THREAD_BYTES, BudgetExceeded, ByteBudget, Settings
 from .protocol import RequestError, encode_infer_response, model_metadata, parse_infer, predicted_response_bytes
 from .runner import InferenceError, ModelRunner
 
@@ -257,11 +257,11 @@ class InferenceApp:
     async def infer(self, request: Request):
         start = time.perf_counter()
         runner = self.ready_model(request.path_params["name"], request.path_params.get("version"))
-        with self.holding() as held:
+        with self.holding() as held, self.batchers[runner.name].arriving() as arrival:
             try:
                 header_length = _header_length(request)
                 body = await self._read_body(request, held)
-                return await self._answer(runner, body, header_length, held, start)
+                return await self._answer(runner, body, header_length, held, start, arrival)
             except BudgetExceeded as exc:
                 return busy(str(exc))
             except ClientDisconnect:  # gone mid-body: nobody to answer, nothing worth a traceback
@@ -311,11 +311,12 @@ class InferenceApp:
             raise RequestError(408, f"request body not received within {self.settings.body_timeout_s:g} s "
                                     f"(--body-timeout-s)") from None
 
-    async def execute(self, runner: ModelRunner, parse, held: list, size: int):
+    async def execute(self, runner: ModelRunner, parse, held: list, size: int, arrival: Arrival):
         """-> (InferRequest, {output: np.ndarray}): parse() the request of `size` bytes (off the
         loop past PARSE_IN_THREAD_BYTES), refuse an answer predicted above max_response, hold its
-        bytes, run it in the model's batch, all within timeout_s. Shared by REST and gRPC; raises RequestError, BudgetExceeded,
-        QueueFull, InferenceError or asyncio.TimeoutError for the caller to answer."""
+        bytes, run it in the model's batch (ending its `arrival` there), all within timeout_s.
+        Shared by REST and gRPC; raises RequestError, BudgetExceeded, QueueFull, InferenceError or
+        asyncio.TimeoutError for the caller to answer."""
         async def parse_and_run():
             parsed = await asyncio.to_thread(parse) if size > PARSE_IN_THREAD_BYTES else parse()
             runner.prepare(parsed)
@@ -323,23 +324,26 @@ class InferenceApp:
             if predicted is not None:
                 self._check_response_size(predicted, "would be")
                 self.hold(held, predicted)  # the answer's bytes, reserved before the model runs
-            return parsed, await self.batchers[runner.name].submit(parsed, parsed.rows)
+            return parsed, await self.batchers[runner.name].submit(parsed, parsed.rows, arrival)
 
         return await asyncio.wait_for(parse_and_run(), self.settings.timeout_s)
 
     async def _answer(self, runner: ModelRunner, body: bytes, header_length: int | None, held: list,
-                      start: float) -> Response:
+                      start: float, arrival: Arrival) -> Response:
         s = self.settings
         parse = lambda: parse_infer(body, runner.spec, max_rows=s.max_rows, header_length=header_length)
         try:
-            parsed, outputs = await self.execute(runner, parse, held, len(body))
+            parsed, outputs = await self.execute(runner, parse, held, len(body), arrival)
         except asyncio.TimeoutError:
             return error(504, f"request timed out after {s.timeout_s:g} s")
         except QueueFull as exc:
             return busy(str(exc))
         except InferenceError as exc:
             return error(500, f"inference failed in model '{runner.name}': {exc}")
-        content, json_length = await asyncio.to_thread(encode_infer_response, runner.spec, parsed, outputs)
+        if sum(a.nbytes for a in outputs.values()) > ENCODE_IN_THREAD_BYTES:
+            content, json_length = await asyncio.to_thread(encode_infer_response, runner.spec, parsed, outputs)
+        else:  # a small answer costs less to encode than the hop to a thread and back
+            content, json_length = encode_infer_response(runner.spec, parsed, outputs)
         self._check_response_size(len(content), "is")  # shapes the family could not predict
         self.metrics.latency.labels(runner.name).observe(time.perf_counter() - start)
         if json_length is None:

@@ -2,6 +2,10 @@
 `max_batch` rows or once the oldest has waited `max_delay` seconds, as one call of `run_batch` on a
 worker thread. The event loop keeps accepting and parsing requests while a batch runs.
 
+A partial batch waits only while another request is on its way (inside `arriving()`: its body being
+read, parsed, tokenized): with nobody to wait for, it runs at once. A lone client thus pays no
+`max_delay` per request, and requests that come while a batch runs still merge into the next one.
+
 `run_batch(items) -> list` returns one result per item, in order; an entry that is an Exception is
 raised to that item's caller alone.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +31,20 @@ class _Pending:
     enqueued: float  # loop.time() at submit
 
 
+class Arrival:
+    """A request on its way to `Batcher.submit`; `done()` (idempotent) when it is queued or gave up."""
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher = batcher
+        batcher._arriving += 1
+
+    def done(self) -> None:
+        if self._batcher is not None:
+            self._batcher._arriving -= 1
+            self._batcher._wakeup.set()  # a batch held for this request may now be complete
+            self._batcher = None
+
+
 class Batcher:
     def __init__(self, run_batch: Callable[[list], list], *, max_batch: int, max_delay_s: float,
                  max_queue: int = 1024, on_batch: Callable[[int, int], None] | None = None,
@@ -39,6 +58,7 @@ class Batcher:
         self.on_depth = on_depth or (lambda depth: None)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
+        self._arriving = 0  # open Arrivals
         self._wakeup: asyncio.Event | None = None
         self._draining = False  # set on shutdown: stop waiting for more rows, run what is queued
         self._closed = False
@@ -50,8 +70,20 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
-    async def submit(self, item, rows: int):
-        """Queue one request of `rows` rows and wait for its result (cancel-safe)."""
+    @contextmanager
+    def arriving(self):
+        """Around a request's work before `submit` (reading, parsing): yields the Arrival to pass to
+        `submit`; a partial batch waits for it (at most max_delay)."""
+        arrival = Arrival(self)
+        try:
+            yield arrival
+        finally:
+            arrival.done()
+
+    async def submit(self, item, rows: int, arrival: Arrival | None = None):
+        """Queue one request of `rows` rows (ending its `arrival`) and wait for its result (cancel-safe)."""
+        if arrival is not None:
+            arrival.done()
         if self._closed:
             raise QueueFull("the server is shutting down")
         if len(self._queue) >= self.max_queue:
@@ -94,9 +126,10 @@ class Batcher:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Hold the batch open until it is full or the oldest request has waited max_delay.
+            # Hold the batch open until it is full, nobody else is arriving, or the oldest request
+            # has waited max_delay.
             deadline = self._queue[0].enqueued + self.max_delay_s
-            while self._queued_rows < self.max_batch and not self._draining:
+            while self._queued_rows < self.max_batch and self._arriving and not self._draining:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

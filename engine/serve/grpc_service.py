@@ -154,11 +154,11 @@ class GrpcService:
     async def model_infer(self, request):
         start, app = time.perf_counter(), self.app
         runner = app.ready_model(request.model_name, request.model_version or None)
-        with app.holding() as held:
+        with app.holding() as held, app.batchers[runner.name].arriving() as arrival:
             size = request.ByteSize()
             app.hold(held, size)
             parse = lambda: request_from_grpc(request, runner.spec, max_rows=app.settings.max_rows)  # noqa: E731
-            parsed, outputs = await app.execute(runner, parse, held, size)
+            parsed, outputs = await app.execute(runner, parse, held, size, arrival)
         answer = M["ModelInferResponse"](model_name=runner.name, model_version="1", id=parsed.id or "")
         for name in parsed.outputs:
             answer.outputs.add(name=name, datatype="FP32", shape=list(outputs[name].shape))

@@ -4,7 +4,8 @@
   command line documents.
 - `ByteBudget`: bytes held across in-flight requests (request bodies, predicted answers); past it a
   request is answered 503 with Retry-After instead of growing the process.
-- `guarded_protocol(...)`: uvicorn's h11 protocol with a connection cap and a header-read timeout.
+- `guarded_protocol(...)`: uvicorn's httptools protocol (the C parser: pure-Python h11 was 40 % of the
+  server's CPU per small request) with a connection cap and a header-read timeout.
   uvicorn times out an idle keep-alive connection only after a response, and cancels that timer on
   any byte received: a client that connects and sends nothing, or trickles its headers a byte at a
   time, holds its connection forever. Here a connection has `header_timeout_s` from its start (and
@@ -17,19 +18,22 @@ import logging
 import socket
 from pathlib import Path
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("engine.server")
 MB = 1 << 20
 # Requests above this are parsed off the event loop so one large request does not stall the others.
 PARSE_IN_THREAD_BYTES = 1 << 20
+# Answers whose arrays hold more bytes than this are encoded off the event loop too.
+ENCODE_IN_THREAD_BYTES = 1 << 14
 
 
 # Every serve limit: flag name -> (type, default, help). The command line, its --help and
 # Settings' defaults all read this table. Each must be > 0, except max_delay_ms (>= 0).
 LIMITS: dict[str, tuple[type, float, str]] = {
     "max_batch": (int, 32, "rows merged into one batch"),
-    "max_delay_ms": (float, 5.0, "longest a request waits for others to join its batch"),
+    "max_delay_ms": (float, 5.0, "longest a request waits for others to join its batch (it waits only "
+                                 "while another request is being received or parsed)"),
     "max_body_mb": (float, 16.0, "request body limit"),
     "max_rows": (int, 1024, "rows allowed in one request"),
     "max_queue": (int, 1024, "queued requests per model before answering 503"),
@@ -100,10 +104,10 @@ def _raw_response(status: str, message: str) -> bytes:
             f"retry-after: 1\r\nconnection: close\r\n\r\n").encode() + body
 
 
-def guarded_protocol(*, max_connections: int, header_timeout_s: float) -> type[H11Protocol]:
-    """An H11Protocol class (uvicorn's `http=`) enforcing the two limits."""
+def guarded_protocol(*, max_connections: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
+    """An HttpToolsProtocol class (uvicorn's `http=`) enforcing the two limits."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(HttpToolsProtocol):
         _header_timer = None
 
         def connection_made(self, transport) -> None:
@@ -144,4 +148,4 @@ def guarded_protocol(*, max_connections: int, header_timeout_s: float) -> type[H
                 log.debug("closing a connection that sent no complete request headers in %g s", header_timeout_s)
                 self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedProtocol

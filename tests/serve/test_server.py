@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -539,12 +540,17 @@ def test_serves_on_cuda(artifacts, local):
 # -- graceful shutdown -------------------------------------------------------------------------
 
 def test_sigterm_drains_queued_requests_and_exits_0(artifacts, local):
-    # A 10-minute batching delay keeps requests queued until the signal arrives; only the drain on
-    # SIGTERM can answer them within the clients' 60 s timeout.
+    # A 10-minute batching delay, and a request whose body never finishes arriving, keep requests
+    # queued until the signal arrives; only the drain on SIGTERM can answer them within the
+    # clients' 60 s timeout.
     srv = Server([str(artifacts / "mlp.spz"), "--max-delay-ms", "600000", "--max-batch", "1000",
                   "--timeout-s", "300"])
     rng = np.random.default_rng(5)
     inputs = [rng.normal(size=(1, MLP_SIZES[0])).astype(np.float32) for _ in range(8)]
+    host, port = srv.url.removeprefix("http://").split(":")
+    arriving = socket.create_connection((host, int(port)))
+    arriving.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"inputs\": ")
     try:
         with ThreadPoolExecutor(len(inputs)) as pool:
             futures = [pool.submit(httpx.post, srv.url + "/v2/models/mlp/infer",
@@ -556,6 +562,7 @@ def test_sigterm_drains_queued_requests_and_exits_0(artifacts, local):
                 time.sleep(0.05)
             srv.proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
+        arriving.close()  # its client gives up; the server has nothing left to wait for
         for x, r in zip(inputs, responses):
             assert r.status_code == 200, r.text
             close(output(r.json(), "output"), expected_mlp(local, x))
@@ -564,6 +571,7 @@ def test_sigterm_drains_queued_requests_and_exits_0(artifacts, local):
         with pytest.raises(httpx.ConnectError):  # no longer accepting
             httpx.get(srv.url + "/v2/health/live")
     finally:
+        arriving.close()
         srv.stop()
 
 
@@ -626,22 +634,66 @@ def test_batcher_errors_timeouts_and_queue_limit():
     async def main():
         b = Batcher(run, max_batch=4, max_delay_s=0.2, max_queue=2)
         b.start()
-        first = asyncio.ensure_future(b.submit("a", 1))
-        await asyncio.sleep(0)
-        gone = asyncio.ensure_future(asyncio.wait_for(b.submit("b", 1), 0.01))  # gives up while queued
-        await asyncio.sleep(0.05)
-        with pytest.raises(asyncio.TimeoutError):
-            await gone
-        ok = asyncio.ensure_future(b.submit("c", 1))
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFull):
-            await b.submit("d", 1)
-        assert [await first, await ok] == ["A", "C"]
+        with b.arriving():  # a request on its way holds the partial batch (up to max_delay)
+            first = asyncio.ensure_future(b.submit("a", 1))
+            await asyncio.sleep(0)
+            gone = asyncio.ensure_future(asyncio.wait_for(b.submit("b", 1), 0.01))  # gives up while queued
+            await asyncio.sleep(0.05)
+            with pytest.raises(asyncio.TimeoutError):
+                await gone
+            ok = asyncio.ensure_future(b.submit("c", 1))
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull):
+                await b.submit("d", 1)
+            assert [await first, await ok] == ["A", "C"]
         with pytest.raises(ValueError, match="boom"):
             await b.submit("boom", 1)
         assert await b.submit("e", 1) == "E"  # the worker survived the failed batch
         await b.close()
         with pytest.raises(QueueFull, match="shutting down"):
             await b.submit("f", 1)
+
+    asyncio.run(main())
+
+
+def test_batcher_runs_a_partial_batch_at_once_when_nobody_is_arriving():
+    async def main():
+        b = Batcher(lambda items: items, max_batch=32, max_delay_s=600)
+        b.start()
+        assert await asyncio.wait_for(b.submit("a", 1), 10) == "a"  # not held for the 600 s
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_holds_a_partial_batch_only_for_arriving_requests():
+    seen = []
+
+    def run(items):
+        seen.append(list(items))
+        return items
+
+    async def main():
+        b = Batcher(run, max_batch=32, max_delay_s=600)
+        b.start()
+        with b.arriving() as late:
+            first = asyncio.ensure_future(b.submit("a", 1))
+            await asyncio.sleep(0.05)
+            assert not first.done()  # waiting for `late`
+            second = asyncio.ensure_future(b.submit("b", 1, late))
+            assert await asyncio.wait_for(asyncio.gather(first, second), 10) == ["a", "b"]
+        assert seen == [["a", "b"]]  # one batch
+        with b.arriving():  # a request that never reaches submit (client gone, bad body) ...
+            held = asyncio.ensure_future(b.submit("c", 1))
+            await asyncio.sleep(0.05)
+            assert not held.done()
+        assert await asyncio.wait_for(held, 10) == "c"  # ... releases the batch when it ends
+        await b.close()
+
+        short = Batcher(run, max_batch=32, max_delay_s=0.05)
+        short.start()
+        with short.arriving():  # max_delay still bounds the wait for one that never comes
+            assert await asyncio.wait_for(short.submit("d", 1), 10) == "d"
+        await short.close()
 
     asyncio.run(main())
