@@ -125,6 +125,7 @@ class Connection:
             self.writer.write(raw)
             head = await self.reader.readuntil(b"\r\n\r\n")
             status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+            status = int(status_line.split(" ", 2)[1])
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
             if "content-length" in headers:
                 content = await self.reader.readexactly(int(headers["content-length"]))
@@ -132,12 +133,12 @@ class Connection:
                 content = await self._chunked()
             else:
                 raise httpx.RemoteProtocolError(f"answer with neither content-length nor chunked body: {head!r}")
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
             await self.close()
             raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}") from None
         if headers.get("connection", "").lower() == "close":
             await self.close()
-        return Answer(int(status_line.split(" ", 2)[1]), headers, content)
+        return Answer(status, headers, content)
 
     async def _chunked(self) -> bytes:
         parts = []
