@@ -19,6 +19,7 @@ from engine.serve.grpc_service import M
 from tests.models.test_bert import hf_bert  # noqa: F401  (fixture)
 from tests.serve.test_grpc import artifacts, rpc, served  # noqa: F401  (fixtures)
 from tests.serve.test_server import MLP_SIZES
+from tests.serve.test_server_limits import _rss_mb as rss_mb
 
 pytestmark = pytest.mark.timeout(300)
 CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -33,11 +34,6 @@ tensor = st.fixed_dictionaries({
 # Inference-Header-Content-Length: absent, right ("HEADER"), any number, or not a number at all.
 framing = st.one_of(st.none(), st.just("HEADER"), st.integers(-3, 600).map(str),
                     st.sampled_from(["", "abc", "1e3", "+12", "0x10", "1.5", "-0"]))
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 @pytest.fixture(scope="module")
