@@ -56,7 +56,7 @@ def main() -> int:
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
-    print(f"{cpu_model()}, isa={cpu.isa()}, {args.threads} threads; BERT 2x768 layer 0, {args.sparsity:.0%} "
+    print(f"{cpu_model()}, isa={cpu.isa_label()}, {args.threads} threads; BERT 2x768 layer 0, {args.sparsity:.0%} "
           f"unstructured, batch {b} ({b * s} rows), medians of {args.rounds} rounds")
     print("| step | ms | GFLOP/s on stored weights |\n|---|---|---|")
     for k, v in times.items():

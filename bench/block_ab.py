@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     cpu.attention_fits = lambda *a: on["attention"] and fits["attention"](*a)
     variants = {"both": (True, True), "no pair": (False, True), "no C++ attention": (True, False),
                 "neither": (False, False)}
-    print(f"{cpu_model()}, kernels isa={cpu.isa()}, {args.threads} threads; BERT 2x768 seq 128; ms, medians of "
+    print(f"{cpu_model()}, kernels isa={cpu.isa_label()}, {args.threads} threads; BERT 2x768 seq 128; ms, medians of "
           f"{args.rounds} interleaved rounds")
     print("| sparsity | batch | " + " | ".join(variants) + " | neither / both |\n|" + "---|" * (len(variants) + 3))
     for s, b in itertools.product(args.sparsity, args.batch):

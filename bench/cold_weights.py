@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"{cpu_model()}, kernels isa={cpu.isa()}, {args.threads} threads, batch 1, fp32 values; "
+    print(f"{cpu_model()}, kernels isa={cpu.isa_label()}, {args.threads} threads, batch 1, fp32 values; "
           f"medians of {args.calls} x {args.rounds} cold calls")
     print("| shape O×I | sparsity | dense ms | bsr 16x16 ms | csr ms | bsr speedup | csr speedup | "
           "bsr bf16 speedup | bsr GB/s | dense GB/s | bsr warm speedup |\n|" + "---|" * 11)

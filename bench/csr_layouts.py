@@ -1,6 +1,7 @@
 """Batched CSR: the row-at-a-time loop against the copies the kernel may read instead (panel-major
-rows on AVX2 and AVX-512; SELL-4 grouped panels on AVX-512), the same weight and x, interleaved in
-one process; GFLOP/s on stored values (2 · nnz · N / t), medians.
+rows; SELL-4 grouped panels with the 512-bit kernels), with the 512-bit and the 256-bit kernels on
+AVX-512 CPUs, the same weight and x, interleaved in one process; GFLOP/s on stored values
+(2 · nnz · N / t), medians; "chosen": the layout and width the engine picks.
 
     PYTHONPATH=. .venv/bin/python bench/csr_layouts.py --threads 1
     PYTHONPATH=. .venv/bin/python bench/csr_layouts.py --threads 2 --shapes 3072x768,768x3072,4096x4096
@@ -27,8 +28,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=0.5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    layouts = ("rows", "panels", "groups") if cpu.isa() == "avx512" else ("rows", "panels")
-    print(f"{cpu_model()}, kernels isa={cpu.isa()}, {args.threads} threads; GFLOP/s on stored values, medians")
+    # (vector bits, layout): on AVX-512 CPUs both the zmm kernels and the AVX2 (ymm) ones.
+    variants = [(256, "rows"), (256, "panels")]
+    if cpu.isa() == "avx512":
+        variants = [(512, "rows"), (512, "panels"), (512, "groups")] + variants
+    layouts = [f"{layout} {bits}" for bits, layout in variants]
+    auto_bits = cpu.csr_bits()
+    print(f"{cpu_model()}, kernels isa={cpu.isa_label()}, {args.threads} threads; GFLOP/s on stored values, medians")
     print("| shape O×I | batch | sparsity | " + " | ".join(layouts) + " | chosen |\n|" + "---|" * (len(layouts) + 4))
     real = cpu._batched_layout
     for o, i in args.shapes:
@@ -39,15 +45,17 @@ def main(argv=None) -> int:
                 x = torch.randn(n, i)
                 ref = x @ w.T
                 fns = {}
-                for layout in layouts:
-                    def run(layout=layout):
+                for name, (bits, layout) in zip(layouts, variants):
+                    def run(bits=bits, layout=layout):
+                        cpu.set_csr_bits(bits)
                         with mock.patch.object(cpu, "_batched_layout", lambda *_: layout):
                             return cpu.csr_linear_cpu(x, wc, None, "none")
                     torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-3)
-                    fns[layout] = run
+                    fns[name] = run
                 t = time_interleaved(fns, min_time=args.min_time)
+                cpu.set_csr_bits(auto_bits)
                 rates = " | ".join(f"{2 * n * wc.values.numel() / t[k] / 1e9:.1f}" for k in layouts)
-                print(f"| {o}x{i} | {n} | {s:.2f} | {rates} | {real(wc, n)} |", flush=True)
+                print(f"| {o}x{i} | {n} | {s:.2f} | {rates} | {real(wc, n)} {auto_bits} |", flush=True)
     return 0
 
 

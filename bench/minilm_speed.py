@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         args.threads, args.clock = 1, time.thread_time
     torch.set_num_threads(args.threads)
     print(f"{cpu_model()}, torch {torch.__version__}, C++ kernels isa="
-          f"{engine.cpu.isa()}, {args.threads} threads, clock {args.clock.__name__}")
+          f"{engine.cpu.isa_label()}, {args.threads} threads, clock {args.clock.__name__}")
     {"minilm": minilm, "bert": bert_grid, "bert-bf16": bert_bf16, "profile": profile}[args.part](args)
     return 0
 

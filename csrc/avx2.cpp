@@ -247,7 +247,7 @@ void csr_chunk_panelled(const LinearArgs& a, int64_t o0, int64_t o1, const float
                         int64_t nc, float* acc) {
   const int64_t O = a.out_features, P = (a.in_features + a.panel_width - 1) / a.panel_width;
   const WT* val = static_cast<const WT*>(a.panel_val);
-  const bool w512 = current_isa() == ISA_AVX512;  // 16-wide vectors (nc % 16 == 0), else 8-wide
+  const bool w512 = csr_bits() == 512;  // 16-wide vectors (nc % 16 == 0), else 8-wide
   const int v16 = int(nc / 16), v8 = int(nc / 8);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t* seg = a.panel_seg + p * O;
@@ -305,7 +305,7 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   const int32_t* crow = a.crow;
   const double work = double(crow[O]) * double(N);
   const int T = pick_threads(a.nthreads, N < kSpmmMinN ? est_spmv_csr(work) : est_spmm(work));
-  const bool w512 = current_isa() == ISA_AVX512;  // batched path only
+  const bool w512 = csr_bits() == 512;  // batched path only
 
   if (N < kSpmmMinN) {
 #pragma omp parallel num_threads(T) if (T > 1)

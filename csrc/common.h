@@ -84,6 +84,15 @@ Isa current_isa();
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 void set_isa(Isa isa);
+// Vector width (bits) of the batched fp32 CSR kernels now: 512 (zmm) only under ISA_AVX512 with the
+// wide kernels selected, else 256 (the AVX2 kernels' ymm; also under ISA_AVX512 when narrow).
+// Auto (0) picks 256 on AMD family 0x19 with AVX-512 (Zen 4), whose cores run each 512-bit operation
+// as two 256-bit halves: there the ymm panel kernels were 1.05-1.2x the zmm ones on whole models
+// (bench/results/cpu.md, "AVX-512 on AMD Zen 4"); elsewhere 512. SPARSE_ENGINE_CSR_BITS=256|512 or
+// set_csr_bits(...) overrides it.
+int csr_bits();
+int auto_csr_bits();
+void set_csr_bits(int bits);
 
 // Per-thread reusable scratch, 64-byte aligned, so a call allocates nothing once warm.
 // slot picks one of a few independent buffers (packed X, output tiles).

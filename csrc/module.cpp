@@ -4,6 +4,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -63,6 +66,43 @@ void set_isa(Isa isa) {
   g_isa.store(isa);
 }
 
+int auto_csr_bits() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const int bits = [] {
+    if (!cpu_has_avx512()) return 256;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 512;
+    const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 512;
+    const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
+    return family == 0x19 ? 256 : 512;
+  }();
+  return bits;
+#else
+  return 256;
+#endif
+}
+
+static std::atomic<int> g_csr_bits{-1};  // 256 or 512 once read; the setting, not the ISA's limit
+
+int csr_bits() {
+  int v = g_csr_bits.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("SPARSE_ENGINE_CSR_BITS");
+    const std::string want = env ? env : "";
+    v = want == "256" ? 256 : (want == "512" ? 512 : auto_csr_bits());
+    g_csr_bits.store(v);
+  }
+  return current_isa() == ISA_AVX512 ? v : 256;
+}
+
+void set_csr_bits(int bits) {
+  if (bits != 0 && bits != 256 && bits != 512)
+    throw std::invalid_argument("set_csr_bits: expected 0 (auto), 256 or 512, got " + std::to_string(bits));
+  if (bits == 512 && !cpu_has_avx512()) throw std::runtime_error("set_csr_bits: 512 needs AVX-512F");
+  g_csr_bits.store(bits == 0 ? auto_csr_bits() : bits);
+}
+
 namespace {
 struct Scratch {
   static constexpr int kSlots = 4;
@@ -97,8 +137,8 @@ void bsr_linear(const LinearArgs& a) {
 void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
   if (a1.n == 0 || a2.out_features == 0) return;
   if (current_isa() < ISA_AVX2) throw std::runtime_error("csr_pair: needs the AVX2 or AVX-512 kernels (set_isa)");
-  if (current_isa() == ISA_AVX512 && (a1.n + 7) / 8 * 8 % 16)
-    throw std::invalid_argument("csr_pair: on AVX-512 the batch rounded up to 8 must be a multiple of 16");
+  if (csr_bits() == 512 && (a1.n + 7) / 8 * 8 % 16)
+    throw std::invalid_argument("csr_pair: with 512-bit CSR kernels the batch rounded up to 8 must be a multiple of 16");
   csr_pair_avx2(a1, a2);
 }
 
@@ -327,6 +367,9 @@ PYBIND11_MODULE(_C, m) {
     static const char* names[] = {"portable", "avx2", "avx512"};
     return std::string(names[se::current_isa()]);
   });
+  m.def("set_csr_bits", &se::set_csr_bits, py::arg("bits"),
+        "Vector width of the batched fp32 CSR kernels under AVX-512: 0 (auto), 256 or 512.");
+  m.def("csr_bits", &se::csr_bits, "Vector width (bits) the batched fp32 CSR kernels use now: 512 or 256.");
   m.def("cpu_has_avx2", &se::cpu_has_avx2, "Whether this CPU runs the AVX2+FMA+F16C kernels.");
   m.def("cpu_has_avx512", &se::cpu_has_avx512, "Whether this CPU also runs the AVX-512F micro-kernels.");
   m.def("has_openmp", [] {

@@ -38,7 +38,9 @@ def import_error() -> str | None:
     return _IMPORT_ERROR
 
 
-_ISA = [_C.get_isa() if _C is not None else "none"]  # mirrors the C++ setting for per-call checks
+# Mirror the C++ settings for per-call checks: the ISA, and the batched CSR kernels' vector width.
+_ISA = [_C.get_isa() if _C is not None else "none"]
+_CSR_BITS = [_C.csr_bits() if _C is not None else 0]
 
 
 def isa() -> str:
@@ -49,7 +51,25 @@ def isa() -> str:
 def set_isa(name: str) -> None:
     """Select "auto", "avx512", "avx2" or "portable" for later calls (process-wide)."""
     _C.set_isa(name)
-    _ISA[0] = _C.get_isa()
+    _ISA[0], _CSR_BITS[0] = _C.get_isa(), _C.csr_bits()
+
+
+def isa_label() -> str:
+    """The ISA as benchmark banners state it: "avx512 (256-bit batched CSR)" where it applies."""
+    name = _C.get_isa()
+    return f"{name} (256-bit batched CSR)" if name == "avx512" and _C.csr_bits() == 256 else name
+
+
+def csr_bits() -> int:
+    """Vector width (bits) of the batched fp32 CSR kernels now: 512 (AVX-512 zmm kernels) or 256
+    (the AVX2 kernels, also chosen under AVX-512 on AMD Zen 4, where they are faster)."""
+    return _C.csr_bits()
+
+
+def set_csr_bits(bits: int | str) -> None:
+    """Select "auto", 256 or 512 (process-wide; 512 needs AVX-512, and takes effect under it)."""
+    _C.set_csr_bits(0 if bits == "auto" else int(bits))
+    _CSR_BITS[0] = _C.csr_bits()
 
 
 # Prepared copies of a weight's buffers, built once and keyed by the source tensors themselves, so
@@ -110,7 +130,7 @@ def _batched_layout(w: CSR, batch: int) -> str:
     if not (batch >= _PANEL_MIN_BATCH and _ISA[0] in ("avx512", "avx2") and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
         return "rows"
     per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
-    if _ISA[0] == "avx2":
+    if _CSR_BITS[0] == 256:  # the AVX2 kernels (also under AVX-512 on Zen 4)
         return "panels" if per_row_panel >= _AVX2_PANEL_MIN_PER_ROW else "rows"
     if per_row_panel >= _PANEL_MIN_PER_ROW:
         return "panels"
@@ -241,13 +261,13 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
 def pair_fits(x: torch.Tensor, w1, w2) -> bool:
     """Whether csr_pair_cpu runs act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) for this x: fp32 x on the CPU,
     both weights CSR with one value dtype, and both in the panel-major batched layout at x's batch
-    (AVX2, or AVX-512 with the batch rounded up to 8 a multiple of 16)."""
+    (256-bit kernels, or 512-bit ones with the batch rounded up to 8 a multiple of 16)."""
     if not (isinstance(w1, CSR) and isinstance(w2, CSR) and x.dtype is torch.float32 and x.dim() == 2
             and x.device.type == "cpu" and w1.values.is_cpu and w2.values.is_cpu
             and w1.values.dtype is w2.values.dtype and w1.shape[0] == w2.shape[1]):
         return False
     n = x.shape[0]
-    if _ISA[0] == "avx512" and (n + 7) // 8 * 8 % 16:
+    if _CSR_BITS[0] == 512 and (n + 7) // 8 * 8 % 16:
         return False
     return _batched_layout(w1, n) == "panels" and _batched_layout(w2, n) == "panels"
 

@@ -63,7 +63,7 @@ def run(path: str, batches: list[int], threads: int, seq: int = 128, min_time: f
     twin = dense_twin(model)
     twin16 = copy.deepcopy(twin).to(torch.bfloat16)
     n_sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
-    isa = f"{cpu.isa()}, bf16 kernels {cpu.bf16_isa()}" if cpu.available() else "no C++ extension"
+    isa = f"{cpu.isa_label()}, bf16 kernels {cpu.bf16_isa()}" if cpu.available() else "no C++ extension"
     print(f"model {path}: family {model.spec.get('family')}, {n_sparse} SparseLinear layers, "
           f"{threads} threads, torch {torch.__version__}")
     print(f"engine: {isa}; dense: torch F.linear (fp32, and bf16 after .to(torch.bfloat16)); "

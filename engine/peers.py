@@ -232,7 +232,9 @@ def measure_cell(name: str, sparsity: float, batch: int, dense: nn.Module, onnx_
             raise RuntimeError(f"{name} {sparsity:.0%} batch {batch}: {k} differs from dense torch by {d:.3g} "
                                  f"(|y| up to {scale:.3g})")
     with torch.inference_mode():
-        samples = time_rounds(timers, min_time)
+        # Four thread pools (torch's and the engine's OpenMP, ONNX Runtime's, DeepSparse's): each slot
+        # starts on idle cores, not beside the previous provider's spinning workers.
+        samples = time_rounds(timers, min_time, idle_after=set(timers))
     return {k: {"ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_diff": diffs[k]}
             for k, v in samples.items()}
 
@@ -248,7 +250,7 @@ def run(models: list[str], sparsities: list[float], batches: dict[str, tuple[int
         print("sparse-engine bench --peers: needs onnx and onnxruntime (pip install 'sparse-engine[onnx]')")
         return 1
     python, ds_version = find_deepsparse(ds_python)
-    machine = (f"{cpu_model()}, kernels isa={cpu.isa()}, {threads} threads, torch {torch.__version__}, "
+    machine = (f"{cpu_model()}, kernels isa={cpu.isa_label()}, {threads} threads, torch {torch.__version__}, "
                f"onnxruntime {onnxruntime.__version__}, DeepSparse {ds_version if python else '-'}")
     print(f"# {machine}")
     if python is None:

@@ -13,12 +13,20 @@ from typing import Callable
 import torch
 
 
-def time_rounds(timers: dict[str, Callable[[int], float]], min_time: float = 0.4, rounds: int = 7
-                ) -> dict[str, list[float]]:
+# Seconds of idle before the slot after a provider that runs its own thread pool (ONNX Runtime,
+# DeepSparse): ORT's intra-op workers keep spinning for 30-100 ms after a run and, on a 2-core
+# machine, halved the speed of whichever provider was timed next (BERT 2x768 batch 1: 18 ms right
+# after ORT, 8 ms after 0.1 s idle; 2026-12-07, AMD EPYC, bench/results/peers.md).
+SPIN_IDLE_S = 0.15
+
+
+def time_rounds(timers: dict[str, Callable[[int], float]], min_time: float = 0.4, rounds: int = 7,
+                idle_after: frozenset[str] | set[str] = frozenset()) -> dict[str, list[float]]:
     """Seconds per call of each provider, one sample per round; timed(n) runs n calls back to back
     and returns seconds per call (in this process, or in another that times itself). Each round runs
     every provider in turn (enough calls to fill min_time/rounds), so a burst of load from other
-    processes lands on all providers alike."""
+    processes lands on all providers alike. After a provider named in idle_after the machine is left
+    idle for SPIN_IDLE_S, so the next one does not share the cores with its spinning threads."""
     reps = {}
     for name, timed in timers.items():
         timed(1)  # warm-up: first calls pack and cache
@@ -27,6 +35,8 @@ def time_rounds(timers: dict[str, Callable[[int], float]], min_time: float = 0.4
     for _ in range(rounds):
         for name, timed in timers.items():
             samples[name].append(timed(reps[name]))
+            if name in idle_after:
+                time.sleep(SPIN_IDLE_S)
     return samples
 
 
@@ -41,18 +51,18 @@ def calls_timer(fn: Callable, clock: Callable[[], float] = time.perf_counter) ->
 
 
 def time_samples(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                 clock: Callable[[], float] = time.perf_counter, idle_after=frozenset()) -> dict[str, list[float]]:
     """Seconds per call of each fn, one sample per round (time_rounds, under inference_mode).
     clock=time.thread_time counts only this thread's CPU time: immune to time slices lost to other
     processes, but valid for single-threaded runs only (--cpu-time)."""
     with torch.inference_mode():
-        return time_rounds({k: calls_timer(fn, clock) for k, fn in fns.items()}, min_time, rounds)
+        return time_rounds({k: calls_timer(fn, clock) for k, fn in fns.items()}, min_time, rounds, idle_after)
 
 
 def time_interleaved(fns: dict[str, Callable], min_time: float = 0.4, rounds: int = 7,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                     clock: Callable[[], float] = time.perf_counter, idle_after=frozenset()) -> dict[str, float]:
     """Median seconds per call of each fn (see time_samples)."""
-    return {k: statistics.median(v) for k, v in time_samples(fns, min_time, rounds, clock).items()}
+    return {k: statistics.median(v) for k, v in time_samples(fns, min_time, rounds, clock, idle_after).items()}
 
 
 def median_and_min(samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]:

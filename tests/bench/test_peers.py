@@ -135,3 +135,34 @@ def test_cli_rejects_an_unknown_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine", "bench", "--peers", "--peer-models", "resnet",
                         "-o", str(tmp_path / "p")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown model(s) ['resnet']" in r.stdout
+
+
+def test_time_rounds_leaves_the_cores_idle_after_the_named_providers(monkeypatch):
+    """A provider with its own spinning thread pool is followed by SPIN_IDLE_S of idle, every round,
+    and only where asked: the next provider's slot must not start beside its workers."""
+    from engine import timing
+    events = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: events.append(("idle", s)))
+
+    def timer(name):
+        def timed(n):
+            events.append(("run", name))
+            return 1e-3
+        return timed
+
+    samples = timing.time_rounds({k: timer(k) for k in "abc"}, min_time=0.01, rounds=3, idle_after={"b"})
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = [e for e in events[6:]]  # after the two warm-up calls per provider
+    assert timed == [("run", "a"), ("run", "b"), ("idle", timing.SPIN_IDLE_S), ("run", "c")] * 3
+
+
+def test_grid_cell_idles_between_all_providers(stand_in, tmp_path, monkeypatch):
+    seen = {}
+    real = peers.time_rounds
+
+    def spy(timers, min_time, **kw):
+        seen.update(kw)
+        return real(timers, min_time, **kw)
+    monkeypatch.setattr(peers, "time_rounds", spy)
+    peers.run(["mlp"], [0.9], {"mlp": (1,)}, threads=1, min_time=0.05, ds_python=stand_in, out=tmp_path / "p")
+    assert seen["idle_after"] == {"dense torch fp32", "dense torch bf16", "onnxruntime", "engine", "deepsparse"}

@@ -8,7 +8,9 @@ storage adds against the fp32 weight.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import threading
 
 import pytest
@@ -27,11 +29,33 @@ WDTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BATCHES = (1, 3, 4, 11, 70)
 BLOCKS = ((1, 1), (1, 8), (8, 1), (4, 1), (2, 4), (3, 2), (8, 8), (16, 8), (16, 16), (32, 32))
 
-ISAS = ["avx512", "avx2", "portable"]
+# "avx512" runs the batched CSR kernels 512 bits wide, "avx512_256" the AVX2 (256-bit) ones under the
+# AVX-512 ISA, as the engine picks by default on AMD Zen 4: every AVX-512 machine tests both.
+ISAS = ["avx512", "avx512_256", "avx2", "portable"]
 
 
 def _supported(name):
-    return {"avx512": cpu._C.cpu_has_avx512, "avx2": cpu._C.cpu_has_avx2}.get(name, lambda: True)()
+    return {"avx512": cpu._C.cpu_has_avx512, "avx512_256": cpu._C.cpu_has_avx512,
+            "avx2": cpu._C.cpu_has_avx2}.get(name, lambda: True)()
+
+
+@contextlib.contextmanager
+def kernels(name):
+    """The kernels ISAS names, for the duration of the block (the auto width restored after)."""
+    before, bits = cpu.isa(), cpu.csr_bits()
+    cpu.set_isa(name.split("_")[0])
+    if name.startswith("avx512"):
+        cpu.set_csr_bits(256 if name == "avx512_256" else 512)
+    try:
+        yield
+    finally:
+        cpu.set_isa(before)
+        cpu.set_csr_bits(bits if before == "avx512" else "auto")
+
+
+def csr_family(isa):
+    """The batched CSR kernels' family: the 256-bit kernels under AVX-512 behave as the AVX2 ones."""
+    return "avx2" if isa == "avx512_256" else isa
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +68,10 @@ def _extension_built():
 def isa(request):
     if not _supported(request.param):
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    before = cpu.isa()
-    cpu.set_isa(request.param)
-    assert cpu.isa() == request.param
-    yield request.param
-    cpu.set_isa(before)
+    with kernels(request.param):
+        assert cpu.isa() == request.param.split("_")[0]
+        assert cpu.csr_bits() == (512 if request.param == "avx512" else 256)
+        yield request.param
 
 
 def rand_weight(o, i, sparsity, block=(1, 1)):
@@ -344,12 +367,8 @@ def test_fuzz_against_reference(n, o_blocks, i_blocks, r, c, sparsity, fmt, wdty
     weight = CSR.from_dense(w, mask=keep) if fmt == "csr" else BSR.from_dense(w, mask=keep, blocksize=block)
     x = torch.randn(n, i, generator=g)
     b = torch.randn(o, generator=g) if with_bias else None
-    before = cpu.isa()
-    cpu.set_isa(isa)
-    try:
+    with kernels(isa):
         y = run(x, weight, b, act)
-    finally:
-        cpu.set_isa(before)
     check(y, x, weight, b, act)
 
 
@@ -405,7 +424,7 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtyp
     keep[5:9] = False
     w = (w * keep).to(wdtype)
     wc = CSR.from_dense(w, mask=keep)
-    assert cpu._batched_layout(wc, n) == layouts.get(isa, "rows")
+    assert cpu._batched_layout(wc, n) == layouts.get(csr_family(isa), "rows")
     x, b = torch.randn(n, 600), torch.randn(o)
     check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
     # The copy follows in-place updates of the values.
@@ -437,7 +456,7 @@ def test_csr_pair_equals_the_two_layers(isa, act, wdtype, n):
     c2 = CSR.from_dense((w2 * keep2).to(wdtype), mask=keep2)
     b1, b2, x = torch.randn(520), torch.randn(130), torch.randn(n, 600)
     fits = cpu.pair_fits(x, c1, c2)
-    assert fits == (isa == "avx2" or (isa == "avx512" and (n + 7) // 8 * 8 % 16 == 0))
+    assert fits == (csr_family(isa) == "avx2" or (isa == "avx512" and (n + 7) // 8 * 8 % 16 == 0))
     if not fits:
         with pytest.raises(RuntimeError if isa == "portable" else ValueError):
             cpu.csr_pair_cpu(x, c1, b1, act, c2, b2)  # the kernel refuses what pair_fits rules out
@@ -448,8 +467,9 @@ def test_csr_pair_equals_the_two_layers(isa, act, wdtype, n):
 def test_csr_pair_many_panels_and_what_does_not_fit(isa):
     if isa == "portable":
         pytest.skip("no panel-major layout on the portable kernels")
-    # batch 1030 takes several packed-X panels (4096 inputs x 64 columns each) and a partial chunk
-    w1, _ = rand_weight(264, 4096, 0.9)
+    # batch 1040 takes several packed-X panels (4096 inputs x 64 columns each); at 80 % W1 is
+    # panel-major for the 512-bit kernels too (25.6 entries per row per panel)
+    w1, _ = rand_weight(264, 4096, 0.8)
     w2, _ = rand_weight(300, 264, 0.5)
     c1, c2 = CSR.from_dense(w1 / 20), CSR.from_dense(w2 / 11)
     b1, b2 = torch.randn(264), torch.randn(300)
@@ -532,3 +552,32 @@ def test_gelu_epilogue_matches_exact_gelu_over_its_range(isa, fmt, n):
     finite = torch.isfinite(ref)
     assert ((y.double() - ref).abs()[finite] <= 3e-7 * x.double().abs().clamp(min=1)[finite]).all()
     torch.testing.assert_close(y[~finite], ref[~finite].float(), rtol=0, atol=0, equal_nan=True)
+
+
+# ---- the batched CSR kernels' vector width -----------------------------------------------------------
+
+def _amd_zen4():
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return "AuthenticAMD" in info and "\ncpu family\t: 25\n" in info
+
+
+def test_csr_width_is_256_bits_on_zen4_and_512_on_other_avx512_cpus():
+    before = cpu.isa()
+    try:
+        cpu.set_csr_bits("auto")
+        if not cpu._C.cpu_has_avx512():
+            assert cpu.csr_bits() == 256
+            with pytest.raises(RuntimeError, match="AVX-512"):
+                cpu.set_csr_bits(512)
+            return
+        cpu.set_isa("avx512")
+        assert cpu.csr_bits() == (256 if _amd_zen4() else 512)
+        assert cpu.isa_label() == ("avx512 (256-bit batched CSR)" if _amd_zen4() else "avx512")
+        cpu.set_csr_bits(512)
+        cpu.set_isa("avx2")
+        assert cpu.csr_bits() == 256  # the width setting applies under the AVX-512 ISA only
+        with pytest.raises(ValueError, match="256 or 512"):
+            cpu.set_csr_bits(128)
+    finally:
+        cpu.set_isa(before)
+        cpu.set_csr_bits("auto")
