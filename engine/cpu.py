@@ -120,7 +120,8 @@ _GROUP_MIN_PER_ROW = 9.0
 # afternoon"): with X packed chunk-major, panel-major rows beat the row loop from s = 0.8 to 0.97
 # (3.8 entries per row-panel: 7 of 9 cells, 2 ties) at 64-1024 rows; at 0.98 (2.6) it is mixed and at
 # 0.99 the row loop wins. No grouped copy on AVX2 (4 rows x 64 columns of partial sums need 32 ymm
-# registers, AVX2 has 16).
+# registers, AVX2 has 16). The same rule serves the 256-bit kernels under AVX-512 on Zen 4, where
+# 256-bit panel-major rows beat every 512-bit layout in 17/18 cells at 80-95 % (cpu.md).
 _AVX2_PANEL_MIN_PER_ROW = 3.0
 
 
@@ -204,8 +205,8 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     """One-time layout work for the C++ kernels, cached and reused by every later call on the same
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
-    a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (AVX-512 from density
-    0.07; AVX2 panel-major from 0.023; another value + 2 bytes per stored value, plus padding). The
+    a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (512-bit kernels from
+    density 0.07; 256-bit panel-major from 0.023; another value + 2 bytes per stored value, plus padding). The
     first kernel call does it lazily; SparseLinear calls this (without `batch`) at construction to
     keep the index copy out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":
