@@ -92,6 +92,7 @@ void set_isa(Isa isa);
 // set_csr_bits(...) overrides it.
 int csr_bits();
 int auto_csr_bits();
+bool avx512_split();  // AVX-512 executed as two 256-bit halves (AMD family 0x19, Zen 4)
 void set_csr_bits(int bits);
 
 // Per-thread reusable scratch, 64-byte aligned, so a call allocates nothing once warm.

@@ -66,22 +66,24 @@ void set_isa(Isa isa) {
   g_isa.store(isa);
 }
 
-int auto_csr_bits() {
+bool avx512_split() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const int bits = [] {
-    if (!cpu_has_avx512()) return 256;
+  static const bool split = [] {
+    if (!cpu_has_avx512()) return false;
     unsigned a, b, c, d;
-    if (!__get_cpuid(0, &a, &b, &c, &d)) return 512;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
     const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
-    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 512;
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
     const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
-    return family == 0x19 ? 256 : 512;
+    return family == 0x19;
   }();
-  return bits;
+  return split;
 #else
-  return 256;
+  return false;
 #endif
 }
+
+int auto_csr_bits() { return cpu_has_avx512() && !avx512_split() ? 512 : 256; }
 
 static std::atomic<int> g_csr_bits{-1};  // 256 or 512 once read; the setting, not the ISA's limit
 
@@ -369,6 +371,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("set_csr_bits", &se::set_csr_bits, py::arg("bits"),
         "Vector width of the batched fp32 CSR kernels under AVX-512: 0 (auto), 256 or 512.");
+  m.def("avx512_split", &se::avx512_split,
+        "Whether this CPU has AVX-512 and runs each 512-bit operation as two 256-bit halves (AMD Zen 4).");
   m.def("csr_bits", &se::csr_bits, "Vector width (bits) the batched fp32 CSR kernels use now: 512 or 256.");
   m.def("cpu_has_avx2", &se::cpu_has_avx2, "Whether this CPU runs the AVX2+FMA+F16C kernels.");
   m.def("cpu_has_avx512", &se::cpu_has_avx512, "Whether this CPU also runs the AVX-512F micro-kernels.");

@@ -5,7 +5,7 @@ The kernels pick their instruction set at import: AVX-512F micro-kernels where t
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
 `set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
 bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`);
-bf16 x with bf16 CSR weights on AVX512-BF16 (except batches of 9-15 rows, see bf16_kernel_for).
+bf16 x with bf16 CSR weights on AVX512-BF16 (except a few batch sizes, see bf16_kernel_for).
 
 Per call the only Python work is the launch; the one prepared layout (a uint16 copy of a CSR
 weight's column indices) is made once per index tensor and cached (`prepare_weight`).
@@ -365,11 +365,12 @@ def last_bf16_kernel() -> str:
     return _C.last_bf16_kernel()
 
 
-# Batch rows for which bf16 CSR keeps the fp32-compute kernel: the bf16 kernel's batched path
-# pads the batch to 32 rows, and VDPBF16PS retires about half as often as an FMA on the machine
-# measured (bench/results/bf16.md), so from 9 to 15 rows (below 9 the quad-gather path serves) it
-# lost to the fp32-compute kernel.
-_BF16_CSR_FP32_BATCHES = range(9, 16)
+# Batch rows for which bf16 CSR keeps the fp32-compute kernel, measured per CPU (bench/results/bf16.md):
+# - Intel (Xeon with AMX): 9-15. The bf16 kernel's batched path pads the batch to 32 rows, and
+#   VDPBF16PS retires about half as often as an FMA there, so it lost; below 9 the quad path won.
+# - AMD Zen 4: 5-8. Its 64-bit gathers are slow, so the quad path's second group of 4 rows cost more
+#   than it saved (0.65-0.82x), while the padded 32-row path wins from 9 rows (1.17-1.26x).
+_BF16_CSR_FP32_BATCHES = range(5, 9) if _C is not None and _C.avx512_split() else range(9, 16)
 
 
 def bf16_kernel_for(w: CSR | BSR, batch: int | None = None) -> str:

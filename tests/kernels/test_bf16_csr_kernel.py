@@ -17,6 +17,7 @@ import engine
 from engine import cpu
 from engine.formats import BSR, CSR
 from engine.reference import csr_linear_ref
+from tests.fixtures import amd_zen4
 
 U_BF16 = 2.0 ** -8
 U_F32 = 2.0 ** -24
@@ -27,9 +28,9 @@ KERNEL = "avx512_bf16_csr"
 # mix; one wide layer whose Xᵀ (I x 128 rows) exceeds the per-panel budget, so 130 rows take 2 panels.
 SHAPES = ((37, 53, 0.3), (130, 301, 0.1), (17, 1, 0.6), (50, 70, 0.9), (24, 4100, 0.05))
 # 1: the 32-bit gather path; 2-8: the quad path, one group (4: full) or two (5: one row in the
-# second, 8: full); 9 and 15: the Xᵀ path with a partial 32-row chunk (the dispatcher sends these to the fp32-compute kernel,
-# cpu._BF16_CSR_FP32_BATCHES, so they call the kernel directly); 16 and up: the Xᵀ path through
-# engine.sparse_linear, 130 over two 128-row passes.
+# second, 8: full); 9 and 15: the Xᵀ path with a partial 32-row chunk; 16 and up: the Xᵀ path,
+# 130 over two 128-row passes. Batches the dispatcher sends to the fp32-compute kernel on this CPU
+# (cpu._BF16_CSR_FP32_BATCHES: 9-15 on Intel, 5-8 on Zen 4) call the kernel directly.
 BATCHES = (1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 64, 130)
 
 
@@ -202,15 +203,28 @@ def test_bf16_isa_none_runs_the_fp32_compute_path(bf16_csr, n):
     assert_within(slow, ref, mag, 80)
 
 
-@pytest.mark.parametrize("n", (9, 12, 15))
-def test_batches_of_9_to_15_keep_the_fp32_compute_kernel(bf16_csr, n):
-    # Measured rule (cpu._BF16_CSR_FP32_BATCHES): the bf16 kernel's Xᵀ path pads these to 32 rows and lost.
+def test_the_measured_batch_rule_follows_the_cpu():
+    # Measured per CPU (bench/results/bf16.md): Intel keeps fp32 compute at 9-15 rows (the padded
+    # Xᵀ path lost there), AMD Zen 4 at 5-8 (its slow 64-bit gathers cost the quad path).
+    assert cpu._C.avx512_split() == amd_zen4()
+    assert cpu._BF16_CSR_FP32_BATCHES == (range(5, 9) if amd_zen4() else range(9, 16))
+
+
+@pytest.mark.parametrize("n", (5, 8, 9, 12, 15))
+def test_the_rule_batches_keep_the_fp32_compute_kernel(bf16_csr, n):
     w = csr_weight(40, 72, 0.2, seed=n)
     x, bias = torch.randn(n, 72).bfloat16(), torch.randn(40)
-    assert cpu.bf16_kernel_for(w, n) == "none"
-    assert cpu.bf16_kernel_for(w, 8) == cpu.bf16_kernel_for(w, 16) == cpu.bf16_kernel_for(w) == KERNEL
+    fp32 = n in cpu._BF16_CSR_FP32_BATCHES
+    assert cpu.bf16_kernel_for(w, n) == ("none" if fp32 else KERNEL)
+    assert cpu.bf16_kernel_for(w, 4) == cpu.bf16_kernel_for(w, 16) == cpu.bf16_kernel_for(w) == KERNEL
+    poison_last_kernel()
     y = engine.sparse_linear(x, w, bias, activation="gelu")
-    assert torch.equal(y, engine.sparse_linear(x.float(), w, bias, activation="gelu").bfloat16())
+    if fp32:
+        assert torch.equal(y, engine.sparse_linear(x.float(), w, bias, activation="gelu").bfloat16())
+    else:
+        assert cpu.last_bf16_kernel() == KERNEL
+        ref, mag = reference(x, w, bias, "gelu")
+        assert_within(y, ref, mag, 72)
 
 
 def test_dispatch_rules(bf16_csr):

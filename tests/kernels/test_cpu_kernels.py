@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 
 import pytest
@@ -22,6 +21,7 @@ import engine
 from engine import cpu
 from engine.formats import BSR, CSR
 from engine.reference import bsr_linear_ref, csr_linear_ref
+from tests.fixtures import amd_zen4
 
 ACTS = ("none", "relu", "gelu", "gelu_tanh")
 WDTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -556,11 +556,6 @@ def test_gelu_epilogue_matches_exact_gelu_over_its_range(isa, fmt, n):
 
 # ---- the batched CSR kernels' vector width -----------------------------------------------------------
 
-def _amd_zen4():
-    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return "AuthenticAMD" in info and "\ncpu family\t: 25\n" in info
-
-
 def test_csr_width_is_256_bits_on_zen4_and_512_on_other_avx512_cpus():
     before = cpu.isa()
     try:
@@ -571,8 +566,8 @@ def test_csr_width_is_256_bits_on_zen4_and_512_on_other_avx512_cpus():
                 cpu.set_csr_bits(512)
             return
         cpu.set_isa("avx512")
-        assert cpu.csr_bits() == (256 if _amd_zen4() else 512)
-        assert cpu.isa_label() == ("avx512 (256-bit batched CSR)" if _amd_zen4() else "avx512")
+        assert cpu.csr_bits() == (256 if amd_zen4() else 512)
+        assert cpu.isa_label() == ("avx512 (256-bit batched CSR)" if amd_zen4() else "avx512")
         cpu.set_csr_bits(512)
         cpu.set_isa("avx2")
         assert cpu.csr_bits() == 256  # the width setting applies under the AVX-512 ISA only
