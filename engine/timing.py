@@ -16,7 +16,7 @@ import torch
 # Seconds of idle before the slot after a provider that runs its own thread pool (ONNX Runtime,
 # DeepSparse): ORT's intra-op workers keep spinning for 30-100 ms after a run and, on a 2-core
 # machine, halved the speed of whichever provider was timed next (BERT 2x768 batch 1: 18 ms right
-# after ORT, 8 ms after 0.1 s idle; 2026-12-07, AMD EPYC, bench/results/peers.md).
+# after ORT, 8 ms after 0.1 s idle; 2026-12-07, AMD EPYC Zen 4, bench/results/peers_zen4.md).
 SPIN_IDLE_S = 0.15
 
 
