@@ -316,7 +316,7 @@ def profile(model: nn.Module, calib_batches: Iterable, engine_model: nn.Module, 
         for unit, t in zip(groups, times):
             if (unit, str(gran), s) in candidates:
                 options[unit].append(Option(str(gran), s, _format_of(gran)[0], t, candidates[unit, str(gran), s][2]))
-    machine = {"cpu": cpu_model(), "isa": cpu.isa() if cpu.available() else "none",
+    machine = {"cpu": cpu_model(), "isa": cpu.isa_label() if cpu.available() else "none",
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "torch": torch.__version__, "clock": "cpu" if clock is time.thread_time else "wall"}
     table = {unit: {"members": members, "shape": list(shape), "options": [asdict(o) for o in options[unit]]}

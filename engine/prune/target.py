@@ -133,7 +133,7 @@ def cached_profile(subject: Subject, path: Path | None, engine_dense: nn.Module,
     from .. import cpu
     from ..timing import cpu_model
     key = {"version": PROFILE_VERSION, "subject": subject.name, "batch": subject.batch, "seq": subject.seq,
-           "cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": cpu.isa() if cpu.available() else "none",
+           "cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": cpu.isa_label() if cpu.available() else "none",
            **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in grid.items() if k not in ("clock", "readout")},
            "clock": "cpu" if grid.get("clock") is time.thread_time else "wall"}
     if path is not None and path.is_file():
