@@ -3,7 +3,9 @@ buffers to the extension. Kernels compute in fp32; weights may be stored as fp32
 
 The kernels pick their instruction set at import: AVX-512F micro-kernels where the CPU has them,
 else AVX2+FMA+F16C, else portable C++. SPARSE_ENGINE_ISA=avx2|portable (environment) or
-`set_isa(...)` forces a narrower one (tests run every path). bf16 x with bf16 BSR weights computes in
+`set_isa(...)` forces a narrower one (tests run every path). Under AVX-512 the batched fp32 CSR runs
+512 bits wide, or 256 on AMD Zen 4 where that is faster (`csr_bits`, `set_csr_bits`,
+SPARSE_ENGINE_CSR_BITS). bf16 x with bf16 BSR weights computes in
 bf16 on AMX tiles or AVX512-BF16 where the CPU has them (`bf16_isa`, `set_bf16_isa`, `bf16_support`);
 bf16 x with bf16 CSR weights on AVX512-BF16 (except a few batch sizes, see bf16_kernel_for).
 
