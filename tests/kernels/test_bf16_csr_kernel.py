@@ -90,6 +90,14 @@ def assert_within(y, ref, mag, k):
     assert worst <= 0, f"error exceeds the bf16 bound by {worst}"
 
 
+def run_kernel(x, w, bias, act):
+    """The bf16 CSR kernel on x: through engine.sparse_linear, or called directly at the batch sizes
+    for which the dispatcher keeps fp32 compute on this CPU, so every path is tested on every CPU."""
+    if x.shape[0] in cpu._BF16_CSR_FP32_BATCHES:
+        return cpu._csr_linear_bf16(x, w, bias, act)
+    return engine.sparse_linear(x, w, bias, activation=act)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("n", BATCHES)
 def test_bf16_csr_matches_reference(bf16_csr, shape, n):
@@ -100,10 +108,7 @@ def test_bf16_csr_matches_reference(bf16_csr, shape, n):
     for bias in (None, gen_bias):
         for act in ACTS:
             poison_last_kernel()
-            if n in cpu._BF16_CSR_FP32_BATCHES:
-                y = cpu._csr_linear_bf16(x, w, bias, act)
-            else:
-                y = engine.sparse_linear(x, w, bias, activation=act)
+            y = run_kernel(x, w, bias, act)
             assert y.dtype == torch.bfloat16 and y.shape == (n, o)
             assert cpu.last_bf16_kernel() == KERNEL  # the fast path served it, no fallback
             ref, mag = reference(x, w, bias, act)
@@ -118,7 +123,7 @@ def test_nan_stays_nan_and_stays_in_its_rows(bf16_csr, n):
     x = torch.randn(n, 40).bfloat16()
     x[n - 1, 7] = float("nan")
     poison_last_kernel()
-    y = engine.sparse_linear(x, w, torch.randn(96), activation="relu")
+    y = run_kernel(x, w, torch.randn(96), "relu")
     assert cpu.last_bf16_kernel() == KERNEL
     reads7 = w.to_dense(torch.float32)[:, 7] != 0
     assert reads7.any() and not reads7.all()
@@ -171,7 +176,7 @@ def test_threads_split_rows_bitwise_equal(bf16_csr, n):
     w = csr_weight(1024, 512, 0.2, seed=3)
     x, bias = torch.randn(n, 512).bfloat16(), torch.randn(1024)
     poison_last_kernel()
-    y1, y2 = (with_threads(t, lambda: engine.sparse_linear(x, w, bias, activation="gelu")) for t in (1, 2))
+    y1, y2 = (with_threads(t, lambda: run_kernel(x, w, bias, "gelu")) for t in (1, 2))
     assert cpu.last_bf16_kernel() == KERNEL
     assert torch.equal(y1, y2)
     ref, mag = reference(x, w, bias, "gelu")
