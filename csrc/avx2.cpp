@@ -59,6 +59,12 @@ struct Avx2 {
   static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
 };
 
+inline float hmax(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -141,7 +147,7 @@ void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, fl
 // exp(u) for u <= 0: u = n·ln2 + r (|r| <= ln2/2), e^r by its degree-6 Taylor polynomial (relative
 // error < 2e-7), 2^n built in the exponent field; u below -87 is clamped (the result is then < 1e-37).
 inline __m256 exp_nonpositive(__m256 u) {
-  u = _mm256_max_ps(u, _mm256_set1_ps(-87.f));
+  u = _mm256_max_ps(_mm256_set1_ps(-87.f), u);  // MAXPS returns its second operand for NaN: NaN stays NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(u, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), u);  // ln2 in two parts
@@ -464,9 +470,15 @@ void attention_rows(const float* q, int64_t ld, const float* kt, const float* v,
   for (int r = 0; r < RB; ++r) {  // softmax over the S real keys; the padding keys get weight 0
     float* pr = p + r * s16;
     float m = pr[0];
-    for (int64_t j = 1; j < S; ++j) m = std::max(m, pr[j]);
-    __m256 sum = _mm256_setzero_ps();
     int64_t j = 0;
+    if (S >= 8) {  // 8 lanes at a time: a scalar max is a 3-cycle dependency chain per key
+      __m256 mv = _mm256_load_ps(pr);
+      for (j = 8; j + 8 <= S; j += 8) mv = _mm256_max_ps(mv, _mm256_load_ps(pr + j));
+      m = hmax(mv);
+    }
+    for (; j < S; ++j) m = std::max(m, pr[j]);
+    __m256 sum = _mm256_setzero_ps();
+    j = 0;
     for (; j + 8 <= S; j += 8) {
       const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(pr + j), _mm256_set1_ps(m)));
       _mm256_store_ps(pr + j, e);

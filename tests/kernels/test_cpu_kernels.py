@@ -502,6 +502,25 @@ def test_attention_matches_sdpa(isa, b, s, heads, hs):
     torch.testing.assert_close(y, ref.transpose(1, 2).reshape(b * s, h).float(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("s", (20, 5))
+def test_attention_propagates_nan_as_the_math_does(isa, s):
+    # softmax(q·kᵀ/√d)·v written out: a NaN in a query makes its output row NaN; a NaN in a key, every
+    # query row of its sequence and head (never silently dropped as a zero weight). 20 keys: the
+    # 8-lane row max and a scalar tail; 5: the scalar tail alone.
+    if isa == "portable":
+        pytest.skip("attention runs on the AVX2 / AVX-512 kernels only")
+    qkv = torch.randn(2 * s, 3 * 16)
+    qkv[3, 3] = float("nan")               # a query of sequence 0, head 0
+    qkv[s + 1, 16 + 8 + 2] = float("nan")  # a key of sequence 1, head 1
+    y = cpu.attention_cpu(qkv, 2, s, 2)
+    q, k, v = qkv.double().view(2, s, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = (torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v).transpose(1, 2).reshape(2 * s, 16)
+    nan = torch.isnan(ref)
+    assert nan[3, :8].all() and nan[s:, 8:].all() and nan.sum() == 8 + 8 * s  # what the math gives
+    assert torch.equal(torch.isnan(y), nan)
+    torch.testing.assert_close(y[~nan].double(), ref[~nan], atol=1e-5, rtol=1e-5)
+
+
 def test_attention_fits_only_what_it_runs():
     qkv = torch.randn(10, 3 * 40)
     assert cpu.attention_fits(qkv, 5) == (cpu.isa() != "portable")  # head size 8
