@@ -469,13 +469,10 @@ void attention_rows(const float* q, int64_t ld, const float* kt, const float* v,
   float inv[RB];
   for (int r = 0; r < RB; ++r) {  // softmax over the S real keys; the padding keys get weight 0
     float* pr = p + r * s16;
-    float m = pr[0];
+    __m256 mv = _mm256_set1_ps(-INFINITY);
     int64_t j = 0;
-    if (S >= 8) {  // 8 lanes at a time: a scalar max is a 3-cycle dependency chain per key
-      __m256 mv = _mm256_load_ps(pr);
-      for (j = 8; j + 8 <= S; j += 8) mv = _mm256_max_ps(mv, _mm256_load_ps(pr + j));
-      m = hmax(mv);
-    }
+    for (; j + 8 <= S; j += 8) mv = _mm256_max_ps(mv, _mm256_load_ps(pr + j));  // not a scalar chain
+    float m = hmax(mv);
     for (; j < S; ++j) m = std::max(m, pr[j]);
     __m256 sum = _mm256_setzero_ps();
     j = 0;
