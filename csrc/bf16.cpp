@@ -1,5 +1,5 @@
-// bf16-compute BSR kernels (see bf16.h): run-time detection, the AMX tile kernel and the
-// AVX512-BF16 dot-product kernel. Compiled with function-level target options like avx2.cpp, so the
+// bf16-compute kernels (see bf16.h): run-time detection, the AMX tile kernel and the AVX512-BF16
+// dot-product kernel for BSR, the AVX512-BF16 CSR kernel, and attention on AMX tiles. Compiled with function-level target options like avx2.cpp, so the
 // module still loads on CPUs without these features; they are chosen only when detected.
 //
 // AMX kernel, per 16-row block row (R <= 16 outputs) and per 64 rows of the (bf16, zero-padded to
@@ -11,9 +11,12 @@
 // so a load need not wait for the previous TDPBF16PS to finish reading its tile). The C tiles are stored to
 // a per-thread buffer and written to Y with bias + activation. Batch is the tile's M dimension, so
 // Y tiles come out row-major (no transpose), and a weight block is loaded once per 64 batch rows.
+// Threads split the batch rows once each gets 64 or more (whole output rows per thread), else the
+// block rows. The same file holds the AMX attention kernel (attention_amx, at its end).
 #include "bf16.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -69,6 +72,9 @@ bool avx512_bf16_usable(std::string* reason) {
 }
 void bsr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("bsr_linear_bf16: ") + kNoBf16); }
 void csr_linear_bf16(const LinearArgs&) { throw std::runtime_error(std::string("csr_linear_bf16: ") + kNoBf16); }
+void attention_amx(const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, float, int) {
+  throw std::runtime_error(std::string("attention_amx: ") + kNoBf16);
+}
 }  // namespace se
 #else
 
@@ -293,30 +299,25 @@ void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uin
   if (J > 3) _tile_stored(3, buf + 768, 64);
 }
 
-void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, float* buf) {
+// Block rows [b0, b1) for batch rows [r0, r1) (r0 a multiple of 16), 64 batch rows at a time.
+void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, int64_t r0, int64_t r1, float* buf) {
   const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n;
   const auto* pk = static_cast<const uint16_t*>(a.values);
-  // Batch rows per pass over the weights: as many as keep their bf16 X in about half of L2, so the
-  // weights are streamed N / span times (not N / 64) while X stays cache-resident.
   const int64_t group = kAmxChunks * kTile;
-  const int64_t span = std::max<int64_t>(group, kXCacheBytes / (2 * std::max<int64_t>(I, 1)) / group * group);
   load_tile_config(R, C);
-  for (int64_t s0 = 0; s0 < N; s0 += span) {
-    const int64_t s1 = std::min(N, s0 + span);
+  for (int64_t n0 = r0; n0 < r1; n0 += group) {
+    const int64_t J = std::min<int64_t>(kAmxChunks, (r1 - n0 + kTile - 1) / kTile);
+    const uint16_t* xc = xb + n0 * I;
     for (int64_t b = b0; b < b1; ++b) {
       const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
-      for (int64_t n0 = s0; n0 < s1; n0 += group) {
-        const int64_t J = std::min<int64_t>(kAmxChunks, (s1 - n0 + kTile - 1) / kTile);
-        const uint16_t* xc = xb + n0 * I;
-        switch (J) {
-          case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-          case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-          case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-          default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        }
-        for (int64_t j = 0; j < J; ++j)
-          store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
+      switch (J) {
+        case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
       }
+      for (int64_t j = 0; j < J; ++j)
+        store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
     }
   }
   _tile_release();
@@ -385,6 +386,11 @@ void bsr_linear_bf16(const LinearArgs& a) {
                     : reinterpret_cast<uint16_t*>(scratch(0, size_t((n_pad * I + 1) / 2 + 16)));
   const double flops = 2.0 * double(a.crow[nbr]) * double(a.block_r * a.block_c) * double(N);
   const int T = pick_threads(a.nthreads, flops * 0.01e-9);
+  // AMX: threads split the batch rows (each writes whole output rows, reads all the weights) once
+  // each gets 64 rows; below that, the block rows. Rows won at 128-4096 rows on BERT and MiniLM
+  // shapes (2 threads: up to 1.4x at 4096 rows), where split block rows left each thread writing
+  // half of every output line.
+  const bool by_rows = isa == BF16_AMX && n_pad >= kAmxChunks * kTile * T;
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
@@ -393,9 +399,14 @@ void bsr_linear_bf16(const LinearArgs& a) {
 #pragma omp barrier
     }
     float* buf = scratch(1, size_t(kAmxChunks * kTile * kTile));
-    const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
-    if (b0 < b1) {
-      if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, buf); else dp_rows(a, xb, b0, b1, buf);
+    if (by_rows) {  // each thread: whole output rows (16-row tiles), all block rows
+      const int64_t tiles = n_pad / kTile;
+      amx_rows(a, xb, 0, nbr, tiles * t / nt * kTile, tiles * (t + 1) / nt * kTile, buf);
+    } else {
+      const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
+      if (b0 < b1) {
+        if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, 0, n_pad, buf); else dp_rows(a, xb, b0, b1, buf);
+      }
     }
   }
 }
@@ -660,6 +671,248 @@ void csr_linear_bf16(const LinearArgs& a) {
 #pragma omp barrier
       if (o0 < o1) csr_batched_rows(a, xt, s0, np, o0, o1, tile, buf);
     }
+  }
+}
+
+
+// ---- attention on AMX ---------------------------------------------------------------------------
+// softmax(Q Kᵀ · scale) V per (batch, head), bf16 in and out, fp32 scores and accumulation. Every
+// tile is 16 rows × 64 bytes: Q (16 queries × 32 dims), Kᵀ pairs (16 dim pairs × 16 keys), scores /
+// outputs (16 × 16 fp32), P (16 queries × 32 keys), V pairs (16 key pairs × 16 dims). Per task
+// (batch, head) K and V are packed once into the B-operand layout (pairs along the reduced axis);
+// per 16 queries: scores by TDPBF16PS, softmax in fp32 (AVX-512), P rounded to bf16, then P · V.
+namespace {
+
+// 2^x for x <= 0 (the softmax's shifted scores): n = round(x), 2^(x - n) by its degree-4 Taylor
+// polynomial in (x - n)·ln2 (|x - n| <= 0.5: relative error < 4e-5, well below the bf16 rounding of
+// P), times 2^n by VSCALEFPS (0 for any finite x far below -126); NaN stays NaN.
+inline __m512 exp2_nonpositive(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(9.61812911e-3f);
+  for (float c : {5.55041087e-2f, 0.240226507f, 0.693147181f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct AttnScratch {
+  uint32_t* kp;  // (hs/2, sp): kp[p][j] = K[j][2p], K[j][2p + 1]; keys j >= S zero
+  uint16_t* vp;  // (sp/2, hs, 2): vp[kp][d] = V[2kp][d], V[2kp + 1][d]; keys >= S zero
+  float* sc;     // (G·16, sp) scores of a group of query blocks
+  uint16_t* pb;  // (G·16, sp) P in bf16
+  float* ob;     // (G·16, hs) P · V, fp32
+  uint16_t* qpad;  // (16, hs) a partial query block, zero-padded
+};
+
+void attention_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.rows[t] = kTile; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);
+}
+
+// r[0..15] (16 × 16 32-bit) -> its transpose, in place: 32- and 64-bit unpacks within 128-bit
+// lanes, then two rounds of lane shuffles.
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c], lane L: rows g..g+3 of column 4L + c
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i a2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i b2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(a, a2, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(a, a2, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(b, b2, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(b, b2, 0xdd);
+  }
+}
+
+// K and V rows (stride ld) of one head -> the packed B operands (keys past S zero).
+void pack_kv(const uint16_t* k, const uint16_t* v, int64_t ld, int64_t S, int64_t sp, int64_t hs,
+             const AttnScratch& w) {
+  // K: per 16 keys and 32 dims, the 16 × 16 matrix of dim pairs transposed to 16 rows of keys.
+  for (int64_t j0 = 0; j0 < sp; j0 += kTile) {
+    for (int64_t d = 0; d < hs; d += 32) {
+      __m512i r[16];
+      for (int64_t j = 0; j < kTile; ++j)
+        r[j] = j0 + j < S ? _mm512_loadu_si512(k + (j0 + j) * ld + d) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t p = 0; p < kTile; ++p) _mm512_storeu_si512(w.kp + (d / 2 + p) * sp + j0, r[p]);
+    }
+  }
+  // V: rows 2kp and 2kp + 1 interleaved element by element, 32 dims per register pair.
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t kp = 0; kp < sp / 2; ++kp) {
+    const int64_t j = 2 * kp;
+    for (int64_t d = 0; d < hs; d += 32) {
+      const __m512i a = j < S ? _mm512_loadu_si512(v + j * ld + d) : _mm512_setzero_si512();
+      const __m512i b = j + 1 < S ? _mm512_loadu_si512(v + (j + 1) * ld + d) : _mm512_setzero_si512();
+      uint16_t* dst = w.vp + (kp * hs + d) * 2;
+      _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+// Scores of 16 queries (q: rows of stride qs elements) against all sp keys (kp) -> sc (16 × sp).
+void block_scores(const uint16_t* q, int64_t qs, int64_t sp, int64_t hs, const uint32_t* kp, float* sc) {
+  for (int64_t j0 = 0; j0 < sp; j0 += 4 * kTile) {
+    const int64_t nb = std::min<int64_t>(4, (sp - j0) / kTile);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t d = 0; d < hs; d += 32) {
+      _tile_loadd(4, q + d, qs * 2);
+      const uint32_t* kb = kp + (d / 2) * sp + j0;
+      _tile_loadd(5, kb, sp * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nb > 1) { _tile_loadd(6, kb + kTile, sp * 4); _tile_dpbf16ps(1, 4, 6); }
+      if (nb > 2) { _tile_loadd(7, kb + 2 * kTile, sp * 4); _tile_dpbf16ps(2, 4, 7); }
+      if (nb > 3) { _tile_loadd(5, kb + 3 * kTile, sp * 4); _tile_dpbf16ps(3, 4, 5); }
+    }
+    float* out = sc + j0;
+    _tile_stored(0, out, sp * 4);
+    if (nb > 1) _tile_stored(1, out + kTile, sp * 4);
+    if (nb > 2) _tile_stored(2, out + 2 * kTile, sp * 4);
+    if (nb > 3) _tile_stored(3, out + 3 * kTile, sp * 4);
+  }
+}
+
+// One row of scores s (sp): P = exp(scale · (s - max)) over the S real keys (0 past them) -> p
+// (bf16); returns 1 / Σ P (of the fp32 values, before rounding).
+float softmax_row(const float* s, int64_t S, int64_t sp, float scale, uint16_t* p) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < S; j += 16) {
+    const __mmask16 m = S - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (S - j)) - 1);
+    mv = _mm512_mask_max_ps(mv, m, mv, _mm512_loadu_ps(s + j));
+  }
+  const float c = scale * 1.44269504f;  // exp(scale · (s - max)) = 2^(c·s - c·max)
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * c), sv = _mm512_set1_ps(c);
+  __m512 sum = _mm512_setzero_ps();
+  auto put = [&](int64_t j, __m512 e) {
+    sum = _mm512_add_ps(sum, e);
+    const __m256bh h = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<const __m256i&>(h));
+  };
+  int64_t j = 0;
+  for (; j + 16 <= S; j += 16) put(j, exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sv, shift)));
+  for (; j < sp; j += 16) {  // the last real keys, then the padding (weight 0)
+    const __mmask16 m = j >= S ? 0 : __mmask16((1u << (S - j)) - 1);
+    put(j, _mm512_maskz_mov_ps(m, exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sv, shift))));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// P (pb: QB = 1 or 2 blocks of 16 rows, row stride sp) · V (vp) -> ob (QB·16 × hs fp32): 32 value
+// dims × QB query blocks at a time (up to four C tiles, each A and B load used twice).
+template <int QB>
+void block_values(const uint16_t* pb, int64_t sp, int64_t hs, const uint16_t* vp, float* ob) {
+  for (int64_t d0 = 0; d0 < hs; d0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (QB > 1) { _tile_zero(2); _tile_zero(3); }
+    for (int64_t k = 0; k < sp; k += 32) {
+      const uint16_t* vb = vp + (k / 2) * hs * 2 + d0 * 2;
+      _tile_loadd(4, pb + k, sp * 2);
+      _tile_loadd(6, vb, hs * 4);
+      _tile_loadd(7, vb + 2 * kTile, hs * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (QB > 1) {
+        _tile_loadd(5, pb + kTile * sp + k, sp * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, ob + d0, hs * 4);
+    _tile_stored(1, ob + d0 + kTile, hs * 4);
+    if (QB > 1) {
+      _tile_stored(2, ob + kTile * hs + d0, hs * 4);
+      _tile_stored(3, ob + kTile * hs + d0 + kTile, hs * 4);
+    }
+  }
+}
+
+// Query blocks per group: each stage (scores, softmax, P · V) runs over a whole group before the
+// next starts, so a tile load never waits for the vector stores just made to the same lines, and
+// the group's scores (G·16·sp fp32) stay within half an L1.
+int64_t attention_group(int64_t sp) { return std::clamp<int64_t>(32768 / (kTile * sp * 4), 1, 8); }
+
+// One (batch, head): q, k, v rows of stride ld; out rows of stride ldo.
+void attention_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t ld, int64_t S, int64_t hs,
+                    float scale, uint16_t* out, int64_t ldo, const AttnScratch& w) {
+  const int64_t sp = (S + 31) / 32 * 32, G = attention_group(sp);
+  pack_kv(k, v, ld, S, sp, hs, w);
+  float inv[8 * kTile];
+  for (int64_t g0 = 0; g0 < S; g0 += G * kTile) {
+    const int64_t rows = std::min(G * kTile, S - g0), nb = (rows + kTile - 1) / kTile;
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint16_t* qb = q + (g0 + i * kTile) * ld;
+      int64_t qs = ld;
+      if (rows - i * kTile < kTile) {  // a partial block: the tile load must not read past the sequence
+        std::memset(w.qpad, 0, size_t(kTile * hs) * 2);
+        for (int64_t r = 0; r < rows - i * kTile; ++r) std::memcpy(w.qpad + r * hs, qb + r * ld, size_t(hs) * 2);
+        qb = w.qpad;
+        qs = hs;
+      }
+      block_scores(qb, qs, sp, hs, w.kp, w.sc + i * kTile * sp);
+    }
+    for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(w.sc + r * sp, S, sp, scale, w.pb + r * sp);
+    // P of the padding queries: zero (their outputs are dropped)
+    std::memset(w.pb + rows * sp, 0, size_t((nb * kTile - rows) * sp) * 2);
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) block_values<2>(w.pb + i * kTile * sp, sp, hs, w.vp, w.ob + i * kTile * hs);
+    if (i < nb) block_values<1>(w.pb + i * kTile * sp, sp, hs, w.vp, w.ob + i * kTile * hs);
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* o = out + (g0 + r) * ldo;
+      const __m512 iv = _mm512_set1_ps(inv[r]);
+      for (int64_t d = 0; d < hs; d += 16) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(w.ob + r * hs + d), iv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), reinterpret_cast<const __m256i&>(h));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void attention_amx(const uint16_t* qkv, uint16_t* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale,
+                   int nthreads) {
+  if (current_bf16_isa() != BF16_AMX) throw std::runtime_error("attention_amx: the AMX kernels are not selected");
+  if (hs % 32) throw std::invalid_argument("attention_amx: the head size must be a multiple of 32");
+  g_last.store(KERNEL_ATTENTION_AMX, std::memory_order_relaxed);
+  if (B == 0 || S == 0 || nh == 0) return;
+  const int64_t H = nh * hs, ld = 3 * H, sp = (S + 31) / 32 * 32;
+  const int T = pick_threads(nthreads, est_spmm(double(B * nh) * double(S) * double(S) * double(hs) * 0.5));
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+    // One scratch block per thread: kp, vp (hs·sp bf16 each), sc (G·16·sp fp32), pb (G·16·sp bf16),
+    // ob (G·16·hs fp32), qpad (16·hs bf16); every part a multiple of 64 bytes.
+    const int64_t g = attention_group(sp) * kTile;
+    const int64_t kv = hs * sp * 2, scb = g * sp * 4, pbb = g * sp * 2, obb = g * hs * 4;
+    auto* base = reinterpret_cast<char*>(scratch(0, size_t((2 * kv + scb + pbb + obb + kTile * hs * 2) / 4)));
+    const AttnScratch w{reinterpret_cast<uint32_t*>(base), reinterpret_cast<uint16_t*>(base + kv),
+                        reinterpret_cast<float*>(base + 2 * kv), reinterpret_cast<uint16_t*>(base + 2 * kv + scb),
+                        reinterpret_cast<float*>(base + 2 * kv + scb + pbb),
+                        reinterpret_cast<uint16_t*>(base + 2 * kv + scb + pbb + obb)};
+    attention_tile_config();
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * nh; ++task) {
+      const int64_t b = task / nh, h = task % nh;
+      const uint16_t* q = qkv + b * S * ld + h * hs;
+      attention_head(q, q + H, q + 2 * H, ld, S, hs, scale, out + b * S * H + h * hs, H, w);
+    }
+    _tile_release();
   }
 }
 

@@ -20,7 +20,8 @@ namespace se {
 
 // Which bf16 kernel served the latest call (last_bf16_kernel): the BSR families by their ISA
 // (the values of Bf16Isa), or the AVX512-BF16 CSR kernel.
-enum Bf16Kernel : int { KERNEL_NONE = 0, KERNEL_BSR_AVX512 = 1, KERNEL_BSR_AMX = 2, KERNEL_CSR_AVX512 = 3 };
+enum Bf16Kernel : int { KERNEL_NONE = 0, KERNEL_BSR_AVX512 = 1, KERNEL_BSR_AMX = 2, KERNEL_CSR_AVX512 = 3,
+                        KERNEL_ATTENTION_AMX = 4 };
 
 // Which bf16 kernel family runs: none (the fp32-compute kernels take bf16 weights instead),
 // AVX512-BF16 dot products, or AMX tiles.
@@ -54,5 +55,13 @@ void bsr_linear_bf16(const LinearArgs& a);
 // N >= 9: X transposed once per call to (I, N) bf16 panels; each pair broadcast against rows
 // k1, k2 of Xᵀ interleaved (VPUNPCK[LH]WD), 32 batch rows per pair of registers.
 void csr_linear_bf16(const LinearArgs& a);
+
+// Self-attention without a mask on AMX tiles: out (B·S, nh·hs) bf16 = softmax(Q Kᵀ · scale) V per
+// (batch, head), Q, K, V read from qkv (B·S, 3·nh·hs) bf16 (each row: the heads' queries, then
+// keys, then values), as the fp32 attention() reads them. Scores, softmax and accumulation in fp32,
+// the softmax weights rounded to bf16 for P · V (as dense bf16 attention does). hs a multiple of
+// 32; requires current_bf16_isa() == BF16_AMX.
+void attention_amx(const uint16_t* qkv, uint16_t* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale,
+                   int nthreads);
 
 }  // namespace se

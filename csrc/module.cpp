@@ -157,7 +157,7 @@ namespace {
 
 const char* const kBf16Names[] = {"none", "avx512_bf16", "amx"};
 // se::Bf16Kernel -> name: the BSR kernels by their ISA, the CSR kernel by its own name.
-const char* const kBf16KernelNames[] = {"none", "avx512_bf16", "amx", "avx512_bf16_csr"};
+const char* const kBf16KernelNames[] = {"none", "avx512_bf16", "amx", "avx512_bf16_csr", "amx_attention"};
 
 template <typename T>
 T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
@@ -278,6 +278,19 @@ PYBIND11_MODULE(_C, m) {
         "OUT(B·S, H) = softmax(Q Kᵀ · scale) V per (batch, head), no mask; Q, K, V read from QKV (B·S, 3H) fp32 "
         "(each row: the heads' queries, then keys, then values), H = heads · head_size, head_size a multiple "
         "of 8. AVX2/AVX-512 only.",
+        py::arg("out"), py::arg("qkv"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_size"),
+        py::arg("scale"), py::arg("nthreads"));
+
+  m.def("attention_bf16",
+        [](uintptr_t out, uintptr_t qkv, int64_t b, int64_t s, int64_t heads, int64_t head_size, double scale,
+           int nthreads) {
+          if (b < 0 || s < 0 || heads < 0 || head_size <= 0) throw std::invalid_argument("attention_bf16: sizes must be positive");
+          py::gil_scoped_release nogil;
+          se::attention_amx(as_ptr<const uint16_t>(qkv), as_ptr<uint16_t>(out), b, s, heads, head_size, float(scale),
+                            nthreads);
+        },
+        "attention() for bf16 QKV and OUT on AMX tiles (bf16 products, fp32 scores, softmax and "
+        "accumulation); head_size a multiple of 32; needs bf16_isa() == 'amx'.",
         py::arg("out"), py::arg("qkv"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_size"),
         py::arg("scale"), py::arg("nthreads"));
 

@@ -295,22 +295,29 @@ def csr_pair_cpu(x: torch.Tensor, w1: CSR, b1: torch.Tensor | None, act1: str, w
 
 
 def attention_fits(qkv: torch.Tensor, heads: int) -> bool:
-    """Whether attention_cpu runs on this QKV projection output: fp32 on the CPU, (tokens, 3H) with a
-    head size that is a multiple of 8, AVX2 or AVX-512 kernels."""
-    return (_ISA[0] in ("avx2", "avx512") and qkv.dtype is torch.float32 and qkv.device.type == "cpu"
-            and qkv.dim() == 2 and heads > 0 and qkv.shape[1] % (3 * heads) == 0
-            and qkv.shape[1] // (3 * heads) % 8 == 0)
+    """Whether attention_cpu runs on this QKV projection output: (tokens, 3H) on the CPU, in fp32 with
+    a head size that is a multiple of 8 (AVX2 or AVX-512 kernels), or in bf16 with a head size that
+    is a multiple of 32 on AMX tiles (bf16_isa() == "amx")."""
+    if not (qkv.device.type == "cpu" and qkv.dim() == 2 and heads > 0 and qkv.shape[1] % (3 * heads) == 0):
+        return False
+    hs = qkv.shape[1] // (3 * heads)
+    if qkv.dtype is torch.bfloat16:
+        return hs % 32 == 0 and bf16_isa() == "amx"
+    return qkv.dtype is torch.float32 and _ISA[0] in ("avx2", "avx512") and hs % 8 == 0
 
 
 def attention_cpu(qkv: torch.Tensor, batch: int, seq: int, heads: int) -> torch.Tensor:
     """softmax(Q Kᵀ / sqrt(head size)) V per (batch, head), no mask, straight from the QKV projection's
     output (batch·seq, 3H) (each row: the heads' queries, then keys, then values) to (batch·seq, H),
-    the layout the output projection reads (where attention_fits)."""
+    the layout the output projection reads (where attention_fits). bf16 runs on AMX tiles: bf16
+    products, fp32 scores, softmax and sums, the softmax weights rounded to bf16 for P · V, as
+    torch's bf16 attention does (last_bf16_kernel() == "amx_attention")."""
     qkv = qkv.contiguous()
     h = qkv.shape[1] // 3
     out = qkv.new_empty((qkv.shape[0], h))
-    _C.attention(out.data_ptr(), qkv.data_ptr(), batch, seq, heads, h // heads, (h // heads) ** -0.5,
-                 torch.get_num_threads())
+    kernel = _C.attention_bf16 if qkv.dtype is torch.bfloat16 else _C.attention
+    kernel(out.data_ptr(), qkv.data_ptr(), batch, seq, heads, h // heads, (h // heads) ** -0.5,
+           torch.get_num_threads())
     return out
 
 

@@ -5,8 +5,8 @@ for it before swapping the remaining nn.Linear layers (engine.modules.sparsify).
 One block, per call (x: (B, S, H), nh heads of hs = H / nh):
   qkv   = x · [Wq; Wk; Wv]ᵀ + b         one sparse kernel call on the stacked (3H, H) weight
   q,k,v = strided views of qkv           (B, nh, S, hs), no copies
-  ctx   = scaled_dot_product_attention   (B, S, H) after one reshape; without a mask, on the AVX2 /
-          AVX-512 kernels, cpu.attention_cpu instead: straight from qkv to ctx's (B·S, H) rows
+  ctx   = scaled_dot_product_attention   (B, S, H) after one reshape; without a mask, cpu.attention_cpu
+          instead (fp32: AVX2 / AVX-512; bf16: AMX tiles): straight from qkv to ctx's (B·S, H) rows
   a     = LN1(x + ctx · Woᵀ + bo)         residual added in place into the kernel's output
   y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue; both FFN
           layers in panel-major CSR: one cpu.csr_pair_cpu call, the hidden activations kept packed

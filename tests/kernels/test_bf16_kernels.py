@@ -254,11 +254,14 @@ def test_vector_gelu_epilogue_accuracy(bf16_isa, act):
     assert ((y.double() - ref).abs()[ok] <= bound[ok]).all()
 
 
-def test_threads_split_block_rows_bitwise_equal(bf16_isa):
+@pytest.mark.parametrize("n", (70, 200), ids=("block-rows-split", "batch-rows-split"))
+def test_threads_split_bitwise_equal(bf16_isa, n):
     # Large enough for a 2-thread team (csrc/common.h pick_threads); each output is computed by one
     # thread in a fixed order, so the split must not change a single bit, and both match the bound.
+    # AMX splits the batch rows from 64 rows a thread (200 rows: 13 tiles, 6 and 7 per thread, the
+    # last one partial), the block rows below that; AVX512-BF16 always the block rows.
     w = bf16_weight(512, 512, 16, 32, sparsity=0.5, seed=3)
-    x, bias = torch.randn(70, 512).bfloat16(), torch.randn(512)
+    x, bias = torch.randn(n, 512).bfloat16(), torch.randn(512)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -271,3 +274,102 @@ def test_threads_split_block_rows_bitwise_equal(bf16_isa):
     assert torch.equal(y1, y2)
     ref, mag = reference(x, w, bias, "gelu")
     assert_within(y2, ref, mag, 512, x_rounded=False)
+
+
+# ---- attention on AMX tiles (cpu.attention_cpu on bf16 QKV) -----------------------------------------
+
+@pytest.fixture
+def amx():
+    support = cpu.bf16_support()
+    if not support["amx"]:
+        pytest.skip(f"amx cannot run here: {support['amx_reason']}")
+    before = cpu.bf16_isa()
+    cpu.set_bf16_isa("amx")
+    yield
+    cpu.set_bf16_isa(before)
+
+
+def attention_ref(qkv, b, s, heads):
+    """float64 softmax(q·kᵀ/√d)·v of the very bf16 values the kernel reads, (B·S, H); and per output
+    element the largest |v| of its sequence and head (the scale of the P-rounding error)."""
+    hs = qkv.shape[1] // 3 // heads
+    q, k, v = qkv.double().view(b, s, 3, heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / hs ** 0.5, -1) @ v
+    vmax = v.abs().amax(dim=(2, 3), keepdim=True).expand_as(ref)
+    return ref.transpose(1, 2).reshape(b * s, heads * hs), vmax.transpose(1, 2).reshape(b * s, heads * hs)
+
+
+# (B, S, heads, head size): MiniLM's heads (32) and BERT's (64); partial 16-query blocks and 32-key
+# chunks (S = 37, 17, 200); one token; three 32-dim chunks; an empty batch.
+@pytest.mark.parametrize("b,s,heads,hs", [(1, 128, 12, 32), (2, 37, 3, 64), (3, 1, 2, 32), (1, 17, 1, 96),
+                                          (2, 200, 4, 32), (0, 5, 2, 32)])
+def test_amx_attention_within_bf16_rounding(amx, b, s, heads, hs):
+    # Errors: P rounded to bf16 (half an ulp, 2^-9 relative: at most 2^-9 · max|v| on an output) and
+    # the output rounded to bf16 (2^-9 |y|); scores, exp (relative error < 4e-5) and sums in fp32.
+    # Bounded here by U_BF16 = 2^-8 times each: twice the half-ulp terms.
+    qkv = (torch.randn(b * s, 3 * heads * hs) * 2).bfloat16()
+    assert cpu.attention_fits(qkv, heads)
+    y = cpu.attention_cpu(qkv, b, s, heads)
+    assert y.dtype is torch.bfloat16 and y.shape == (b * s, heads * hs)
+    assert cpu.last_bf16_kernel() == "amx_attention"
+    ref, vmax = attention_ref(qkv, b, s, heads)
+    err = (y.double() - ref).abs()
+    assert (err <= U_BF16 * (vmax + ref.abs()) + 1e-6).all(), f"worst error {err.max().item()}"
+
+
+def test_amx_attention_no_worse_than_torch_bf16(amx):
+    # Against torch's own bf16 attention on the same inputs: the same error, to within a rounding.
+    b, s, heads, hs = 2, 128, 4, 32
+    qkv = (torch.randn(b * s, 3 * heads * hs) * 3).bfloat16()
+    q, k, v = qkv.view(b, s, 3, heads, hs).permute(2, 0, 3, 1, 4).unbind(0)
+    torch_y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * s, -1)
+    ref, _ = attention_ref(qkv, b, s, heads)
+    ours = (cpu.attention_cpu(qkv, b, s, heads).double() - ref).abs()
+    theirs = (torch_y.double() - ref).abs()
+    assert ours.mean() <= 1.25 * theirs.mean() and ours.max() <= 2 * theirs.max()
+
+
+def test_amx_attention_propagates_nan(amx):
+    # As the fp32 kernel: a NaN query makes its row NaN; a NaN key, every query row of its sequence
+    # and head; nothing else changes.
+    s, hs = 20, 32
+    qkv = torch.randn(2 * s, 3 * 2 * hs).bfloat16()
+    qkv[3, 3] = float("nan")                     # a query of sequence 0, head 0
+    qkv[s + 1, 2 * hs + hs + 2] = float("nan")   # a key of sequence 1, head 1
+    y = cpu.attention_cpu(qkv, 2, s, 2)
+    ref, _ = attention_ref(qkv, 2, s, 2)
+    nan = torch.isnan(ref)
+    assert nan[3, :hs].all() and nan[s:, hs:].all() and nan.sum() == hs + hs * s
+    assert torch.equal(torch.isnan(y), nan)
+
+
+def test_amx_attention_threads_bitwise_equal(amx):
+    # One (sequence, head) per task, computed by one thread: the split changes no bit.
+    qkv = torch.randn(4 * 64, 3 * 6 * 32).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.attention_cpu(qkv, 4, 64, 6)
+        torch.set_num_threads(2)
+        y2 = cpu.attention_cpu(qkv, 4, 64, 6)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_amx_attention_fits_only_what_it_runs():
+    qkv = torch.randn(10, 3 * 64).bfloat16()
+    has_amx = cpu.bf16_isa() == "amx"
+    assert cpu.attention_fits(qkv, 2) == has_amx       # head size 32
+    assert cpu.attention_fits(qkv, 1) == has_amx       # head size 64
+    assert not cpu.attention_fits(qkv, 4)              # head size 16: SDPA
+    if not cpu.bf16_support()["avx512_bf16"]:
+        return
+    before = cpu.bf16_isa()
+    try:
+        cpu.set_bf16_isa("avx512_bf16")               # no AMX selected: SDPA, and the kernel refuses
+        assert not cpu.attention_fits(qkv, 2)
+        with pytest.raises(RuntimeError, match="AMX kernels are not selected"):
+            cpu._C.attention_bf16(torch.empty(10, 64).bfloat16().data_ptr(), qkv.data_ptr(), 1, 10, 2, 32, 1.0, 1)
+    finally:
+        cpu.set_bf16_isa(before)
