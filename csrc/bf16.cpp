@@ -1,6 +1,7 @@
 // bf16-compute kernels (see bf16.h): run-time detection, the AMX tile kernel and the AVX512-BF16
-// dot-product kernel for BSR, the AVX512-BF16 CSR kernel, and attention on AMX tiles. Compiled with function-level target options like avx2.cpp, so the
-// module still loads on CPUs without these features; they are chosen only when detected.
+// dot-product kernel for BSR, the AVX512-BF16 CSR kernel, and attention on AMX tiles. Compiled with
+// function-level target options like avx2.cpp, so the module still loads on CPUs without these
+// features; they are chosen only when detected.
 //
 // AMX kernel, per 16-row block row (R <= 16 outputs) and per 64 rows of the (bf16, zero-padded to
 // a multiple of 16 rows) batch:
