@@ -20,6 +20,8 @@ void csr_linear_avx2(const LinearArgs& a) { csr_linear_portable(a); }
 void bsr_linear_avx2(const LinearArgs& a) { bsr_linear_portable(a); }
 void csr_pair_avx2(const LinearArgs&, const LinearArgs&) {}  // never called: no panelled layout here
 void attention_avx2(const float*, float*, int64_t, int64_t, int64_t, int64_t, float, int) {}  // never called
+void add_layer_norm_avx2(void*, const void*, const void*, bool, int64_t, int64_t, const float*, const float*, float,
+                        int) {}  // never called
 }  // namespace se
 #else
 
@@ -717,6 +719,83 @@ void bsr_avx2(const LinearArgs& a) {
 }
 
 }  // namespace
+
+// ================================= residual + LayerNorm ==========================================
+namespace {
+
+// 8 values of a row as fp32, from fp32 or bf16 storage (n < 8: the first n, the rest 0).
+inline __m256 load_row(const void* p, bool bf16, int64_t i, int64_t n = 8) {
+  if (n < 8) {
+    alignas(32) float t[8] = {};
+    for (int64_t k = 0; k < n; ++k)
+      t[k] = bf16 ? to_f32(static_cast<const bf16_t*>(p)[i + k]) : static_cast<const float*>(p)[i + k];
+    return _mm256_load_ps(t);
+  }
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const auto* q = static_cast<const uint16_t*>(p) + i;
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// 8 fp32 -> fp32 or bf16 storage (round to nearest even; NaN stays a quiet NaN), the first n.
+inline void store_row(void* p, bool bf16, int64_t i, __m256 v, int64_t n = 8) {
+  if (!bf16) {
+    if (n == 8) _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+    else for (int64_t k = 0; k < n; ++k) static_cast<float*>(p)[i + k] = v[k];
+    return;
+  }
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+  auto* q = static_cast<uint16_t*>(p) + i;
+  if (n == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), h);
+  } else {
+    alignas(16) uint16_t t[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), h);
+    std::memcpy(q, t, size_t(n) * 2);
+  }
+}
+
+}  // namespace
+
+// y = LayerNorm(h + r) per row (biased variance, as torch), in fp32 from fp32 or bf16 rows.
+void add_layer_norm_avx2(void* y, const void* h, const void* r, bool bf16, int64_t N, int64_t H, const float* gamma,
+                         const float* beta, float eps, int nthreads) {
+  const int T = pick_threads(nthreads, double(N) * double(H) * 1e-9);
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+  for (int64_t n = 0; n < N; ++n) {
+    float* v = scratch(0, size_t(H + 8));
+    const int64_t at = n * H;
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < H; i += 8) {
+      const int64_t m = std::min<int64_t>(8, H - i);
+      const __m256 x = _mm256_add_ps(load_row(h, bf16, at + i, m), load_row(r, bf16, at + i, m));
+      _mm256_storeu_ps(v + i, x);
+      sum = _mm256_add_ps(sum, x);
+    }
+    const float mean = hsum(sum) / float(H);
+    const __m256 mv = _mm256_set1_ps(mean);
+    __m256 sq = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= H; i += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(v + i), mv);
+      sq = _mm256_fmadd_ps(d, d, sq);
+    }
+    float tail = 0.f;
+    for (; i < H; ++i) tail += (v[i] - mean) * (v[i] - mean);
+    const __m256 rstd = _mm256_set1_ps(1.f / std::sqrt((hsum(sq) + tail) / float(H) + eps));
+    for (i = 0; i < H; i += 8) {
+      const int64_t m = std::min<int64_t>(8, H - i);
+      __m256 o = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + i), mv), rstd);
+      if (gamma) o = _mm256_mul_ps(o, m == 8 ? _mm256_loadu_ps(gamma + i) : load_row(gamma, false, i, m));
+      if (beta) o = _mm256_add_ps(o, m == 8 ? _mm256_loadu_ps(beta + i) : load_row(beta, false, i, m));
+      store_row(y, bf16, at + i, o, m);
+    }
+  }
+}
 
 void csr_linear_avx2(const LinearArgs& a) {
   with_wtype(a.wdtype, [&](auto w) {

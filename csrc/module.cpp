@@ -151,6 +151,13 @@ void attention(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, i
   attention_avx2(qkv, out, B, S, nh, hs, scale, nthreads);
 }
 
+void add_layer_norm(void* y, const void* h, const void* r, bool bf16, int64_t N, int64_t H, const float* gamma,
+                    const float* beta, float eps, int nthreads) {
+  if (current_isa() < ISA_AVX2) throw std::runtime_error("add_layer_norm: needs the AVX2 or AVX-512 kernels (set_isa)");
+  if (N == 0 || H == 0) return;
+  add_layer_norm_avx2(y, h, r, bf16, N, H, gamma, beta, eps, nthreads);
+}
+
 }  // namespace se
 
 namespace {
@@ -293,6 +300,19 @@ PYBIND11_MODULE(_C, m) {
         "accumulation); head_size a multiple of 32; needs bf16_isa() == 'amx'.",
         py::arg("out"), py::arg("qkv"), py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_size"),
         py::arg("scale"), py::arg("nthreads"));
+
+  m.def("add_layer_norm",
+        [](uintptr_t y, uintptr_t h, uintptr_t r, bool bf16, int64_t n, int64_t hidden, uintptr_t gamma, uintptr_t beta,
+           double eps, int nthreads) {
+          if (n < 0 || hidden < 0) throw std::invalid_argument("add_layer_norm: sizes must be non-negative");
+          py::gil_scoped_release nogil;
+          se::add_layer_norm(as_ptr<void>(y), as_ptr<const void>(h), as_ptr<const void>(r), bf16, n, hidden,
+                             as_ptr<const float>(gamma), as_ptr<const float>(beta), float(eps), nthreads);
+        },
+        "Y(N, H) = LayerNorm(H_in + R) per row · gamma + beta (fp32 gamma/beta, 0 for none), biased variance, "
+        "computed in fp32; Y, H_in and R all fp32 or all bf16 (bf16=True); Y may be H_in. AVX2/AVX-512 only.",
+        py::arg("y"), py::arg("h"), py::arg("r"), py::arg("bf16"), py::arg("n"), py::arg("hidden"), py::arg("gamma"),
+        py::arg("beta"), py::arg("eps"), py::arg("nthreads"));
 
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,

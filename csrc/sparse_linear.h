@@ -78,4 +78,12 @@ void attention(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, i
 void attention_avx2(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale,
                     int nthreads);
 
+// y (N, H) = LayerNorm(h + r) per row · gamma + beta (each may be null), biased variance, computed in
+// fp32; h, r, y all fp32 or all bf16 (bf16 = true; y rounded to nearest even); y may be h (in place).
+// AVX2 or AVX-512.
+void add_layer_norm(void* y, const void* h, const void* r, bool bf16, int64_t N, int64_t H, const float* gamma,
+                    const float* beta, float eps, int nthreads);
+void add_layer_norm_avx2(void* y, const void* h, const void* r, bool bf16, int64_t N, int64_t H, const float* gamma,
+                         const float* beta, float eps, int nthreads);
+
 }  // namespace se

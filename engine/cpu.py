@@ -321,6 +321,27 @@ def attention_cpu(qkv: torch.Tensor, batch: int, seq: int, heads: int) -> torch.
     return out
 
 
+def add_norm_fits(h: torch.Tensor, r: torch.Tensor, weight, bias) -> bool:
+    """Whether add_layer_norm_ runs LayerNorm(h + r): h and r (tokens, H) of one shape, both fp32 or
+    both bf16, contiguous on the CPU; weight / bias None or (H,); AVX2 or AVX-512 kernels."""
+    return (_ISA[0] in ("avx2", "avx512") and h.dtype in (torch.float32, torch.bfloat16) and r.dtype is h.dtype
+            and h.dim() == 2 and h.shape == r.shape and h.device.type == "cpu" and r.device.type == "cpu"
+            and h.is_contiguous() and r.is_contiguous()
+            and all(t is None or (t.device.type == "cpu" and t.shape == h.shape[1:]) for t in (weight, bias)))
+
+
+def add_layer_norm_(h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """h = LayerNorm(h + r) over the last dim, in place (where add_norm_fits), one pass in C++: the
+    sum is normalised in fp32 without rounding it to h's dtype first (torch's h.add_(r) rounds a bf16
+    h + r before layer_norm; the rest is the same arithmetic, the output rounded once)."""
+    weight, bias = _bias32(weight), _bias32(bias)
+    _C.add_layer_norm(h.data_ptr(), h.data_ptr(), r.data_ptr(), h.dtype is torch.bfloat16, h.shape[0], h.shape[1],
+                      0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(), eps,
+                      torch.get_num_threads())
+    return h
+
+
 def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """x (N, I) -> act(x · Wᵀ + b) (N, O), in x's dtype, for W in R×C blocks. bf16 x with bf16
     weights in bf16-kernel blocks computes in bf16 on AMX / AVX512-BF16 where present."""

@@ -7,7 +7,8 @@ One block, per call (x: (B, S, H), nh heads of hs = H / nh):
   q,k,v = strided views of qkv           (B, nh, S, hs), no copies
   ctx   = scaled_dot_product_attention   (B, S, H) after one reshape; without a mask, cpu.attention_cpu
           instead (fp32: AVX2 / AVX-512; bf16: AMX tiles): straight from qkv to ctx's (B·S, H) rows
-  a     = LN1(x + ctx · Woᵀ + bo)         residual added in place into the kernel's output
+  a     = LN1(x + ctx · Woᵀ + bo)         residual add + LayerNorm in one C++ pass over the kernel's
+                                         output (cpu.add_layer_norm_)
   y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue; both FFN
           layers in panel-major CSR: one cpu.csr_pair_cpu call, the hidden activations kept packed
 (pre-LN, `norm_first`: a = x + (LN1(x) ...), y = a + FFN(LN2(a))).
@@ -59,6 +60,15 @@ def activation_name(act) -> str | None:
     if isinstance(act, nn.ReLU):
         return "relu"
     return _ACTIVATION_FNS.get(act) or _HF_ACTIVATIONS.get(type(act).__name__)
+
+
+def _add_norm(t: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm(t + residual), t a fresh sublayer output (overwritten): one C++ pass where it fits
+    (cpu.add_layer_norm_), else torch's in-place add and layer_norm."""
+    if cpu.add_norm_fits(t, residual, norm.weight, norm.bias):
+        ops.calls[("cpu", "add-layer-norm")] += 1
+        return cpu.add_layer_norm_(t, residual, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(t.add_(residual), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class SparseEncoderLayer(nn.Module):
@@ -137,8 +147,8 @@ class SparseEncoderLayer(nn.Module):
             a = self._attention(F.layer_norm(x2, (h,), n1.weight, n1.bias, n1.eps), b, s, attn_mask).add_(x2)
             y = self._ffn(F.layer_norm(a, (h,), n2.weight, n2.bias, n2.eps)).add_(a)
         else:
-            a = F.layer_norm(self._attention(x2, b, s, attn_mask).add_(x2), (h,), n1.weight, n1.bias, n1.eps)
-            y = F.layer_norm(self._ffn(a).add_(a), (h,), n2.weight, n2.bias, n2.eps)
+            a = _add_norm(self._attention(x2, b, s, attn_mask), x2, n1)
+            y = _add_norm(self._ffn(a), a, n2)
         return y.view(b, s, h)
 
     def extra_repr(self) -> str:

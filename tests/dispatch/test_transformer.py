@@ -50,7 +50,9 @@ def padding(batch: int) -> torch.Tensor:
 
 
 def kernel_calls() -> int:
-    return sum(n for (backend, _), n in ops.calls.items() if backend == "cpu")
+    """Calls of the C++ linear-layer kernels (not the attention / add + LayerNorm ones)."""
+    return sum(n for (backend, op), n in ops.calls.items()
+               if backend == "cpu" and op not in ("attention", "add-layer-norm"))
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
@@ -122,6 +124,7 @@ def test_unmasked_attention_runs_on_the_cpp_kernel():
             with torch.no_grad():
                 torch.testing.assert_close(fast(x), ref(x), atol=2e-5, rtol=2e-5)
             assert ops.calls[("cpu", "attention")] == (2 if isa == "avx2" else 0)
+            assert ops.calls[("cpu", "add-layer-norm")] == (4 if isa == "avx2" else 0)  # 2 post-LN layers
     finally:
         cpu.set_isa(before)
     for layer in fast.layers:  # a QKV projection forced onto torch takes the attention with it
@@ -181,6 +184,36 @@ def test_bf16_weights(fmt):
         keep = ~pad[..., None]  # padded query rows are compared too: they attend to real keys
         assert rel_err(y * keep, ref(x, src_key_padding_mask=pad) * keep) <= STORAGE_TOL["bf16"]
         assert rel_err(y, rounded(x, src_key_padding_mask=pad)) <= 10 * KERNEL_TOL
+
+
+def test_bf16_model_on_amx_kernels_end_to_end():
+    """The engine model cast to bf16, as a user casts the dense one: the projections on the AMX BSR
+    kernel, the unmasked attention on the AMX attention kernel (head size 32), residual + LayerNorm
+    in one C++ pass; its error against the fp32 model no larger than dense bf16 torch's (to within
+    a rounding's worth)."""
+    from engine import cpu
+    if not cpu.bf16_support()["amx"]:
+        pytest.skip(f"amx cannot run here: {cpu.bf16_support()['amx_reason']}")
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 2, 96, dropout=0.0, activation="gelu", batch_first=True)
+    ref = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad():  # 50 % of the 16x32 tiles of every weight zero
+        for p in ref.parameters():
+            if p.dim() == 2:
+                keep = torch.rand(p.shape[0] // 16, p.shape[1] // 32) >= 0.5
+                p.mul_(keep.repeat_interleave(16, 0).repeat_interleave(32, 1))
+    fast = sparsify(copy.deepcopy(ref), format="bsr", blocksize=(16, 32)).to(torch.bfloat16)
+    x = torch.randn(3, 37, 64)
+    ops.calls.clear()
+    with torch.no_grad():
+        y = fast(x.bfloat16())
+        expected = ref(x)
+        dense_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(x.bfloat16())
+    assert y.dtype is torch.bfloat16
+    assert ops.calls[("cpu", "attention")] == 2 and ops.calls[("cpu", "add-layer-norm")] == 4
+    assert cpu.last_bf16_kernel() == "amx"  # the last projection (FFN out) on the AMX BSR kernel
+    ours, theirs = rel_err(y.float(), expected), rel_err(dense_bf16.float(), expected)
+    assert ours <= 1.5 * theirs + 2.0 ** -9, (ours, theirs)
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])

@@ -530,6 +530,55 @@ def test_attention_fits_only_what_it_runs():
     assert not cpu.attention_fits(qkv.view(2, 5, 120), 5)
 
 
+# ---- residual add + LayerNorm in one pass (cpu.add_layer_norm_) --------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n,h,affine", [(7, 40, True), (3, 13, True), (5, 8, False), (300, 384, True), (1, 1, True)])
+def test_add_layer_norm_matches_float64(isa, dtype, n, h, affine):
+    # LayerNorm(h + r) of the very values stored, in float64; ours sums h + r in fp32 unrounded and
+    # rounds the output once (fp32: within 4e-6 of float64; bf16: one rounding, 2^-8 relative).
+    x, r = (torch.randn(n, h) * 3 + 1).to(dtype), torch.randn(n, h).to(dtype)
+    w, b = (torch.randn(h).to(dtype), torch.randn(h).to(dtype)) if affine else (None, None)
+    fits = cpu.add_norm_fits(x, r, w, b)
+    assert fits == (isa != "portable")
+    if not fits:
+        return
+    ref = torch.nn.functional.layer_norm(x.double() + r.double(), (h,), None if w is None else w.double(),
+                                         None if b is None else b.double(), 1e-5)
+    y = x.clone()
+    out = cpu.add_layer_norm_(y, r, w, b, 1e-5)
+    assert out is y and y.dtype is dtype  # in place
+    if dtype is torch.float32:
+        torch.testing.assert_close(y.double(), ref, atol=4e-6, rtol=4e-6)
+    else:
+        assert ((y.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6).all()
+
+
+def test_add_layer_norm_nan_and_constant_rows(isa):
+    if isa == "portable":
+        pytest.skip("add_layer_norm runs on the AVX2 / AVX-512 kernels only")
+    x, r = torch.randn(4, 20), torch.zeros(4, 20)
+    x[1, 7] = float("nan")   # its row: all NaN, as torch
+    x[2] = 5.0               # zero variance: (v - mean) · rsqrt(eps) = 0, then + beta
+    w, b = torch.randn(20), torch.randn(20)
+    ref = torch.nn.functional.layer_norm(x + r, (20,), w, b, 1e-5)
+    y = cpu.add_layer_norm_(x.clone(), r, w, b, 1e-5)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2, 3]]).any()
+    torch.testing.assert_close(y[[0, 2, 3]], ref[[0, 2, 3]], atol=4e-6, rtol=4e-6)
+
+
+def test_add_norm_fits_only_what_it_runs():
+    x = torch.randn(6, 16)
+    ok = cpu.isa() != "portable"
+    assert cpu.add_norm_fits(x, x.clone(), torch.ones(16), None) == ok
+    assert not cpu.add_norm_fits(x, x.bfloat16(), None, None)           # two dtypes
+    assert not cpu.add_norm_fits(x.double(), x.double(), None, None)    # float64
+    assert not cpu.add_norm_fits(x.t(), x.t().clone(), None, None)      # not contiguous
+    assert not cpu.add_norm_fits(x, x[:5], None, None)                  # two shapes
+    assert not cpu.add_norm_fits(x, x.clone(), torch.ones(15), None)    # a weight of another width
+    assert not cpu.add_norm_fits(x.view(2, 3, 16), x.view(2, 3, 16), None, None)
+
+
 # ---- the `sparse-engine bench` verb runs end to end (tiny grid; timings are not asserted) -----------
 
 def test_bench_verb_prints_the_comparison_table(capsys):
