@@ -12,12 +12,15 @@ one process, medians (and minima) of `rounds` rounds:
   engine.modules.sparsify (linear layers only, the "before") vs engine.sparsify (blocks).
 - bert-bf16: that encoder at --sparsity in 16x32 tiles, batch 1 and 8: dense fp32 / bf16 vs the
   engine (engine.sparsify, BSR 16x32) in fp32 and cast to bf16 (AMX / AVX512-BF16 kernels).
+- crossover: 90 % unstructured (CSR) whole models cast to bf16 against dense bf16, batch by batch
+  (MLP 784-4096-4096-10, BERT 2x768 seq 128, MiniLM seq 128): where dense bf16 starts to win.
 - profile: where the time of one fast MiniLM layer goes (each op timed alone on the layer's real
   intermediate tensors, x 6 layers), beside the whole encode time.
 
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py minilm --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py bert --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py bert-bf16 --threads 2
+    PYTHONPATH=. .venv/bin/python bench/minilm_speed.py crossover --threads 2
     PYTHONPATH=. .venv/bin/python bench/minilm_speed.py profile --threads 2
     ... --cpu-time: 1 thread timed by its own CPU time, for a box shared with other jobs
 """
@@ -40,7 +43,7 @@ from engine import checkpoint as checkpoint_io
 from engine import modules, transformer
 from engine.convert import convert
 from engine.models import bert, get_family
-from engine.peers import BERT_2X768 as BERT, l1_prune_
+from engine.peers import BERT_2X768 as BERT, l1_prune_, pruned_mlp
 from engine.timing import cpu_model, median_and_min, time_samples
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -192,6 +195,45 @@ def bert_bf16(args) -> None:
                f"{args.threads} threads", time_samples(fns, args.min_time, args.rounds, args.clock), base="dense bf16")
 
 
+def crossover(args) -> None:
+    """Unstructured (CSR) 90 % models, the engine's cast to bf16 vs the dense model cast to bf16, at
+    growing batch: the speedup per batch and the first batch at which dense bf16 is as fast."""
+    def row(title: str, dense: nn.Module, sparse: nn.Module, batches, call) -> None:
+        dense16, sparse16 = copy.deepcopy(dense).to(torch.bfloat16), sparse.to(torch.bfloat16)
+        ratios = {}
+        for batch in batches:
+            inputs = call(batch)
+            fns = {"dense bf16": lambda: dense16(*inputs), "engine bf16": lambda: sparse16(*inputs)}
+            with torch.inference_mode():
+                t = median_and_min(time_samples(fns, args.min_time, args.rounds, args.clock))
+            ratios[batch] = t["dense bf16"][0] / t["engine bf16"][0]
+            print(f"{title} batch {batch}: dense bf16 {t['dense bf16'][0] * 1e3:.2f} ms, engine bf16 "
+                  f"{t['engine bf16'][0] * 1e3:.2f} ms", flush=True)
+        cross = next((b for b, r in ratios.items() if r <= 1.0), None)
+        cells = ", ".join(f"{b}: {ratios[b]:.2f}x" for b in batches)
+        table.append(f"| {title} | {cells} | {'none up to ' + str(batches[-1]) if cross is None else cross} |")
+
+    table: list[str] = []
+    torch.manual_seed(0)
+    mlp = pruned_mlp(args.sparsity)
+    row("MLP 784-4096-4096-10", mlp, engine.sparsify(copy.deepcopy(mlp), "csr"), (1, 4, 16, 32, 64, 128, 256),
+        lambda b: (torch.randn(b, 784).bfloat16(),))
+    bert_dense = bert.build(BERT).eval()
+    l1_prune_(bert_dense, args.sparsity)
+    row("BERT 2x768 (seq 128)", bert_dense, transformer.sparsify(copy.deepcopy(bert_dense), "csr"), (1, 2, 4, 8),
+        lambda b: (torch.randint(1000, BERT["vocab_size"], (b, args.seq)), torch.ones(b, args.seq, dtype=torch.long)))
+    src, minilm_dense = teacher_and_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        sparse = engine.load(pruned_artifact(src, minilm_dense, args.sparsity, 1, "csr", Path(tmp)))
+    minilm_dense.tokenizer.enable_truncation(max_length=args.seq)
+    ids = torch.tensor([e.ids for e in minilm_dense.tokenizer.encode_batch(texts(32, args.seq, minilm_dense.tokenizer))])
+    row("all-MiniLM-L6-v2 (seq 128)", minilm_dense, sparse, (1, 2, 4, 8, 16, 32),
+        lambda b: (ids[:b], torch.ones(b, args.seq, dtype=torch.long)))
+    print(f"\n{args.sparsity:.0%} unstructured, the engine cast to bf16 vs dense bf16 (medians), {args.threads} threads"
+          f"\n| model | speedup by batch | crossover batch (dense bf16 as fast) |\n|---|---|---|")
+    print("\n".join(table))
+
+
 def profile(args) -> None:
     """Each op of one fast MiniLM layer timed alone on the layer's real inputs, x layers."""
     src, dense = teacher_and_tokenizer()
@@ -245,7 +287,7 @@ def profile(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("minilm", "bert", "bert-bf16", "profile"))
+    p.add_argument("part", choices=("minilm", "bert", "bert-bf16", "crossover", "profile"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.9, help="MiniLM sparsity")
     p.add_argument("--sparsities", type=float, nargs="+", default=(0.8, 0.9, 0.95), help="BERT grid")
@@ -265,7 +307,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"{cpu_model()}, torch {torch.__version__}, C++ kernels isa="
           f"{engine.cpu.isa_label()}, {args.threads} threads, clock {args.clock.__name__}")
-    {"minilm": minilm, "bert": bert_grid, "bert-bf16": bert_bf16, "profile": profile}[args.part](args)
+    {"minilm": minilm, "bert": bert_grid, "bert-bf16": bert_bf16, "crossover": crossover,
+     "profile": profile}[args.part](args)
     return 0
 
 
