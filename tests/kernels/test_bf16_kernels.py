@@ -254,6 +254,28 @@ def test_vector_gelu_epilogue_accuracy(bf16_isa, act):
     assert ((y.double() - ref).abs()[ok] <= bound[ok]).all()
 
 
+def test_bf16_output_gelu_epilogue_accuracy(bf16_isa):
+    # The same probe with a bf16 output: erf-GELU by the cheaper approximation (csrc/bf16.cpp
+    # gelu512_bf16, < 1e-4 |v| before rounding) is still within one bf16 rounding: 2^-9 |y| (half an
+    # ulp), bounded here by 2^-8 |ref| + 1e-4 |v|.
+    eye = torch.eye(32)
+    w = BSR.from_dense(eye.bfloat16(), blocksize=(16, 32))
+    v = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([1e-30, -1e-30, 0.0, 1e-3, -1e-3] * 3)])
+    v = torch.cat([v, torch.zeros(-v.numel() % 32)]).reshape(-1, 32)
+    v = torch.cat([v, torch.randn(1, 32)]).bfloat16()
+    v[-1, 5] = float("nan")
+    y = engine.sparse_linear(v, w, activation="gelu")
+    assert y.dtype is torch.bfloat16 and cpu.last_bf16_kernel() == bf16_isa
+    ref = torch.nn.functional.gelu(v.double() @ eye.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y[-1]).all()
+    ok = ~torch.isnan(ref)
+    err = (y.double() - ref).abs()[ok]
+    bound = (U_BF16 * ref.abs() + 1e-4 * v.double().abs() + 1e-30)[ok]
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item()}"
+    # and no worse than torch's own bf16 GELU on the same values, to within one rounding
+    assert err.max() <= (torch.nn.functional.gelu(v).double() - ref).abs()[ok].max() + U_BF16 * 30
+
+
 @pytest.mark.parametrize("n", (70, 200), ids=("block-rows-split", "batch-rows-split"))
 def test_threads_split_bitwise_equal(bf16_isa, n):
     # Large enough for a 2-thread team (csrc/common.h pick_threads); each output is computed by one
