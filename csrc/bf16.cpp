@@ -314,10 +314,10 @@ void load_tile_config(int64_t R, int64_t C) {
 }
 
 // One block row, J (1..4) chunks of 16 batch rows from xb (pre-offset to the first chunk's row):
-// buf[j·256 ...] = Σ_blocks X_chunk_j · W_blockᵀ (16 × R fp32, row stride 16).
+// buf[j·16·ldb ...] = Σ_blocks X_chunk_j · W_blockᵀ (16 × R fp32, row stride ldb).
 template <int J>
 void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uint16_t* pk,
-                   int32_t k0, int32_t k1, int64_t R, int64_t C, float* buf) {
+                   int32_t k0, int32_t k1, int64_t R, int64_t C, float* buf, int64_t ldb = kTile) {
   _tile_zero(0);
   if (J > 1) _tile_zero(1);
   if (J > 2) _tile_zero(2);
@@ -332,15 +332,49 @@ void amx_block_row(const uint16_t* xb, int64_t I, const int32_t* bcol, const uin
     if (J > 2) { _tile_loadd(4, xp + 2 * kTile * I, xs); _tile_dpbf16ps(2, 4, 5); }
     if (J > 3) { _tile_loadd(7, xp + 3 * kTile * I, xs); _tile_dpbf16ps(3, 7, 5); }
   }
-  _tile_stored(0, buf, 64);
-  if (J > 1) _tile_stored(1, buf + 256, 64);
-  if (J > 2) _tile_stored(2, buf + 512, 64);
-  if (J > 3) _tile_stored(3, buf + 768, 64);
+  _tile_stored(0, buf, ldb * 4);
+  if (J > 1) _tile_stored(1, buf + kTile * ldb, ldb * 4);
+  if (J > 2) _tile_stored(2, buf + 2 * kTile * ldb, ldb * 4);
+  if (J > 3) _tile_stored(3, buf + 3 * kTile * ldb, ldb * 4);
 }
 
-// Block rows [b0, b1) for batch rows [r0, r1) (r0 a multiple of 16), 64 batch rows at a time.
-void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, int64_t r0, int64_t r1, float* buf) {
-  const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n;
+// y row (O) = LayerNorm(v + bias + residual) · gamma + beta, v the row's fp32 sums (overwritten).
+void add_norm_row(const LinearArgs& a, float* v, const uint16_t* res, uint16_t* y) {
+  const int64_t O = a.out_features;
+  auto mask = [&](int64_t i) { return O - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (O - i)) - 1); };
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < O; i += 16) {
+    const __mmask16 m = mask(i);
+    __m512 x = _mm512_maskz_loadu_ps(m, v + i);
+    if (a.bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, a.bias + i));
+    const __m512i r = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, res + i));
+    x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+    _mm512_mask_storeu_ps(v + i, m, x);
+    sum = _mm512_add_ps(sum, x);
+  }
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / float(O));
+  __m512 sq = _mm512_setzero_ps();
+  for (int64_t i = 0; i < O; i += 16) {
+    const __m512 d = _mm512_maskz_sub_ps(mask(i), _mm512_maskz_loadu_ps(mask(i), v + i), mean);
+    sq = _mm512_fmadd_ps(d, d, sq);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) / float(O) + a.ln_eps));
+  for (int64_t i = 0; i < O; i += 16) {
+    const __mmask16 m = mask(i);
+    __m512 o = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, v + i), mean), rstd);
+    if (a.ln_gamma) o = _mm512_mul_ps(o, _mm512_maskz_loadu_ps(m, a.ln_gamma + i));
+    if (a.ln_beta) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, a.ln_beta + i));
+    const __m256bh h = _mm512_cvtneps_pbh(o);
+    _mm256_mask_storeu_epi16(y + i, m, reinterpret_cast<const __m256i&>(h));
+  }
+}
+
+// Block rows [b0, b1) for batch rows [r0, r1) (r0 a multiple of 16), 64 batch rows at a time. With a
+// residual (a.residual, whole rows: b0 = 0, b1 = all), each group's sums go to rows (64 × O fp32),
+// then residual + LayerNorm per row; else each tile through buf to Y with store_rows.
+void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, int64_t r0, int64_t r1, float* buf,
+              float* rows) {
+  const int64_t R = a.block_r, C = a.block_c, I = a.in_features, N = a.n, O = a.out_features;
   const auto* pk = static_cast<const uint16_t*>(a.values);
   const int64_t group = kAmxChunks * kTile;
   load_tile_config(R, C);
@@ -349,14 +383,22 @@ void amx_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, i
     const uint16_t* xc = xb + n0 * I;
     for (int64_t b = b0; b < b1; ++b) {
       const int32_t k0 = a.crow[b], k1 = a.crow[b + 1];
+      float* out = a.residual ? rows + b * R : buf;
+      const int64_t ldo = a.residual ? O : kTile;
       switch (J) {
-        case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
-        default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, buf); break;
+        case 1: amx_block_row<1>(xc, I, a.col, pk, k0, k1, R, C, out, ldo); break;
+        case 2: amx_block_row<2>(xc, I, a.col, pk, k0, k1, R, C, out, ldo); break;
+        case 3: amx_block_row<3>(xc, I, a.col, pk, k0, k1, R, C, out, ldo); break;
+        default: amx_block_row<4>(xc, I, a.col, pk, k0, k1, R, C, out, ldo); break;
       }
-      for (int64_t j = 0; j < J; ++j)
-        store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
+      if (!a.residual)
+        for (int64_t j = 0; j < J; ++j)
+          store_rows(a, buf + j * 256, std::min<int64_t>(kTile, N - n0 - j * kTile), n0 + j * kTile, b * R, R);
+    }
+    if (a.residual) {
+      auto* y = static_cast<uint16_t*>(static_cast<void*>(a.y));
+      for (int64_t r = 0; r < std::min(J * kTile, N - n0); ++r)
+        add_norm_row(a, rows + r * O, a.residual + (n0 + r) * O, y + (n0 + r) * O);
     }
   }
   _tile_release();
@@ -429,7 +471,9 @@ void bsr_linear_bf16(const LinearArgs& a) {
   // each gets 64 rows; below that, the block rows. Rows won at 128-4096 rows on BERT and MiniLM
   // shapes (2 threads: up to 1.4x at 4096 rows), where split block rows left each thread writing
   // half of every output line.
-  const bool by_rows = isa == BF16_AMX && n_pad >= kAmxChunks * kTile * T;
+  const bool by_rows = isa == BF16_AMX && (n_pad >= kAmxChunks * kTile * T || a.residual);
+  if (a.residual && (isa != BF16_AMX || !a.y_bf16 || a.act != ACT_NONE))
+    throw std::invalid_argument("bsr_linear_bf16: residual + LayerNorm needs the AMX kernel, bf16 y and no activation");
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
@@ -438,13 +482,14 @@ void bsr_linear_bf16(const LinearArgs& a) {
 #pragma omp barrier
     }
     float* buf = scratch(1, size_t(kAmxChunks * kTile * kTile));
+    float* rows = a.residual ? scratch(2, size_t(kAmxChunks * kTile * a.out_features)) : nullptr;
     if (by_rows) {  // each thread: whole output rows (16-row tiles), all block rows
       const int64_t tiles = n_pad / kTile;
-      amx_rows(a, xb, 0, nbr, tiles * t / nt * kTile, tiles * (t + 1) / nt * kTile, buf);
+      amx_rows(a, xb, 0, nbr, tiles * t / nt * kTile, tiles * (t + 1) / nt * kTile, buf, rows);
     } else {
       const int64_t b0 = split_begin(a.crow, nbr, 1, 1, t, nt), b1 = split_begin(a.crow, nbr, 1, 1, t + 1, nt);
       if (b0 < b1) {
-        if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, 0, n_pad, buf); else dp_rows(a, xb, b0, b1, buf);
+        if (isa == BF16_AMX) amx_rows(a, xb, b0, b1, 0, n_pad, buf, nullptr); else dp_rows(a, xb, b0, b1, buf);
       }
     }
   }

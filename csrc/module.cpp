@@ -332,8 +332,13 @@ PYBIND11_MODULE(_C, m) {
   // spells out its own Python signature (names, order, defaults) beside its docstring.
   m.def("bsr_linear_bf16",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
-           uintptr_t crow, uintptr_t col, uintptr_t packed, uintptr_t bias, int act, int nthreads, bool x_bf16, bool y_bf16) {
+           uintptr_t crow, uintptr_t col, uintptr_t packed, uintptr_t bias, int act, int nthreads, bool x_bf16, bool y_bf16,
+           uintptr_t residual, uintptr_t ln_gamma, uintptr_t ln_beta, double ln_eps) {
           se::LinearArgs a = make_bsr_args(y, x, n, i, o, r, c, crow, col, packed, 1, bias, act, nthreads);
+          a.residual = as_ptr<const uint16_t>(residual);
+          a.ln_gamma = as_ptr<const float>(ln_gamma);
+          a.ln_beta = as_ptr<const float>(ln_beta);
+          a.ln_eps = float(ln_eps);
           if (r > 16 || c > 32 || c % 2) throw std::invalid_argument("bf16 kernels need R <= 16 and an even C <= 32");
           if (se::current_bf16_isa() == se::BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected (see bf16_support())");
           a.x_bf16 = x_bf16;
@@ -344,10 +349,13 @@ PYBIND11_MODULE(_C, m) {
         "Y(N,O) = act(X(N,I) · Wᵀ + b), bf16 products with fp32 accumulation (AMX tiles "
         "or AVX512-BF16, per bf16_isa()), W in BSR with R×C blocks (R <= 16, C even <= 32) whose "
         "values are VNNI-packed: (nnzb, C/2, R, 2) bf16. Same pointer arguments as bsr_linear; x_bf16: "
-        "x points at bf16 (else fp32, rounded to bf16 once per call); y_bf16: y points at bf16 (else fp32).",
+        "x points at bf16 (else fp32, rounded to bf16 once per call); y_bf16: y points at bf16 (else fp32). "
+        "residual (0 for none; AMX, bf16 y, act none): Y = LayerNorm(X · Wᵀ + b + RESIDUAL(N,O) bf16) per row "
+        "· ln_gamma + ln_beta ((O,) fp32 or 0), biased variance, eps ln_eps.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("packed"),
-        py::arg("bias"), py::arg("act"), py::arg("nthreads"), py::arg("x_bf16") = false, py::arg("y_bf16") = false);
+        py::arg("bias"), py::arg("act"), py::arg("nthreads"), py::arg("x_bf16") = false, py::arg("y_bf16") = false,
+        py::arg("residual") = 0, py::arg("ln_gamma") = 0, py::arg("ln_beta") = 0, py::arg("ln_eps") = 1e-5);
   m.def("csr_linear_bf16",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, uintptr_t pair_ptr, uintptr_t pair_col,
            uintptr_t pair_val, uintptr_t bias, int act, int nthreads) {

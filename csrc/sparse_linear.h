@@ -51,6 +51,12 @@ struct LinearArgs {
   int nthreads;          // OpenMP threads to use (the caller passes torch.get_num_threads())
   bool x_bf16 = false;   // bf16 kernels only (bf16.h): x points at (N, I) bf16, not fp32
   bool y_bf16 = false;   // bf16 kernels only: y points at (N, O) bf16, not fp32
+  // bf16 BSR on AMX only, optional: y = LayerNorm(x · Wᵀ + b + residual) per row (biased variance,
+  // in fp32; act must be none), residual (N, O) bf16, ln_gamma / ln_beta (O,) fp32 or nullptr.
+  const uint16_t* residual = nullptr;
+  const float* ln_gamma = nullptr;
+  const float* ln_beta = nullptr;
+  float ln_eps = 0.f;
 };
 
 // Inputs are trusted: the Python wrapper (engine/cpu.py) validated shapes, dtypes and indices.

@@ -436,17 +436,39 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return bias
 
 
-def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation):
+def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation, residual=None, norm=(None, None, 0.0)):
     if not x.is_contiguous():
         x = x.contiguous()
     bias = _bias32(bias)
+    gamma, beta = _bias32(norm[0]), _bias32(norm[1])
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
     packed = _vnni(w)
     _C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], packed.shape[2],
                        2 * packed.shape[1], crow.data_ptr(), col.data_ptr(), packed.data_ptr(),
                        0 if bias is None else bias.data_ptr(), _ACT[activation], torch.get_num_threads(),
-                       True, True)
+                       True, True, 0 if residual is None else residual.data_ptr(),
+                       0 if gamma is None else gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), norm[2])
     return y
+
+
+def linear_add_norm_fits(x: torch.Tensor, w, residual: torch.Tensor, weight, bias) -> bool:
+    """Whether linear_add_norm runs LayerNorm(x · Wᵀ + b + residual) in one AMX kernel call: bf16 x and
+    residual (N, O) on the CPU, contiguous; W in BSR with bf16 values in AMX tiles; weight / bias None
+    or (O,)."""
+    return (isinstance(w, BSR) and x.dtype is torch.bfloat16 and residual.dtype is torch.bfloat16
+            and x.dim() == 2 and x.device.type == "cpu" and residual.device.type == "cpu"
+            and residual.shape == (x.shape[0], w.shape[0]) and residual.is_contiguous()
+            and w.values.dtype is torch.bfloat16 and w.values.is_cpu and bf16_kernel_for(w) == "amx"
+            and all(t is None or (t.device.type == "cpu" and t.shape == (w.shape[0],)) for t in (weight, bias)))
+
+
+def linear_add_norm(x: torch.Tensor, w: BSR, b: torch.Tensor | None, residual: torch.Tensor,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm(x · Wᵀ + b + residual) · weight + bias (N, O) bf16, where linear_add_norm_fits: the
+    AMX kernel's threads each own whole rows, so each 64-row group's fp32 sums get the residual and
+    the LayerNorm before anything is rounded or written (no separate pass over the output)."""
+    crow, col, _, _ = _weight("linear_add_norm", w)
+    return _bsr_linear_bf16(x, w, crow, col, b, "none", residual, (weight, bias, eps))
 
 
 def _pairs(w: CSR):

@@ -8,7 +8,8 @@ One block, per call (x: (B, S, H), nh heads of hs = H / nh):
   ctx   = scaled_dot_product_attention   (B, S, H) after one reshape; without a mask, cpu.attention_cpu
           instead (fp32: AVX2 / AVX-512; bf16: AMX tiles): straight from qkv to ctx's (B·S, H) rows
   a     = LN1(x + ctx · Woᵀ + bo)         residual add + LayerNorm in one C++ pass over the kernel's
-                                         output (cpu.add_layer_norm_)
+                                         output (cpu.add_layer_norm_); bf16 BSR on AMX: inside the
+                                         kernel, before its output is written (cpu.linear_add_norm)
   y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue; both FFN
           layers in panel-major CSR: one cpu.csr_pair_cpu call, the hidden activations kept packed
 (pre-LN, `norm_first`: a = x + (LN1(x) ...), y = a + FFN(LN2(a))).
@@ -62,6 +63,16 @@ def activation_name(act) -> str | None:
     return _ACTIVATION_FNS.get(act) or _HF_ACTIVATIONS.get(type(act).__name__)
 
 
+def _linear_add_norm(lin: SparseLinear, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm(lin(x) + residual): in the AMX kernel's epilogue where it fits (bf16 BSR in tiles,
+    no hook watching the layer), else lin(x) then _add_norm."""
+    if (not (lin._forward_hooks or lin._forward_pre_hooks) and _on_cpu_kernels(lin) and lin.activation == "none"
+            and cpu.linear_add_norm_fits(x, lin.sparse_weight, residual, norm.weight, norm.bias)):
+        ops.calls[("cpu", "linear-add-norm")] += 1
+        return cpu.linear_add_norm(x, lin.sparse_weight, lin.bias, residual, norm.weight, norm.bias, norm.eps)
+    return _add_norm(lin(x), residual, norm)
+
+
 def _add_norm(t: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm(t + residual), t a fresh sublayer output (overwritten): one C++ pass where it fits
     (cpu.add_layer_norm_), else torch's in-place add and layer_norm."""
@@ -109,33 +120,41 @@ class SparseEncoderLayer(nn.Module):
         self.post_activation = None if fuse_activation else activation
         self.activation = activation
 
-    def _attention(self, x2: torch.Tensor, b: int, s: int, attn_mask) -> torch.Tensor:
+    def _context(self, x2: torch.Tensor, b: int, s: int, attn_mask) -> torch.Tensor:
+        """The attention's output before the out projection, (B·S, H)."""
         nh, h = self.heads, self.hidden
         qkv = self.qkv(x2)
         if attn_mask is None and _on_cpu_kernels(self.qkv) and cpu.attention_fits(qkv, nh):
             # C++: no strided views, no transposed copy
             ops.calls[("cpu", "attention")] += 1
-            return self.out(cpu.attention_cpu(qkv, b, s, nh))
+            return cpu.attention_cpu(qkv, b, s, nh)
         qkv = qkv.view(b, s, 3, nh, h // nh)                      # (B, S, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # each (B, nh, S, hs), strided views
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(ctx.transpose(1, 2).reshape(b * s, h))   # (B·S, H)
+        return ctx.transpose(1, 2).reshape(b * s, h)
 
-    def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
-        # Both layers in the panel-major CSR layout on the C++ kernels: one call, the hidden
+    def _pair_fits(self, x2: torch.Tensor) -> bool:
+        # Both FFN layers in the panel-major CSR layout on the C++ kernels: one call, the hidden
         # activations kept in the kernels' packed layout (cpu.csr_pair_cpu).
         # (Not when a hook watches either layer: hooks see each layer's own call, e.g. the latency
         # profile's per-layer timing.)
         l1, l2 = self.ffn_in, self.ffn_out
         hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (l1, l2))
-        if not hooked and _on_cpu_kernels(l1, l2) and cpu.pair_fits(x2, l1.sparse_weight, l2.sparse_weight):
-            ops.calls[("cpu", "csr-pair")] += 1
-            return cpu.csr_pair_cpu(x2, l1.sparse_weight, l1.bias, self.activation, l2.sparse_weight, l2.bias,
-                                    l2.activation)
+        return not hooked and _on_cpu_kernels(l1, l2) and cpu.pair_fits(x2, l1.sparse_weight, l2.sparse_weight)
+
+    def _hidden(self, x2: torch.Tensor) -> torch.Tensor:
         f = self.ffn_in(x2)  # a fresh kernel output: the activation may overwrite it
         if self.post_activation is not None:
             _IN_PLACE[self.post_activation](f)
-        return self.ffn_out(f)
+        return f
+
+    def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
+        if self._pair_fits(x2):
+            l1, l2 = self.ffn_in, self.ffn_out
+            ops.calls[("cpu", "csr-pair")] += 1
+            return cpu.csr_pair_cpu(x2, l1.sparse_weight, l1.bias, self.activation, l2.sparse_weight, l2.bias,
+                                    l2.activation)
+        return self.ffn_out(self._hidden(x2))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
@@ -144,11 +163,12 @@ class SparseEncoderLayer(nn.Module):
         x2 = x.reshape(b * s, h)
         n1, n2 = self.norm1, self.norm2
         if self.norm_first:
-            a = self._attention(F.layer_norm(x2, (h,), n1.weight, n1.bias, n1.eps), b, s, attn_mask).add_(x2)
+            a = self.out(self._context(F.layer_norm(x2, (h,), n1.weight, n1.bias, n1.eps), b, s, attn_mask)).add_(x2)
             y = self._ffn(F.layer_norm(a, (h,), n2.weight, n2.bias, n2.eps)).add_(a)
         else:
-            a = _add_norm(self._attention(x2, b, s, attn_mask), x2, n1)
-            y = _add_norm(self._ffn(a), a, n2)
+            a = _linear_add_norm(self.out, self._context(x2, b, s, attn_mask), x2, n1)
+            y = _add_norm(self._ffn(a), a, n2) if self._pair_fits(a) else _linear_add_norm(
+                self.ffn_out, self._hidden(a), a, n2)
         return y.view(b, s, h)
 
     def extra_repr(self) -> str:

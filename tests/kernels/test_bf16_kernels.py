@@ -395,3 +395,60 @@ def test_amx_attention_fits_only_what_it_runs():
             cpu._C.attention_bf16(torch.empty(10, 64).bfloat16().data_ptr(), qkv.data_ptr(), 1, 10, 2, 32, 1.0, 1)
     finally:
         cpu.set_bf16_isa(before)
+
+
+# ---- out projection + residual + LayerNorm in one AMX call (cpu.linear_add_norm) ---------------------
+
+@pytest.mark.parametrize("n", (1, 17, 70, 130, 200))
+@pytest.mark.parametrize("o,i,r,c", [(64, 96, 16, 32), (40, 24, 8, 4)], ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_linear_add_norm_matches_float64(amx, n, o, i, r, c, affine):
+    # LayerNorm(x · Wᵀ + b + residual) of the stored bf16 values in float64. The sum is exact up to
+    # fp32 accumulation (k · 2^-24 Σ|w||x|), the LayerNorm divides it by the row's deviation σ, and the
+    # output is rounded once (2^-9 relative; bound 2^-8 |y|).
+    w = bf16_weight(o, i, r, c, seed=n)
+    x, res, bias = torch.randn(n, i).bfloat16(), torch.randn(n, o).bfloat16(), torch.randn(o)
+    gamma, beta = (torch.randn(o), torch.randn(o)) if affine else (None, None)
+    assert cpu.linear_add_norm_fits(x, w, res, gamma, beta)
+    y = cpu.linear_add_norm(x, w, bias, res, gamma, beta, 1e-5)
+    assert y.dtype is torch.bfloat16 and y.shape == (n, o) and cpu.last_bf16_kernel() == "amx"
+    lin, mag = reference(x, w, bias, "none")
+    h = lin + res.double()
+    ref = torch.nn.functional.layer_norm(h, (o,), None if gamma is None else gamma.double(),
+                                         None if beta is None else beta.double(), 1e-5)
+    sigma = h.std(dim=1, unbiased=False, keepdim=True)
+    g = 1.0 if gamma is None else gamma.double().abs()
+    bound = U_BF16 * ref.abs() + 2 * g * i * U_F32 * mag / sigma + 1e-5
+    assert ((y.double() - ref).abs() <= bound).all(), f"worst {(y.double() - ref).abs().max().item()}"
+
+
+def test_linear_add_norm_threads_bitwise_equal(amx):
+    w = bf16_weight(384, 384, 16, 32, sparsity=0.5, seed=4)
+    x, res = torch.randn(300, 384).bfloat16(), torch.randn(300, 384).bfloat16()
+    gamma, beta = torch.randn(384), torch.randn(384)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.linear_add_norm(x, w, None, res, gamma, beta, 1e-12)
+        torch.set_num_threads(2)
+        y2 = cpu.linear_add_norm(x, w, None, res, gamma, beta, 1e-12)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_linear_add_norm_refuses_what_it_cannot_run(amx):
+    w = bf16_weight(64, 96, 16, 32)
+    x, res = torch.randn(5, 96).bfloat16(), torch.randn(5, 64).bfloat16()
+    assert not cpu.linear_add_norm_fits(x.float(), w, res, None, None)          # fp32 x
+    assert not cpu.linear_add_norm_fits(x, w, res.float(), None, None)          # fp32 residual
+    assert not cpu.linear_add_norm_fits(x, w, res[:4], None, None)              # residual of another shape
+    assert not cpu.linear_add_norm_fits(x, w, res, torch.ones(63), None)        # LayerNorm of another width
+    w32 = BSR.from_dense(w.to_dense(torch.float32), blocksize=(16, 32))
+    assert not cpu.linear_add_norm_fits(x, w32, res, None, None)                # fp32 weights
+    packed = cpu._vnni(w)
+    y = torch.empty(5, 64).bfloat16()
+    with pytest.raises(ValueError, match="no activation"):                      # the C++ guard
+        cpu._C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), 5, 96, 64, 16, 32, w.crow_indices.data_ptr(),
+                               w.col_indices.data_ptr(), packed.data_ptr(), 0, 1, 1, True, True,
+                               res.data_ptr(), 0, 0, 1e-5)
