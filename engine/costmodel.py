@@ -53,14 +53,18 @@ CPU_BF16_FITTED = {
     "date": "2026-12-05",
     "source": "bench/results/bf16.md (bench/bf16_layers.py --threads 1 --cpu-time: MLP 4096x784, "
               "4096x4096 at batch 1/64; BERT 768x768, 3072x768, 768x3072 at 128/1024 rows; 90% "
-              "sparse 16x32 / 16x16 tiles; minima), 1-thread rates doubled for 2 threads",
+              "sparse 16x32 / 16x16 tiles; minima), 1-thread rates doubled for 2 threads; bsr at "
+              "128/1024 rows re-measured 2026-12-07 at 2 threads after the batch-row thread split "
+              "(BERT 2304x768, 3072x768, 768x3072, 16x32, 90%: 0.85-1.16 TFLOP/s on stored values)",
     "machine": "Intel Xeon (KVM guest, AMX-TILE/BF16, AVX512-BF16), 2 vCPUs shared, torch 2.13 oneDNN",
     "isa": "amx",
     "threads": 2,
 }
 # dense: torch F.linear on bf16 (oneDNN, AMX); slow GEMV at batch 1 (~12 GFLOP/s a thread).
 # bsr:   csrc/bf16.cpp AMX tiles, blocks R <= 16, even C <= 32 (else the fp32 BSR row applies);
-#        one A-tile load per 16x16x32 TDPBF16PS bounds it at ~300-450 GFLOP/s a thread.
+#        one A-tile load per 16x16x32 TDPBF16PS and the per-tile store + epilogue bound it at
+#        ~450 GFLOP/s a thread on stored values; blocks narrower than 32 inputs scale it by C/32
+#        (16x16: 0.48 TFLOP/s at 2 threads, MiniLM 1152x384 at 4096 rows, against ~0.9).
 # csr:   the fp32 CSR row above. csrc/bf16.cpp's AVX512-BF16 CSR kernel measured 1.2x (batch 1),
 #        1.1-3.5x (batch 4-8) and parity (batch 64) against the fp32-compute kernel on bf16 weights
 #        (bench/results/bf16.md, "Unstructured on AVX512-BF16"; 1 thread, noisy): not re-fitted.
@@ -68,7 +72,7 @@ CPU_BF16 = {
     "dense": dict(bandwidth=48e9, overhead=6e-6,
                   rate={1: 24e9, 64: 920e9, 128: 1.5e12, 1024: 2.4e12}),
     "bsr": dict(bandwidth=48e9, overhead=8e-6,
-                rate={1: 40e9, 8: 300e9, 64: 800e9, 128: 700e9, 1024: 600e9}),
+                rate={1: 40e9, 8: 300e9, 64: 800e9, 128: 900e9, 1024: 900e9}),
 }
 
 
@@ -172,6 +176,9 @@ def predict_seconds(fmt: str, shape: tuple[int, int], stored: int, batch: int,
         # never below the factored rate at a smaller listed batch: a rate flat past batch 32 times
         # a factor falling past it (AVX2) would make the time per row grow with the batch
         rate = max(_interp(row["rate"], n) * _interp(factor, n) for n in {batch, *(k for k in factor if k <= batch)})
+    if bf16_row is not None and fmt == "bsr" and blocksize is not None:
+        from .cpu import BF16_TILE  # blocks narrower than a tile row run part-empty TDPBF16PS
+        rate *= min(1.0, blocksize[1] / BF16_TILE[1])
     if blocksize is not None and "scalar_spmv" in row and bf16_row is None:
         r, c = blocksize
         if batch < SPMM_FROM_BATCH and not (c % BLOCK_VECTOR == 0 or (c == 1 and r % BLOCK_VECTOR == 0)):

@@ -192,6 +192,16 @@ def test_costmodel_bf16_rows_only_where_a_bf16_kernel_serves():
         cm.predict_seconds("dense", shape, 1024 * 1024, 1, compute="fp16")
 
 
+def test_costmodel_bf16_half_depth_tiles_cost_a_whole_tile():
+    # 16x16 blocks fill half of each TDPBF16PS's depth: measured ~0.48 vs ~0.9 TFLOP/s on stored
+    # values (bench/results/bf16.md, 2026-12-07); compute-bound batches predict about twice the time.
+    from engine import costmodel as cm
+    shape, stored = (1152, 384), 1152 * 384 // 10
+    half, full = (cm.predict_seconds("bsr", shape, stored, 4096, b, value_bytes=2, compute="bf16")
+                  for b in ((16, 16), (16, 32)))
+    assert half == pytest.approx(2 * full, rel=0.1)
+
+
 def test_amx_refused_falls_back_with_reason():
     # SPARSE_ENGINE_NO_AMX=1 stands in for a kernel that refuses the tile permission: the process
     # must report why, serve bf16 calls with the next family, and refuse to force AMX.
