@@ -148,13 +148,14 @@ class SparseEncoderLayer(nn.Module):
             _IN_PLACE[self.post_activation](f)
         return f
 
+    def _pair(self, x2: torch.Tensor) -> torch.Tensor:
+        l1, l2 = self.ffn_in, self.ffn_out
+        ops.calls[("cpu", "csr-pair")] += 1
+        return cpu.csr_pair_cpu(x2, l1.sparse_weight, l1.bias, self.activation, l2.sparse_weight, l2.bias,
+                                l2.activation)
+
     def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
-        if self._pair_fits(x2):
-            l1, l2 = self.ffn_in, self.ffn_out
-            ops.calls[("cpu", "csr-pair")] += 1
-            return cpu.csr_pair_cpu(x2, l1.sparse_weight, l1.bias, self.activation, l2.sparse_weight, l2.bias,
-                                    l2.activation)
-        return self.ffn_out(self._hidden(x2))
+        return self._pair(x2) if self._pair_fits(x2) else self.ffn_out(self._hidden(x2))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
@@ -167,7 +168,7 @@ class SparseEncoderLayer(nn.Module):
             y = self._ffn(F.layer_norm(a, (h,), n2.weight, n2.bias, n2.eps)).add_(a)
         else:
             a = _linear_add_norm(self.out, self._context(x2, b, s, attn_mask), x2, n1)
-            y = _add_norm(self._ffn(a), a, n2) if self._pair_fits(a) else _linear_add_norm(
+            y = _add_norm(self._pair(a), a, n2) if self._pair_fits(a) else _linear_add_norm(
                 self.ffn_out, self._hidden(a), a, n2)
         return y.view(b, s, h)
 
