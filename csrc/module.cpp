@@ -163,7 +163,7 @@ void add_layer_norm(void* y, const void* h, const void* r, bool bf16, int64_t N,
 namespace {
 
 const char* const kBf16Names[] = {"none", "avx512_bf16", "amx"};
-// se::Bf16Kernel -> name: the BSR kernels by their ISA, the CSR kernel by its own name.
+// se::Bf16Kernel -> name: the BSR kernels by their ISA, the CSR and attention kernels by their own names.
 const char* const kBf16KernelNames[] = {"none", "avx512_bf16", "amx", "avx512_bf16_csr", "amx_attention"};
 
 template <typename T>
