@@ -35,16 +35,22 @@ def _extension_built():
     assert cpu.available(), f"engine._C did not import: {cpu.import_error()}"
 
 
+def selected(family: str):
+    """Select a bf16 kernel family for one test (skipped, with the extension's reason, where this
+    CPU cannot run it); restores the previous selection after."""
+    support = cpu.bf16_support()
+    if not support[family]:
+        pytest.skip(f"{family} cannot run here: {support[family + '_reason']}")
+    before = cpu.bf16_isa()
+    cpu.set_bf16_isa(family)
+    assert cpu.bf16_isa() == family
+    yield family
+    cpu.set_bf16_isa("auto" if before == "none" else before)
+
+
 @pytest.fixture(params=["amx", "avx512_bf16"])
 def bf16_isa(request):
-    support = cpu.bf16_support()
-    if not support[request.param]:
-        pytest.skip(f"{request.param} cannot run here: {support[request.param + '_reason']}")
-    before = cpu.bf16_isa()
-    cpu.set_bf16_isa(request.param)
-    assert cpu.bf16_isa() == request.param
-    yield request.param
-    cpu.set_bf16_isa("auto" if before == "none" else before)
+    yield from selected(request.param)
 
 
 def bf16_weight(o, i, r, c, sparsity=0.6, seed=0):
@@ -312,13 +318,7 @@ def test_threads_split_bitwise_equal(bf16_isa, n):
 
 @pytest.fixture
 def amx():
-    support = cpu.bf16_support()
-    if not support["amx"]:
-        pytest.skip(f"amx cannot run here: {support['amx_reason']}")
-    before = cpu.bf16_isa()
-    cpu.set_bf16_isa("amx")
-    yield
-    cpu.set_bf16_isa(before)
+    yield from selected("amx")
 
 
 def attention_ref(qkv, b, s, heads):
