@@ -456,6 +456,8 @@ void dp_rows(const LinearArgs& a, const uint16_t* xb, int64_t b0, int64_t b1, fl
 void bsr_linear_bf16(const LinearArgs& a) {
   const Bf16Isa isa = current_bf16_isa();
   if (isa == BF16_NONE) throw std::runtime_error("bsr_linear_bf16: no bf16 ISA selected");
+  if (a.residual && (isa != BF16_AMX || !a.y_bf16 || a.act != ACT_NONE))
+    throw std::invalid_argument("bsr_linear_bf16: residual + LayerNorm needs the AMX kernel, bf16 y and no activation");
   g_last.store(isa == BF16_AMX ? KERNEL_BSR_AMX : KERNEL_BSR_AVX512, std::memory_order_relaxed);
   if (a.n == 0 || a.out_features == 0) return;
   const int64_t N = a.n, I = a.in_features, nbr = a.out_features / a.block_r;
@@ -472,8 +474,6 @@ void bsr_linear_bf16(const LinearArgs& a) {
   // shapes (2 threads: up to 1.4x at 4096 rows), where split block rows left each thread writing
   // half of every output line.
   const bool by_rows = isa == BF16_AMX && (n_pad >= kAmxChunks * kTile * T || a.residual);
-  if (a.residual && (isa != BF16_AMX || !a.y_bf16 || a.act != ACT_NONE))
-    throw std::invalid_argument("bsr_linear_bf16: residual + LayerNorm needs the AMX kernel, bf16 y and no activation");
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
@@ -928,8 +928,9 @@ void block_values(const uint16_t* pb, int64_t sp, int64_t hs, const uint16_t* vp
 }
 
 // Query blocks per group: each stage (scores, softmax, P · V) runs over a whole group before the
-// next starts, so a tile load never waits for the vector stores just made to the same lines, and
-// the group's scores (G·16·sp fp32) stay within half an L1.
+// next starts, so a tile load rarely waits for the vector stores just made to the same lines; the
+// group's scores (G·16·sp fp32) are kept to 32 KiB. (128 keys: G = 4; MiniLM batch 32, 1 thread,
+// 4.2 ms against 4.8 ms with G = 1.)
 int64_t attention_group(int64_t sp) { return std::clamp<int64_t>(32768 / (kTile * sp * 4), 1, 8); }
 
 // One (batch, head): q, k, v rows of stride ld; out rows of stride ldo.
