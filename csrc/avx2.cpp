@@ -446,91 +446,28 @@ void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
 
 // ================================= attention ===================================================
 
-// One query block (RB rows) of one (batch, head): scores against all S keys, softmax, times V.
-// q: RB query rows (row stride ld); kt: packed Kᵀ (hs, s16), keys past S zero; v: S value rows
-// (stride ld); p: RB x s16 scratch; out: RB rows (stride ld_out). RB <= 4.
-template <int RB>
-void attention_rows(const float* q, int64_t ld, const float* kt, const float* v, int64_t S, int64_t s16, int64_t hs,
-                    float scale, float* p, float* out, int64_t ld_out) {
-  for (int64_t j = 0; j < s16; j += 16) {  // scores, 16 keys (2 vectors) x RB rows in registers
-    __m256 acc[RB][2];
-    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hs; ++d) {
-      const __m256 k0 = _mm256_load_ps(kt + d * s16 + j), k1 = _mm256_load_ps(kt + d * s16 + j + 8);
-      for (int r = 0; r < RB; ++r) {
-        const __m256 qb = _mm256_broadcast_ss(q + r * ld + d);
-        acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) {
-      _mm256_store_ps(p + r * s16 + j, _mm256_mul_ps(acc[r][0], _mm256_set1_ps(scale)));
-      _mm256_store_ps(p + r * s16 + j + 8, _mm256_mul_ps(acc[r][1], _mm256_set1_ps(scale)));
-    }
-  }
-  float inv[RB];
-  for (int r = 0; r < RB; ++r) {  // softmax over the S real keys; the padding keys get weight 0
-    float* pr = p + r * s16;
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= S; j += 8) mv = _mm256_max_ps(mv, _mm256_load_ps(pr + j));  // not a scalar chain
-    float m = hmax(mv);
-    for (; j < S; ++j) m = std::max(m, pr[j]);
-    __m256 sum = _mm256_setzero_ps();
-    j = 0;
-    for (; j + 8 <= S; j += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(pr + j), _mm256_set1_ps(m)));
-      _mm256_store_ps(pr + j, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    float tail = 0.f;
-    for (; j < S; ++j) tail += (pr[j] = std::exp(pr[j] - m));
-    for (; j < s16; ++j) pr[j] = 0.f;
-    inv[r] = 1.f / (hsum(sum) + tail);
-  }
-  for (int64_t d = 0; d < hs; d += 16) {  // out = P · V, 16 value columns x RB rows in registers
-    const int nv = hs - d >= 16 ? 2 : 1;
-    __m256 acc[RB][2];
-    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) {
-      const __m256 v0 = _mm256_loadu_ps(v + j * ld + d);
-      const __m256 v1 = nv == 2 ? _mm256_loadu_ps(v + j * ld + d + 8) : _mm256_setzero_ps();
-      for (int r = 0; r < RB; ++r) {
-        const __m256 pb = _mm256_broadcast_ss(p + r * s16 + j);
-        acc[r][0] = _mm256_fmadd_ps(pb, v0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(pb, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) {
-      _mm256_storeu_ps(out + r * ld_out + d, _mm256_mul_ps(acc[r][0], _mm256_set1_ps(inv[r])));
-      if (nv == 2) _mm256_storeu_ps(out + r * ld_out + d + 8, _mm256_mul_ps(acc[r][1], _mm256_set1_ps(inv[r])));
-    }
-  }
-}
+// The ymm traits with the softmax's helpers (simd::attention_rows).
+struct Avx2Softmax : Avx2 {
+  static __m256 exp_nonpositive(__m256 u) { return se::exp_nonpositive(u); }
+  static float hmax(__m256 v) { return se::hmax(v); }
+  static float hsum(__m256 v) { return se::hsum(v); }
+};
 
 }  // namespace
 
 // softmax(Q Kᵀ · scale) V for every (batch, head), read straight from the QKV projection's output
 // (B·S, 3·nh·hs) and written as (B·S, nh·hs), the layout the output projection reads: no strided
-// views, no transposed copy. One (batch, head) per task; Kᵀ packed per task (16 KiB at hs 32).
+// views, no transposed copy. One (batch, head) per task (simd::attention_task); 512-bit vectors
+// where the CPU runs them whole and the head size is a multiple of 16 (Intel: 1.4-1.6x the ymm
+// code), else 256-bit.
 void attention_avx2(const float* qkv, float* out, int64_t B, int64_t S, int64_t nh, int64_t hs, float scale,
                     int nthreads) {
-  const int64_t H = nh * hs, ld = 3 * H, s16 = (S + 15) / 16 * 16;
+  const bool zmm = current_isa() == ISA_AVX512 && !avx512_split() && hs % 16 == 0;
   const int T = pick_threads(nthreads, est_spmm(double(B * nh) * double(S) * double(S) * double(hs) * 2));
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
   for (int64_t task = 0; task < B * nh; ++task) {
-    const int64_t b = task / nh, h = task % nh;
-    const float* q = qkv + b * S * ld + h * hs;
-    const float* k = q + H;
-    const float* v = q + 2 * H;
-    float* kt = scratch(0, size_t(hs * s16));
-    float* p = scratch(1, size_t(4 * s16));
-    for (int64_t d = 0; d < hs; ++d)
-      for (int64_t j = 0; j < s16; ++j) kt[d * s16 + j] = j < S ? k[j * ld + d] : 0.f;
-    float* o = out + b * S * H + h * hs;
-    int64_t i = 0;
-    for (; i + 4 <= S; i += 4) attention_rows<4>(q + i * ld, ld, kt, v, S, s16, hs, scale, p, o + i * H, H);
-    for (; i < S; ++i) attention_rows<1>(q + i * ld, ld, kt, v, S, s16, hs, scale, p, o + i * H, H);
+    if (zmm) attention_task_512(qkv, out, S, nh, hs, scale, task);
+    else simd::attention_task<Avx2Softmax>(qkv, out, S, nh, hs, scale, task);
   }
 }
 

@@ -1,10 +1,18 @@
 // AVX-512F micro-kernels (see avx512.h): the SIMD-generic bodies of simd_kernels.h instantiated
 // with 16-wide zmm traits; the 32 zmm registers hold a 4 rows x 64 columns accumulator block.
+// Also one (batch, head) of the fp32 attention on zmm registers.
 #if defined(__x86_64__) || defined(__i386__)  // elsewhere the AVX-512 path is never selected
 #include <immintrin.h>
 
 #include "avx512.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_ps (GCC bug
+// 105593) in max / roundscale / scalef, and -Wuninitialized in _mm512_reduce_*; nothing here reads
+// an uninitialized value.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 SE_TARGET_PUSH("avx512f,avx2,fma,f16c")
 
 #include "simd_kernels.h"
@@ -17,6 +25,20 @@ struct Avx512 {
   // FMA latency 4 x 2 ports wants ~8 accumulators in flight.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 2 : 4; }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 8 ? 1 : (rbv >= 4 ? 2 : 4); }
+  // exp(u) for u <= 0 as avx2.cpp's exp_nonpositive (degree-6 Taylor, relative error < 2e-7), with
+  // 2^n by VSCALEFPS; u below -87 clamped (NaN stays NaN: MAXPS returns its second operand).
+  static __m512 exp_nonpositive(__m512 u) {
+    u = _mm512_max_ps(_mm512_set1_ps(-87.f), u);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(u, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), u);  // ln2 in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+    __m512 e = _mm512_set1_ps(1.f / 720);
+    for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(e, n);
+  }
+  static float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };
 
 }  // namespace
@@ -55,6 +77,10 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
                                                                            np, out, os);
     });
   });
+}
+
+void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task) {
+  simd::attention_task<Avx512>(qkv, out, S, nh, hs, scale, task);
 }
 
 #define SE_INSTANTIATE(WT)                                                                         \

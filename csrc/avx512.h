@@ -1,6 +1,7 @@
 // AVX-512 register micro-kernels for the batched (packed-X) paths. The drivers in avx2.cpp call
 // them for the 16-column-aligned part of each 64-column chunk when the CPU has AVX-512F and the
-// ISA is "avx512"; everything else (packing, epilogue, SpMV) stays AVX2.
+// ISA is "avx512"; everything else (packing, epilogue, SpMV) stays AVX2. The attention driver calls
+// attention_task_512 where AVX-512 runs whole (not split in halves) and the head size allows.
 #pragma once
 
 #include <cstdint>
@@ -36,5 +37,8 @@ template <typename WT>
 void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
                         int64_t R, int64_t C, int64_t r0, const float* xt, int64_t np, float* out,
                         int64_t out_stride);
+
+// One (batch, head) of attention() on zmm registers (simd::attention_task): hs a multiple of 16.
+void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task);
 
 }  // namespace se

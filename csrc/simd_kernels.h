@@ -4,10 +4,12 @@
 // `#pragma GCC target` region and includes this header *inside that region*, so every
 // instantiation is compiled for that ISA. S provides:
 //   using vec;  static constexpr int W;               // register type, fp32 lanes
-//   zero(), loadu(const float*), load(const float*), store(float*, vec), fmadd(a, b, c), add(a, b)
+//   zero(), loadu(const float*), load(const float*), store(float*, vec), storeu, fmadd(a, b, c),
+//   add, sub, mul, max(a, b), set1(float)
 //   bcast(const float* / const bf16_t* / const f16_t*) // one weight, widened to fp32 in all lanes
 // (SE_SIMD_FP32_TRAITS below writes all of these from the intrinsic prefix), and
 //   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
+//   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
 #pragma once
@@ -26,6 +28,11 @@
   static void store(float* p, vec v) { P##_store_ps(p, v); }                            \
   static vec fmadd(vec a, vec b, vec c) { return P##_fmadd_ps(a, b, c); }               \
   static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
+  static vec sub(vec a, vec b) { return P##_sub_ps(a, b); }                             \
+  static vec mul(vec a, vec b) { return P##_mul_ps(a, b); }                             \
+  static vec max(vec a, vec b) { return P##_max_ps(a, b); }                             \
+  static vec set1(float f) { return P##_set1_ps(f); }                                   \
+  static void storeu(float* p, vec v) { P##_storeu_ps(p, v); }                          \
   static vec bcast(const float* p) { return P##_set1_ps(*p); }                          \
   static vec bcast(const bf16_t* p) { return P##_set1_ps(to_f32(*p)); }                 \
   static vec bcast(const f16_t* p) { return P##_set1_ps(_cvtsh_ss(p->bits)); }
@@ -137,6 +144,90 @@ inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
       for (int u = 1; u < U; ++u) acc[0][rb][v] = S::add(acc[0][rb][v], acc[u][rb][v]);
       S::store(out + rb * out_stride + W * v, acc[0][rb][v]);
     }
+}
+
+// ---- attention -------------------------------------------------------------------------------
+// One query block (RB rows) of one (batch, head): scores against all S keys, softmax, times V.
+// q: RB query rows (row stride ld); kt: packed Kᵀ (hs, sk), keys past S zero, sk a multiple of
+// 2·W; v: S value rows (stride ld); p: RB x sk scratch; out: RB rows (stride ld_out). hs a
+// multiple of W / 2 (the last value columns in one vector when hs - d < 2·W).
+template <typename S, int RB>
+void attention_rows(const float* q, int64_t ld, const float* kt, const float* v, int64_t Sq, int64_t sk, int64_t hs,
+                    float scale, float* p, float* out, int64_t ld_out) {
+  constexpr int W = S::W;
+  for (int64_t j = 0; j < sk; j += 2 * W) {  // scores, 2·W keys (2 vectors) x RB rows in registers
+    typename S::vec acc[RB][2];
+    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = S::zero();
+    for (int64_t d = 0; d < hs; ++d) {
+      const auto k0 = S::load(kt + d * sk + j), k1 = S::load(kt + d * sk + j + W);
+      for (int r = 0; r < RB; ++r) {
+        const auto qb = S::bcast(q + r * ld + d);
+        acc[r][0] = S::fmadd(qb, k0, acc[r][0]);
+        acc[r][1] = S::fmadd(qb, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      S::store(p + r * sk + j, S::mul(acc[r][0], S::set1(scale)));
+      S::store(p + r * sk + j + W, S::mul(acc[r][1], S::set1(scale)));
+    }
+  }
+  float inv[RB];
+  for (int r = 0; r < RB; ++r) {  // softmax over the S real keys; the padding keys get weight 0
+    float* pr = p + r * sk;
+    auto mv = S::set1(-INFINITY);
+    int64_t j = 0;
+    for (; j + W <= Sq; j += W) mv = S::max(mv, S::load(pr + j));  // not a scalar chain
+    float m = S::hmax(mv);
+    for (; j < Sq; ++j) m = std::max(m, pr[j]);
+    auto sum = S::zero();
+    j = 0;
+    for (; j + W <= Sq; j += W) {
+      const auto e = S::exp_nonpositive(S::sub(S::load(pr + j), S::set1(m)));
+      S::store(pr + j, e);
+      sum = S::add(sum, e);
+    }
+    float tail = 0.f;
+    for (; j < Sq; ++j) tail += (pr[j] = std::exp(pr[j] - m));
+    for (; j < sk; ++j) pr[j] = 0.f;
+    inv[r] = 1.f / (S::hsum(sum) + tail);
+  }
+  for (int64_t d = 0; d < hs; d += 2 * W) {  // out = P · V, 2·W value columns x RB rows in registers
+    const int nv = hs - d >= 2 * W ? 2 : 1;
+    typename S::vec acc[RB][2];
+    for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = S::zero();
+    for (int64_t j = 0; j < Sq; ++j) {
+      const auto v0 = S::loadu(v + j * ld + d);
+      const auto v1 = nv == 2 ? S::loadu(v + j * ld + d + W) : S::zero();
+      for (int r = 0; r < RB; ++r) {
+        const auto pb = S::bcast(p + r * sk + j);
+        acc[r][0] = S::fmadd(pb, v0, acc[r][0]);
+        acc[r][1] = S::fmadd(pb, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      S::storeu(out + r * ld_out + d, S::mul(acc[r][0], S::set1(inv[r])));
+      if (nv == 2) S::storeu(out + r * ld_out + d + W, S::mul(acc[r][1], S::set1(inv[r])));
+    }
+  }
+}
+
+// softmax(Q Kᵀ · scale) V for one (batch, head) task, read straight from the QKV projection's
+// output (B·S, 3·nh·hs) and written as (B·S, nh·hs). Kᵀ packed per task.
+template <typename S>
+void attention_task(const float* qkv, float* out, int64_t Sq, int64_t nh, int64_t hs, float scale, int64_t task) {
+  const int64_t H = nh * hs, ld = 3 * H, sk = (Sq + 2 * S::W - 1) / (2 * S::W) * (2 * S::W);
+  const int64_t b = task / nh, h = task % nh;
+  const float* q = qkv + b * Sq * ld + h * hs;
+  const float* k = q + H;
+  const float* v = q + 2 * H;
+  float* kt = scratch(0, size_t(hs * sk));
+  float* p = scratch(1, size_t(4 * sk));
+  for (int64_t d = 0; d < hs; ++d)
+    for (int64_t j = 0; j < sk; ++j) kt[d * sk + j] = j < Sq ? k[j * ld + d] : 0.f;
+  float* o = out + b * Sq * H + h * hs;
+  int64_t i = 0;
+  for (; i + 4 <= Sq; i += 4) attention_rows<S, 4>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
+  for (; i < Sq; ++i) attention_rows<S, 1>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
 }
 
 }  // namespace simd
