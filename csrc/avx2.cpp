@@ -56,6 +56,11 @@ inline float scalar(const f16_t* p) { return _cvtsh_ss(p->bits); }
 // 8-wide ymm traits for the shared micro-kernels (simd_kernels.h).
 struct Avx2 {
   SE_SIMD_FP32_TRAITS(_mm256, __m256, 8)
+  static __m256 round(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m256 scale2(__m256 e, __m256 n) {  // 2^n built in the exponent field
+    return _mm256_mul_ps(e, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                   _mm256_set1_epi32(127)), 23)));
+  }
   // 16 ymm registers: accumulator sets only while the chunk is narrow.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 1 : (v >= 2 ? 2 : 4); }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
@@ -146,19 +151,8 @@ void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, fl
 }
 
 // ---- GELU on 8 lanes ---------------------------------------------------------------------------
-// exp(u) for u <= 0: u = n·ln2 + r (|r| <= ln2/2), e^r by its degree-6 Taylor polynomial (relative
-// error < 2e-7), 2^n built in the exponent field; u below -87 is clamped (the result is then < 1e-37).
-inline __m256 exp_nonpositive(__m256 u) {
-  u = _mm256_max_ps(_mm256_set1_ps(-87.f), u);  // MAXPS returns its second operand for NaN: NaN stays NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(u, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), u);  // ln2 in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
-  __m256 e = _mm256_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(c));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n));
-}
+// exp(u) for u <= 0 (simd::exp_nonpositive: degree-6 Taylor, relative error < 2e-7).
+inline __m256 exp_nonpositive(__m256 u) { return simd::exp_nonpositive<Avx2>(u); }
 
 // 0.5·v·(1 + erf(v/√2)) on 8 lanes, as gelu512 in bf16.cpp: with a = |x|, x = v/√2, Abramowitz &
 // Stegun 7.1.26 gives 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a) (|error| <= 1.5e-7); 1 + erf(x)

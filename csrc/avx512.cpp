@@ -25,18 +25,9 @@ struct Avx512 {
   // FMA latency 4 x 2 ports wants ~8 accumulators in flight.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 2 : 4; }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 8 ? 1 : (rbv >= 4 ? 2 : 4); }
-  // exp(u) for u <= 0 as avx2.cpp's exp_nonpositive (degree-6 Taylor, relative error < 2e-7), with
-  // 2^n by VSCALEFPS; u below -87 clamped (NaN stays NaN: MAXPS returns its second operand).
-  static __m512 exp_nonpositive(__m512 u) {
-    u = _mm512_max_ps(_mm512_set1_ps(-87.f), u);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(u, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), u);  // ln2 in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-    __m512 e = _mm512_set1_ps(1.f / 720);
-    for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(e, n);
-  }
+  static __m512 round(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m512 scale2(__m512 e, __m512 n) { return _mm512_scalef_ps(e, n); }
+  static __m512 exp_nonpositive(__m512 u) { return simd::exp_nonpositive<Avx512>(u); }
   static float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
   static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };

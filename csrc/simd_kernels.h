@@ -9,6 +9,7 @@
 //   bcast(const float* / const bf16_t* / const f16_t*) // one weight, widened to fp32 in all lanes
 // (SE_SIMD_FP32_TRAITS below writes all of these from the intrinsic prefix), and
 //   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
+//   static vec round(vec), scale2(vec e, vec n)       // nearest integer; e · 2^n (n integral)
 //   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
@@ -33,6 +34,7 @@
   static vec max(vec a, vec b) { return P##_max_ps(a, b); }                             \
   static vec set1(float f) { return P##_set1_ps(f); }                                   \
   static void storeu(float* p, vec v) { P##_storeu_ps(p, v); }                          \
+  static vec fnmadd(vec a, vec b, vec c) { return P##_fnmadd_ps(a, b, c); }             \
   static vec bcast(const float* p) { return P##_set1_ps(*p); }                          \
   static vec bcast(const bf16_t* p) { return P##_set1_ps(to_f32(*p)); }                 \
   static vec bcast(const f16_t* p) { return P##_set1_ps(_cvtsh_ss(p->bits)); }
@@ -144,6 +146,20 @@ inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
       for (int u = 1; u < U; ++u) acc[0][rb][v] = S::add(acc[0][rb][v], acc[u][rb][v]);
       S::store(out + rb * out_stride + W * v, acc[0][rb][v]);
     }
+}
+
+// exp(u) for u <= 0: u = n·ln2 + r (|r| <= ln2/2), e^r by its degree-6 Taylor polynomial (relative
+// error < 2e-7), times 2^n; u below -87 is clamped (the result is then < 1e-37). MAX returns its
+// second operand for NaN: NaN stays NaN.
+template <typename S>
+typename S::vec exp_nonpositive(typename S::vec u) {
+  u = S::max(S::set1(-87.f), u);
+  const auto n = S::round(S::mul(u, S::set1(1.44269504088896341f)));
+  auto r = S::fnmadd(n, S::set1(0.693145751953125f), u);  // ln2 in two parts
+  r = S::fnmadd(n, S::set1(1.42860682030941723e-6f), r);
+  auto e = S::set1(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = S::fmadd(e, r, S::set1(c));
+  return S::scale2(e, n);
 }
 
 // ---- attention -------------------------------------------------------------------------------
