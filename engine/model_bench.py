@@ -66,7 +66,9 @@ def run(path: str, batches: list[int], threads: int, seq: int = 128, min_time: f
     isa = f"{cpu.isa_label()}, bf16 kernels {cpu.bf16_isa()}" if cpu.available() else "no C++ extension"
     print(f"model {path}: family {model.spec.get('family')}, {n_sparse} SparseLinear layers, "
           f"{threads} threads, torch {torch.__version__}")
-    print(f"engine: {isa}; dense: torch F.linear (fp32, and bf16 after .to(torch.bfloat16)); "
+    amx = cpu.available() and cpu.bf16_support()["amx"]
+    print(f"engine: {isa}; dense: torch F.linear (fp32, and bf16 after .to(torch.bfloat16)), torch CPU "
+          f"capability {torch.backends.cpu.get_cpu_capability()}{', AMX present (oneDNN bf16)' if amx else ''}; "
           f"'vs best' is against the faster dense")
     print(f"{'batch':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'engine ms':>10} {'vs fp32':>8} {'vs best':>8} "
           f"{'max |diff|':>11}")

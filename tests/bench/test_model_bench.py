@@ -50,7 +50,7 @@ def test_bench_model_on_bert(hf_bert, tmp_path, capsys):  # noqa: F811
     out = capsys.readouterr().out
     assert "family bert" in out
     assert "8 SparseLinear layers" in out  # 4 per encoder block (Q/K/V stacked into one), 2 blocks
-    assert "bf16 kernels" in out  # the ISA each side used is stated
+    assert "bf16 kernels" in out and "torch CPU capability" in out  # the ISA each side used is stated
     # batch, fp32 ms, bf16 ms, engine ms, vs fp32 ("1.23x"), vs best dense, max |diff|
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"]
