@@ -1,4 +1,5 @@
-// Register micro-kernels of the batched (packed-X) paths, written once for any SIMD width.
+// Register micro-kernels of the batched (packed-X) paths and the fp32 attention, written once for
+// any SIMD width.
 //
 // Each ISA translation unit (avx2.cpp, avx512.cpp) defines a traits struct S inside its own
 // `#pragma GCC target` region and includes this header *inside that region*, so every
@@ -166,7 +167,7 @@ typename S::vec exp_nonpositive(typename S::vec u) {
 // One query block (RB rows) of one (batch, head): scores against all S keys, softmax, times V.
 // q: RB query rows (row stride ld); kt: packed Kᵀ (hs, sk), keys past S zero, sk a multiple of
 // 2·W; v: S value rows (stride ld); p: RB x sk scratch; out: RB rows (stride ld_out). hs a
-// multiple of W / 2 (the last value columns in one vector when hs - d < 2·W).
+// multiple of W (the last value columns in one vector when hs - d < 2·W).
 template <typename S, int RB>
 void attention_rows(const float* q, int64_t ld, const float* kt, const float* v, int64_t Sq, int64_t sk, int64_t hs,
                     float scale, float* p, float* out, int64_t ld_out) {
