@@ -70,6 +70,29 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
   });
 }
 
+// Batch rows as rows (no transposes): NB (1..8) rows of X (row stride I) times one block row of R = 16
+// outputs, blocks given transposed as wt (nnzb, C, 16) fp32: out[n][0:16] = Σ_k Σ_c wt[k][c] · x[n][bcol·C + c].
+template <int NB>
+void bsr_rows16(const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C, const float* x, int64_t I,
+                float* out) {
+  __m512 acc[NB];
+  for (int n = 0; n < NB; ++n) acc[n] = _mm512_setzero_ps();
+  for (int32_t k = k0; k < k1; ++k) {
+    const float* w = wt + int64_t(k) * C * 16;
+    const float* xk = x + int64_t(bcol[k]) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512 wc = _mm512_load_ps(w + c * 16);
+      for (int n = 0; n < NB; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(xk[n * I + c]), wc, acc[n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) _mm512_store_ps(out + n * 16, acc[n]);
+}
+
+void bsr_rows16_512(int nb, const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C,
+                    const float* x, int64_t I, float* out) {
+  simd::with_v<8>(nb, [&](auto NB) { bsr_rows16<decltype(NB)::value>(wt, bcol, k0, k1, C, x, I, out); });
+}
+
 void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task) {
   simd::attention_task<Avx512>(qkv, out, S, nh, hs, scale, task);
 }

@@ -183,6 +183,28 @@ def test_bsr_every_block_size(isa, block, n):
     check(run(x, wb, b, "none"), x, wb, b, "none")
 
 
+@pytest.mark.parametrize("block", [(16, 16), (16, 32), (16, 4), (16, 1)], ids=str)
+@pytest.mark.parametrize("n", (256, 301))
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_bsr_16_row_blocks_at_large_batch(isa, block, n, wdtype, act):
+    # From 256 rows, 16-row blocks on whole AVX-512 run batch-as-rows (no transposes; the last group
+    # of 8 rows partial at 301); GELU keeps the packed path. Every ISA must agree with the reference,
+    # an empty block row and a NaN input included.
+    w, keep = rand_weight(64, 64, 0.6, block)
+    keep[16:32] = False    # an empty block row
+    keep[0:16, 0:32] = True  # input 3 feeds block row 0: the NaN reaches the output
+    wb = BSR.from_dense((torch.randn(64, 64) * keep).to(wdtype), mask=keep, blocksize=block)
+    x, b = torch.randn(n, 64), torch.randn(64)
+    x[7, 3] = float("nan")
+    y = run(x, wb, b, act)
+    ref = expected(x, wb, b, act)
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(y), nan) and nan[7].any() and not nan[8:].any()
+    atol = 2e-6 * math.sqrt(64) + 1e-6
+    torch.testing.assert_close(y[~nan], ref[~nan], rtol=2e-5, atol=atol)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("block", [(1, 8), (8, 8), (16, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_bsr_sparsity_range(isa, sparsity, block):
