@@ -1,6 +1,6 @@
 // AVX-512F micro-kernels (see avx512.h): the SIMD-generic bodies of simd_kernels.h instantiated
 // with 16-wide zmm traits; the 32 zmm registers hold a 4 rows x 64 columns accumulator block.
-// Also one (batch, head) of the fp32 attention on zmm registers.
+// Also the batch-as-rows BSR block row (bsr_rows16_512) and one (batch, head) of the fp32 attention.
 #if defined(__x86_64__) || defined(__i386__)  // elsewhere the AVX-512 path is never selected
 #include <immintrin.h>
 
@@ -70,7 +70,7 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
   });
 }
 
-// Batch rows as rows (no transposes): NB (1..8) rows of X (row stride I) times one block row of R = 16
+// Batch as rows (no transposes): NB (1..8) rows of X (row stride I) times one block row of R = 16
 // outputs, blocks given transposed as wt (nnzb, C, 16) fp32: out[n][0:16] = Σ_k Σ_c wt[k][c] · x[n][bcol·C + c].
 template <int NB>
 void bsr_rows16(const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C, const float* x, int64_t I,
