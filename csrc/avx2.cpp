@@ -3,7 +3,7 @@
 // Compiled with function-level target options (not -mavx2), so the module still loads on CPUs
 // without AVX2; module.cpp only calls in here when the CPU has the features.
 //
-// Two regimes (and, for BSR with 16-row blocks on AVX-512 from 256 rows, a third: bsr_rows_major):
+// Two regimes (and, for BSR with 16-row blocks on AVX-512 at larger batches, a third: bsr_rows_major):
 //  * small batch (N < kSpmmMinN): memory-bound SpMV. Each weight is read once and multiplied with
 //    the batch rows straight from X (CSR gathers X with vpgatherdd; BSR loads X contiguously).
 //  * batch (N >= kSpmmMinN): X is packed once per call into Xt (I, Np), batch contiguous, so one
@@ -37,9 +37,6 @@ namespace se {
 namespace {
 
 constexpr int64_t kSpmmMinN = 4;  // batch from which packing X transposed pays for itself
-// BSR with R = 16 on AVX-512: batch from which bsr_rows_major (no transposes) wins; measured on
-// the Intel Xeon, 2 threads, 90 % 16x16: even at 192 rows, 1.1-1.5x at 256, 1.3-1.9x at 1024-4096.
-constexpr int64_t kRowsMajorMinN = 256;
 constexpr int kChunk = 64;        // batch columns per register pass: 8 ymm accumulators
 constexpr int64_t kPanelBytes = 1 << 20;  // Xt panel (I x panel columns) kept near L2 size
 
@@ -597,29 +594,22 @@ void bsr_spmv_block_row(const LinearArgs& a, const WT* val, int64_t b, const flo
   }
 }
 
-// Batch as rows, for R = 16 on whole AVX-512 (not Zen 4's split halves) from kRowsMajorMinN rows:
-// the 16 outputs of a block row in a zmm's lanes, X read row-major and broadcast, so neither X is
-// packed transposed nor the result transposed back (bsr_rows16_512). The blocks are transposed to
-// (C, 16) fp32 once per call; threads take whole groups of 8 batch rows (whole output rows).
-template <typename WT>
-void bsr_rows_major(const LinearArgs& a, const WT* val) {
+// Batch as rows, for R = 16 on AVX-512 where the caller passes the transposed blocks (a.blocks_t;
+// engine/cpu.py decides when: whole AVX-512, from 128 rows): the 16 outputs of a block row in a
+// zmm's lanes, X read row-major and broadcast, so neither X is packed transposed nor the result
+// transposed back (bsr_rows16_512). Threads take whole groups of 8 batch rows (whole output rows).
+void bsr_rows_major(const LinearArgs& a) {
   const int64_t N = a.n, I = a.in_features, O = a.out_features, C = a.block_c, BR = O / 16;
-  const int64_t nnzb = a.crow[BR];
-  const int T = pick_threads(a.nthreads, est_spmm(double(nnzb) * double(16 * C) * double(N)));
-  float* wt = scratch(2, size_t(nnzb * C * 16 + 16));
+  const int T = pick_threads(a.nthreads, est_spmm(double(a.crow[BR]) * double(16 * C) * double(N)));
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
-    for (int64_t k = nnzb * t / nt; k < nnzb * (t + 1) / nt; ++k)
-      for (int64_t r = 0; r < 16; ++r)
-        for (int64_t c = 0; c < C; ++c) wt[(k * C + c) * 16 + r] = to_f32(val[(k * 16 + r) * C + c]);
-#pragma omp barrier
     float* out = scratch(1, size_t(8 * 16));
     const int64_t groups = (N + 7) / 8;
     for (int64_t g = groups * t / nt; g < groups * (t + 1) / nt; ++g) {
       const int64_t n0 = g * 8, nb = std::min<int64_t>(8, N - n0);
       for (int64_t b = 0; b < BR; ++b) {
-        bsr_rows16_512(int(nb), wt, a.col, a.crow[b], a.crow[b + 1], C, a.x + n0 * I, I, out);
+        bsr_rows16_512(int(nb), a.blocks_t, a.col, a.crow[b], a.crow[b + 1], C, a.x + n0 * I, I, out);
         for (int64_t h = 0; h < 16; h += 8) {
           const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + b * 16 + h) : _mm256_setzero_ps();
           for (int64_t n = 0; n < nb; ++n) {
@@ -664,8 +654,8 @@ void bsr_avx2(const LinearArgs& a) {
     return;
   }
 
-  if (w512 && !avx512_split() && R == 16 && N >= kRowsMajorMinN && (a.act == ACT_NONE || a.act == ACT_RELU)) {
-    bsr_rows_major(a, val);
+  if (a.blocks_t && w512 && R == 16 && (a.act == ACT_NONE || a.act == ACT_RELU)) {
+    bsr_rows_major(a);
     return;
   }
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);

@@ -317,16 +317,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("bsr_linear",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t o, int64_t r, int64_t c,
            uintptr_t crow, uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act,
-           int nthreads) {
+           int nthreads, uintptr_t blocks_t) {
           se::LinearArgs a = make_bsr_args(y, x, n, i, o, r, c, crow, col, val, wdtype, bias, act, nthreads);
+          a.blocks_t = as_ptr<const float>(blocks_t);
           py::gil_scoped_release nogil;
           se::bsr_linear(a);
         },
         "Y(N,O) = act(X(N,I) · Wᵀ + b), W in BSR with R×C blocks. Same pointer arguments as "
-        "csr_linear plus R and C after O.",
+        "csr_linear plus R and C after O. blocks_t (R = 16, AVX-512, act none/relu; 0 for none): the "
+        "values transposed to (nnzb, C, 16) fp32, 64-byte aligned, for the batch-as-rows kernel.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("values"),
-        py::arg("wdtype"), py::arg("bias"), py::arg("act"), py::arg("nthreads"));
+        py::arg("wdtype"), py::arg("bias"), py::arg("act"), py::arg("nthreads"), py::arg("blocks_t") = 0);
 
   // The py::arg lists of csr_linear, bsr_linear and bsr_linear_bf16 look alike on purpose: each
   // spells out its own Python signature (names, order, defaults) beside its docstring.

@@ -51,6 +51,9 @@ struct LinearArgs {
   int nthreads;          // OpenMP threads to use (the caller passes torch.get_num_threads())
   bool x_bf16 = false;   // bf16 kernels only (bf16.h): x points at (N, I) bf16, not fp32
   bool y_bf16 = false;   // bf16 kernels only: y points at (N, O) bf16, not fp32
+  // fp32 BSR with R = 16 on AVX-512, optional: the values transposed to (nnzb, C, 16) fp32
+  // (prepared once in Python, 64-byte aligned); when given, the batch-as-rows kernel runs.
+  const float* blocks_t = nullptr;
   // bf16 BSR on AMX only, optional: y = LayerNorm(x · Wᵀ + b + residual) per row (biased variance,
   // in fp32; act must be none), residual (N, O) bf16, ln_gamma / ln_beta (O,) fp32 or nullptr.
   const uint16_t* residual = nullptr;

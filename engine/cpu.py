@@ -350,10 +350,28 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
     if out_dtype is torch.bfloat16 and bf16_kernel_for(w) != "none":
         return _bsr_linear_bf16(x, w, crow, col, bias, activation)
     x, b, y = _io(x, bias, w.shape[0])
+    blocks_t = _blocks_t(w, x.shape[0], activation)
     _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], val.shape[1],
                   val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), wdtype,
-                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads())
+                  0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads(),
+                  0 if blocks_t is None else blocks_t.data_ptr())
     return y if out_dtype is torch.float32 else y.to(out_dtype)
+
+
+# fp32 BSR with 16-row blocks on whole AVX-512 (not Zen 4's split halves): from this batch the
+# batch-as-rows kernel (outputs in a zmm's lanes, no packing of X, no transposing back) wins; the
+# Intel Xeon, 2 threads, 90 % 16x16 blocks (bench/results/minilm_speed.md): 1.3-1.9x at 1024-4096 rows.
+_ROWS_MAJOR_MIN_BATCH = 128
+_SPLIT = [_C is not None and _C.avx512_split()]
+
+
+def _blocks_t(w: BSR, batch: int, activation: str) -> torch.Tensor | None:
+    """The values transposed to (nnzb, C, 16) fp32, made once per values tensor, where the
+    batch-as-rows kernel serves this call; else None."""
+    if not (_ISA[0] == "avx512" and not _SPLIT[0] and w.values.shape[1] == 16 and batch >= _ROWS_MAJOR_MIN_BATCH
+            and activation in ("none", "relu")):
+        return None
+    return _cached("blocks_t", (w.values,), lambda: w.values.float().transpose(1, 2).contiguous())
 
 
 # ---- bf16 compute: BSR on AMX tiles / AVX512-BF16, CSR on AVX512-BF16 (csrc/bf16.cpp) ---------------
