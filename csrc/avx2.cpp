@@ -695,10 +695,7 @@ inline __m256 load_row(const void* p, bool bf16, int64_t i, int64_t n = 8) {
       t[k] = bf16 ? to_f32(static_cast<const bf16_t*>(p)[i + k]) : static_cast<const float*>(p)[i + k];
     return _mm256_load_ps(t);
   }
-  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-  const auto* q = static_cast<const uint16_t*>(p) + i;
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  return bf16 ? load8(static_cast<const bf16_t*>(p) + i) : load8(static_cast<const float*>(p) + i);
 }
 
 // 8 fp32 -> fp32 or bf16 storage (round to nearest even; NaN stays a quiet NaN), the first n.

@@ -214,16 +214,36 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^x for x <= 0 (the softmax's shifted scores, the bf16 GELU's -a²·log2 e): n = round(x), 2^(x - n)
+// by its degree-4 Taylor polynomial in (x - n)·ln2 (|x - n| <= 0.5: relative error < 4e-5, well
+// below a bf16 rounding), times 2^n by VSCALEFPS; x clamped at -127 (results ~0, also for -inf);
+// NaN stays NaN (MAXPS returns its second operand).
+inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(9.61812911e-3f);
+  for (float c : {5.55041087e-2f, 0.240226507f, 0.693147181f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
 // GELU (erf): 0.5·v·(1 + erf(v/√2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7):
 // 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a), a = |x|; for x < 0, 1 + erf(x) = q·e^(-a²)
-// is formed directly (no cancellation in the far negative tail).
+// is formed directly (no cancellation in the far negative tail). For a bf16 result (BF16 = true,
+// rounded to 2^-9 relative) t is VRCP14PS alone (2^-14) and e^(-a²) is 2^(-a²·log2 e) by
+// exp2_nonpositive (< 4e-5): the relative error of 1 ± erf stays ~1e-4, also in the negative tail,
+// a twentieth of the rounding, in ~24 vector operations instead of ~32.
+template <bool BF16 = false>
 inline __m512 gelu512(__m512 v) {
   const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678f));
   const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  const __m512 d = _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f));
+  const __m512 t = BF16 ? _mm512_rcp14_ps(d) : _mm512_div_ps(_mm512_set1_ps(1.f), d);
   __m512 q = _mm512_set1_ps(1.061405429f);
   for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(c));
-  q = _mm512_mul_ps(_mm512_mul_ps(q, t), exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))));
+  const __m512 e = BF16 ? exp2_nonpositive(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)))
+                        : exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  q = _mm512_mul_ps(_mm512_mul_ps(q, t), e);
   const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 one_plus_erf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
@@ -237,29 +257,8 @@ inline __m512 gelu_tanh512(__m512 v) {
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
-// GELU for a bf16 result (rounded to 2^-9 relative): gelu512's formula (A&S 7.1.26) with 1/(1 + p·a)
-// by VRCP14PS alone (2^-14) and e^(-a²) as 2^(-a²·log2 e) by a degree-4 polynomial (< 4e-5): the
-// relative error of 1 ± erf stays ~1e-4, also in the far negative tail where the result is small,
-// a twentieth of the bf16 rounding, in ~24 vector operations instead of ~32.
-inline __m512 gelu512_bf16(__m512 v) {
-  const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678f));
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_rcp14_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
-  __m512 q = _mm512_set1_ps(1.061405429f);
-  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(c));
-  const __m512 e2 = _mm512_max_ps(_mm512_set1_ps(-126.f), _mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)));
-  const __m512 n = _mm512_roundscale_ps(e2, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(e2, n);
-  __m512 p = _mm512_set1_ps(9.61812911e-3f);
-  for (float c : {5.55041087e-2f, 0.240226507f, 0.693147181f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  q = _mm512_mul_ps(_mm512_mul_ps(q, t), _mm512_scalef_ps(p, n));  // 1 - erf(a)
-  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 one_plus_erf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
-}
-
 // buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias), Y in
-// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass (erf-GELU then by gelu512_bf16).
+// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass (erf-GELU then by gelu512<true>).
 template <int ACT, bool Y16>
 void store_rows_as(const LinearArgs& a, const float* buf, int64_t rows, int64_t n0, int64_t o0, int64_t R) {
   const __mmask16 m = __mmask16((1u << R) - 1);
@@ -271,7 +270,7 @@ void store_rows_as(const LinearArgs& a, const float* buf, int64_t rows, int64_t 
     __m512 v = _mm512_add_ps(_mm512_load_ps(buf + r * kTile), b);
     // max(0, v) returns its second operand when either is NaN: relu(NaN) = NaN, as in torch.
     if (ACT == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-    if (ACT == ACT_GELU) v = Y16 ? gelu512_bf16(v) : gelu512(v);
+    if (ACT == ACT_GELU) v = gelu512<Y16>(v);
     if (ACT == ACT_GELU_TANH) v = gelu_tanh512(v);
     if (Y16) {
       const __m256bh h = _mm512_cvtneps_pbh(v);
@@ -766,17 +765,6 @@ void csr_linear_bf16(const LinearArgs& a) {
 // (batch, head) K and V are packed once into the B-operand layout (pairs along the reduced axis);
 // per 16 queries: scores by TDPBF16PS, softmax in fp32 (AVX-512), P rounded to bf16, then P · V.
 namespace {
-
-// 2^x for x <= 0 (the softmax's shifted scores): n = round(x), 2^(x - n) by its degree-4 Taylor
-// polynomial in (x - n)·ln2 (|x - n| <= 0.5: relative error < 4e-5, well below the bf16 rounding of
-// P), times 2^n by VSCALEFPS (0 for any finite x far below -126); NaN stays NaN.
-inline __m512 exp2_nonpositive(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.61812911e-3f);
-  for (float c : {5.55041087e-2f, 0.240226507f, 0.693147181f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 struct AttnScratch {
   uint32_t* kp;  // (hs/2, sp): kp[p][j] = K[j][2p], K[j][2p + 1]; keys j >= S zero

@@ -272,7 +272,7 @@ def test_vector_gelu_epilogue_accuracy(bf16_isa, act):
 
 def test_bf16_output_gelu_epilogue_accuracy(bf16_isa):
     # The same probe with a bf16 output: erf-GELU by the cheaper approximation (csrc/bf16.cpp
-    # gelu512_bf16, < 1e-4 |v| before rounding) is still within one bf16 rounding: 2^-9 |y| (half an
+    # gelu512<true>, < 1e-4 |v| before rounding) is still within one bf16 rounding: 2^-9 |y| (half an
     # ulp), bounded here by 2^-8 |ref| + 1e-4 |v|.
     eye = torch.eye(32)
     w = BSR.from_dense(eye.bfloat16(), blocksize=(16, 32))
