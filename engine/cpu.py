@@ -362,13 +362,13 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
 # batch-as-rows kernel (outputs in a zmm's lanes, no packing of X, no transposing back) wins; the
 # Intel Xeon, 2 threads, 90 % 16x16 blocks (bench/results/minilm_speed.md): 1.3-1.9x at 1024-4096 rows.
 _ROWS_MAJOR_MIN_BATCH = 128
-_SPLIT = [_C is not None and _C.avx512_split()]
+_AVX512_SPLIT = _C is not None and _C.avx512_split()  # a CPU fact, read once
 
 
 def _blocks_t(w: BSR, batch: int, activation: str) -> torch.Tensor | None:
     """The values transposed to (nnzb, C, 16) fp32, made once per values tensor, where the
     batch-as-rows kernel serves this call; else None."""
-    if not (_ISA[0] == "avx512" and not _SPLIT[0] and w.values.shape[1] == 16 and batch >= _ROWS_MAJOR_MIN_BATCH
+    if not (_ISA[0] == "avx512" and not _AVX512_SPLIT and w.values.shape[1] == 16 and batch >= _ROWS_MAJOR_MIN_BATCH
             and activation in ("none", "relu")):
         return None
     return _cached("blocks_t", (w.values,), lambda: w.values.float().transpose(1, 2).contiguous())
@@ -454,18 +454,17 @@ def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
     return bias
 
 
-def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation, residual=None, norm=(None, None, 0.0)):
+def _bsr_linear_bf16(x, w: BSR, crow, col, bias, activation, residual=None, gamma=None, beta=None, eps=0.0):
     if not x.is_contiguous():
         x = x.contiguous()
-    bias = _bias32(bias)
-    gamma, beta = _bias32(norm[0]), _bias32(norm[1])
+    bias, gamma, beta = _bias32(bias), _bias32(gamma), _bias32(beta)
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
     packed = _vnni(w)
     _C.bsr_linear_bf16(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], packed.shape[2],
                        2 * packed.shape[1], crow.data_ptr(), col.data_ptr(), packed.data_ptr(),
                        0 if bias is None else bias.data_ptr(), _ACT[activation], torch.get_num_threads(),
                        True, True, 0 if residual is None else residual.data_ptr(),
-                       0 if gamma is None else gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), norm[2])
+                       0 if gamma is None else gamma.data_ptr(), 0 if beta is None else beta.data_ptr(), eps)
     return y
 
 
@@ -486,7 +485,7 @@ def linear_add_norm(x: torch.Tensor, w: BSR, b: torch.Tensor | None, residual: t
     AMX kernel's threads each own whole rows, so each 64-row group's fp32 sums get the residual and
     the LayerNorm before anything is rounded or written (no separate pass over the output)."""
     crow, col, _, _ = _weight("linear_add_norm", w)
-    return _bsr_linear_bf16(x, w, crow, col, b, "none", residual, (weight, bias, eps))
+    return _bsr_linear_bf16(x, w, crow, col, b, "none", residual, weight, bias, eps)
 
 
 def _pairs(w: CSR):
