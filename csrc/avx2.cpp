@@ -341,15 +341,13 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
     const int64_t o0 = split_begin(crow, O, align, 4, t, nt), o1 = split_begin(crow, O, align, 4, t + 1, nt);
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
-      pack_panel(a.x, N, I, p0, np, xt, t, nt, panelled && !grouped);
+      pack_panel(a.x, N, I, p0, np, xt, t, nt, panelled || grouped);
       if (grouped) {
         const int64_t w0 = o0 / 64, w1 = (o1 + 63) / 64;  // o0, o1: multiples of 64 (or O)
         for (int64_t c0 = 0; c0 < np; c0 += kChunk) {
           const int64_t nc = std::min<int64_t>(kChunk, np - c0);
-          csr_chunk_grouped<WT>(a, w0, w1, xt + c0, np, nc, acc_shared);
-          for (int64_t og = o0; og < o1; og += kTileRows)
-            store_tile(a.y, O, acc_shared + og * kChunk, og, std::min<int64_t>(kTileRows, o1 - og), p0 + c0,
-                       std::min(nc, N - p0 - c0), a.bias, a.act);
+          csr_chunk_grouped<WT>(a, w0, w1, xt + c0 * I, kChunk, nc, acc_shared);
+          store_tile(a.y, O, acc_shared + o0 * kChunk, o0, o1 - o0, p0 + c0, std::min(nc, N - p0 - c0), a.bias, a.act);
         }
         continue;
       }
@@ -403,23 +401,27 @@ void bias_act_rows(float* h, int64_t r0, int64_t r1, int64_t nc, const float* bi
   }
 }
 
-// y = L2(act1(L1(x))) with both weights in the panelled layout (the transformer's FFN). For one
-// chunk of batch columns, L1's partial sums (rows [f0, f1) at hidden + f·kChunk) are already the
-// chunk-major packed input L2 reads: L1's output is never transposed into (N, F) and packed back;
-// its bias and activation are applied in place. hidden (F x kChunk) is shared by the team.
+// y = L2(act1(L1(x))) with both weights in a batched layout (the transformer's FFN): panel-major,
+// or grouped SELL-4 with the 512-bit kernels. For one chunk of batch columns, L1's partial sums
+// (row f at hidden + f·kChunk) are already the chunk-major packed input L2 reads: L1's output is
+// never transposed into (N, F) and packed back; its bias and activation are applied in place.
+// hidden (F, rounded up to 64, x kChunk) is shared by the team; so is L2's grouped accumulator.
 template <typename WT>
 void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
   const int64_t N = a1.n, I = a1.in_features, F = a1.out_features, O = a2.out_features;
   const int T = pick_threads(a1.nthreads, est_spmm((double(a1.crow[F]) + double(a2.crow[O])) * double(N)));
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
+  const bool grouped1 = a1.grp_off != nullptr, grouped2 = a2.grp_off != nullptr;
   float* xt = scratch(0, packed_x_floats(I, panel));
-  float* hidden = scratch(3, size_t(std::max<int64_t>(F, 1) * kChunk));
+  float* hidden = scratch(3, size_t((F + 63) / 64 * 64 * kChunk));
+  float* acc_shared = grouped2 ? scratch(2, size_t((O + 63) / 64 * 64 * kChunk)) : nullptr;
 #pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = thread_id(), nt = team_size();
-    const int64_t f0 = split_begin(a1.crow, F, kTileRows, 4, t, nt), f1 = split_begin(a1.crow, F, kTileRows, 4, t + 1, nt);
-    const int64_t o0 = split_begin(a2.crow, O, kTileRows, 4, t, nt), o1 = split_begin(a2.crow, O, kTileRows, 4, t + 1, nt);
-    float* acc = scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
+    const int64_t align1 = grouped1 ? 64 : kTileRows, align2 = grouped2 ? 64 : kTileRows;
+    const int64_t f0 = split_begin(a1.crow, F, align1, 4, t, nt), f1 = split_begin(a1.crow, F, align1, 4, t + 1, nt);
+    const int64_t o0 = split_begin(a2.crow, O, align2, 4, t, nt), o1 = split_begin(a2.crow, O, align2, 4, t + 1, nt);
+    float* acc = grouped2 ? acc_shared + o0 * kChunk : scratch(2, size_t(std::max<int64_t>(1, o1 - o0) * kChunk));
     for (int64_t p0 = 0; p0 < n_pad; p0 += panel) {
       const int64_t np = std::min(panel, n_pad - p0);
       pack_panel(a1.x, N, I, p0, np, xt, t, nt, true);  // its first barrier: the last chunk's L2 is done
@@ -428,10 +430,12 @@ void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
         if (c0) {
 #pragma omp barrier
         }
-        csr_chunk_panelled<WT>(a1, f0, f1, xt + c0 * I, kChunk, nc, hidden + f0 * kChunk);
+        if (grouped1) csr_chunk_grouped<WT>(a1, f0 / 64, (f1 + 63) / 64, xt + c0 * I, kChunk, nc, hidden);
+        else csr_chunk_panelled<WT>(a1, f0, f1, xt + c0 * I, kChunk, nc, hidden + f0 * kChunk);
         bias_act_rows(hidden, f0, f1, nc, a1.bias, a1.act);
 #pragma omp barrier
-        csr_chunk_panelled<WT>(a2, o0, o1, hidden, kChunk, nc, acc);
+        if (grouped2) csr_chunk_grouped<WT>(a2, o0 / 64, (o1 + 63) / 64, hidden, kChunk, nc, acc_shared);
+        else csr_chunk_panelled<WT>(a2, o0, o1, hidden, kChunk, nc, acc);
         store_tile(a2.y, O, acc, o0, o1 - o0, p0 + c0, std::min(nc, N - p0 - c0), a2.bias, a2.act);
       }
     }

@@ -201,6 +201,31 @@ se::LinearArgs make_bsr_args(uintptr_t y, uintptr_t x, int64_t n, int64_t i, int
   return a;
 }
 
+// The batched kernels' copy of a CSR weight: panel-major (seg, col, val) and/or grouped SELL-4
+// (off, len, rows, col, val), each optional, over input panels of panel_width features.
+void set_batched_layout(se::LinearArgs& a, int64_t panel_width, uintptr_t panel_seg, uintptr_t panel_col,
+                        uintptr_t panel_val, uintptr_t grp_off, uintptr_t grp_len, uintptr_t grp_rows,
+                        uintptr_t grp_col, uintptr_t grp_val) {
+  if ((panel_seg || grp_off) && a.in_features > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
+  if (panel_seg) {
+    if (panel_width <= 0 || !panel_col || !panel_val) throw std::invalid_argument("panel layout incomplete");
+    a.panel_seg = as_ptr<const int32_t>(panel_seg);
+    a.panel_col = as_ptr<const uint16_t>(panel_col);
+    a.panel_val = as_ptr<const void>(panel_val);
+    a.panel_width = panel_width;
+  }
+  if (grp_off) {
+    if (panel_width <= 0 || !grp_len || !grp_rows || !grp_col || !grp_val)
+      throw std::invalid_argument("grouped panel layout incomplete");
+    a.grp_off = as_ptr<const int32_t>(grp_off);
+    a.grp_len = as_ptr<const int32_t>(grp_len);
+    a.grp_rows = as_ptr<const int32_t>(grp_rows);
+    a.grp_col = as_ptr<const uint16_t>(grp_col);
+    a.grp_val = as_ptr<const void>(grp_val);
+    a.panel_width = panel_width;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -214,24 +239,7 @@ PYBIND11_MODULE(_C, m) {
           se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
           if ((col16 || panel_seg) && i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
           if (col16) a.col16 = as_ptr<const uint16_t>(col16);
-          if (panel_seg) {
-            if (panel_width <= 0 || !panel_col || !panel_val) throw std::invalid_argument("panel layout incomplete");
-            a.panel_seg = as_ptr<const int32_t>(panel_seg);
-            a.panel_col = as_ptr<const uint16_t>(panel_col);
-            a.panel_val = as_ptr<const void>(panel_val);
-            a.panel_width = panel_width;
-          }
-          if (grp_off) {
-            if (panel_width <= 0 || !grp_len || !grp_rows || !grp_col || !grp_val)
-              throw std::invalid_argument("grouped panel layout incomplete");
-            if (i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
-            a.grp_off = as_ptr<const int32_t>(grp_off);
-            a.grp_len = as_ptr<const int32_t>(grp_len);
-            a.grp_rows = as_ptr<const int32_t>(grp_rows);
-            a.grp_col = as_ptr<const uint16_t>(grp_col);
-            a.grp_val = as_ptr<const void>(grp_val);
-            a.panel_width = panel_width;
-          }
+          set_batched_layout(a, panel_width, panel_seg, panel_col, panel_val, grp_off, grp_len, grp_rows, grp_col, grp_val);
           py::gil_scoped_release nogil;
           se::csr_linear(a);
         },
@@ -239,8 +247,9 @@ PYBIND11_MODULE(_C, m) {
         "crow, col, values, wdtype (0 fp32, 1 bf16, 2 fp16), bias (0 for none), act (0 none, 1 relu, "
         "2 gelu, 3 gelu_tanh), nthreads, and optionally col16: a (nnz,) uint16 copy of the column "
         "indices (0 for none) that the kernels then read instead; optionally the panelled layout "
-        "(panel_seg (P·O+1,) int32, panel_col (nnz,) uint16, panel_val (nnz,), panel_width) for the "
-        "batched AVX-512 path. Inputs are trusted: validate in Python.",
+        "(panel_seg (P·O+1,) int32, panel_col (nnz,) uint16, panel_val (nnz,), panel_width) or the "
+        "grouped one (grp_off, grp_len, grp_rows, grp_col, grp_val: sparse_linear.h) for the batched "
+        "AVX2/AVX-512 paths. Inputs are trusted: validate in Python.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
         py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0, py::arg("panel_seg") = 0,
@@ -250,30 +259,35 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("csr_pair",
         [](uintptr_t y, uintptr_t x, int64_t n, int64_t i, int64_t f, int64_t o, int wdtype, int nthreads,
-           int64_t panel_width, uintptr_t crow1, uintptr_t seg1, uintptr_t col1, uintptr_t val1, uintptr_t bias1,
-           int act1, uintptr_t crow2, uintptr_t seg2, uintptr_t col2, uintptr_t val2, uintptr_t bias2, int act2) {
+           int64_t panel_width, uintptr_t crow1, py::tuple layout1, uintptr_t bias1, int act1, uintptr_t crow2,
+           py::tuple layout2, uintptr_t bias2, int act2) {
           se::LinearArgs a1 = make_args(0, x, n, i, f, crow1, 0, 0, wdtype, bias1, act1, nthreads);
           se::LinearArgs a2 = make_args(y, 0, n, f, o, crow2, 0, 0, wdtype, bias2, act2, nthreads);
           if (i > 65536 || f > 65536) throw std::invalid_argument("csr_pair: uint16 indices need in_features <= 65536");
-          if (panel_width <= 0 || !seg1 || !col1 || !val1 || !seg2 || !col2 || !val2)
-            throw std::invalid_argument("csr_pair: both panel layouts are needed");
-          for (auto [a, seg, col, val] : {std::tuple{&a1, seg1, col1, val1}, std::tuple{&a2, seg2, col2, val2}}) {
-            a->panel_seg = as_ptr<const int32_t>(seg);
-            a->panel_col = as_ptr<const uint16_t>(col);
-            a->panel_val = as_ptr<const void>(val);
-            a->panel_width = panel_width;
+          for (auto [a, layout] : {std::pair{&a1, layout1}, std::pair{&a2, layout2}}) {
+            const auto p = [&](int k) { return layout[k].cast<uintptr_t>(); };
+            if (layout.size() == 3)
+              set_batched_layout(*a, panel_width, p(0), p(1), p(2), 0, 0, 0, 0, 0);
+            else if (layout.size() == 5)
+              set_batched_layout(*a, panel_width, 0, 0, 0, p(0), p(1), p(2), p(3), p(4));
+            else
+              throw std::invalid_argument("csr_pair: each layout is (panel_seg, panel_col, panel_val) or "
+                                          "(grp_off, grp_len, grp_rows, grp_col, grp_val)");
+            if (!a->panel_seg && !a->grp_off) throw std::invalid_argument("csr_pair: both batched layouts are needed");
           }
+          if ((a1.grp_off || a2.grp_off) && se::csr_bits() != 512)
+            throw std::invalid_argument("csr_pair: the grouped layout needs the 512-bit CSR kernels");
           py::gil_scoped_release nogil;
           se::csr_pair(a1, a2);
         },
-        "Y(N,O) = act2(act1(X(N,I) · W1ᵀ + b1) · W2ᵀ + b2), W1 (F, I) and W2 (O, F) in CSR with their "
-        "panelled copies (panel_seg, panel_col, panel_val per layer, as csr_linear takes them), one weight "
-        "dtype; the (N, F) hidden activations stay in the kernels' packed layout. AVX2/AVX-512 only.",
+        "Y(N,O) = act2(act1(X(N,I) · W1ᵀ + b1) · W2ᵀ + b2), W1 (F, I) and W2 (O, F) in CSR, one weight dtype, "
+        "each with its batched copy as csr_linear takes it: a tuple (panel_seg, panel_col, panel_val) or, with "
+        "the 512-bit kernels, (grp_off, grp_len, grp_rows, grp_col, grp_val); the (N, F) hidden activations "
+        "stay in the kernels' packed layout. AVX2/AVX-512 only.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("hidden_features"),
         py::arg("out_features"), py::arg("wdtype"), py::arg("nthreads"), py::arg("panel_width"),
-        py::arg("crow1"), py::arg("panel_seg1"), py::arg("panel_col1"), py::arg("panel_val1"), py::arg("bias1"),
-        py::arg("act1"), py::arg("crow2"), py::arg("panel_seg2"), py::arg("panel_col2"), py::arg("panel_val2"),
-        py::arg("bias2"), py::arg("act2"));
+        py::arg("crow1"), py::arg("layout1"), py::arg("bias1"), py::arg("act1"), py::arg("crow2"),
+        py::arg("layout2"), py::arg("bias2"), py::arg("act2"));
 
   m.def("attention",
         [](uintptr_t out, uintptr_t qkv, int64_t b, int64_t s, int64_t heads, int64_t head_size, double scale,

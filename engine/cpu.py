@@ -111,13 +111,15 @@ def _col16(w: CSR) -> torch.Tensor | None:
 # _PANEL_WIDTH features (128 x 64 batch columns of packed X = 32 KiB, an L1's worth), then by row.
 _PANEL_WIDTH = 128
 _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time loop is as fast
-# Entries per row per 128-input panel (= 128 x density) that decide the batched layout, from the
-# kernel log in bench/results/cpu.md (4096x4096, batch 32/128):
-#   >= 20 (density >= 0.16): panel-major rows, one row at a time (1.6x the row loop at s = 0.5-0.7)
-#   >= 9  (density >= 0.07): grouped panels, 4 rows at a time (1.2x the row loop at s = 0.9)
-#   below: the row-at-a-time loop over L2-resident packed X is as fast.
-_PANEL_MIN_PER_ROW = 20.0
+# Entries per row per 128-input panel (= 128 x density) that decide the 512-bit batched layout:
+#   >= 9 (density >= 0.07): grouped panels, 4 rows at a time over chunk-major packed X: 1.1-1.3x
+#        panel-major rows at s = 0.5-0.9, 1.0-1.2x the row loop at s = 0.9 (Intel Xeon, 2026-12-08,
+#        bench/results/cpu.md "AVX-512: grouped panels over chunk-major X")
+#   below: the row-at-a-time loop over L2-resident packed X is as fast (s = 0.95: 0.9-1.1x),
+#   except in csr_pair, where grouped layers from 5 (s = 0.95) keep the hidden activations packed:
+#   BERT's FFN at 95 %, 1.15x the two row-loop layers.
 _GROUP_MIN_PER_ROW = 9.0
+_PAIR_GROUP_MIN_PER_ROW = 5.0
 # AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2: panel-major CSR" and "AVX2,
 # afternoon"): with X packed chunk-major, panel-major rows beat the row loop from s = 0.8 to 0.97
 # (3.8 entries per row-panel: 7 of 9 cells, 2 ties) at 64-1024 rows; at 0.98 (2.6) it is mixed and at
@@ -127,17 +129,16 @@ _GROUP_MIN_PER_ROW = 9.0
 _AVX2_PANEL_MIN_PER_ROW = 3.0
 
 
-def _batched_layout(w: CSR, batch: int) -> str:
-    """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads."""
+def _batched_layout(w: CSR, batch: int, pair: bool = False) -> str:
+    """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads (as one
+    layer of csr_pair when `pair`)."""
     o, i = w.shape
     if not (batch >= _PANEL_MIN_BATCH and _ISA[0] in ("avx512", "avx2") and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
         return "rows"
     per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
     if _CSR_BITS[0] == 256:  # the AVX2 kernels (also under AVX-512 on Zen 4)
         return "panels" if per_row_panel >= _AVX2_PANEL_MIN_PER_ROW else "rows"
-    if per_row_panel >= _PANEL_MIN_PER_ROW:
-        return "panels"
-    return "groups" if per_row_panel >= _GROUP_MIN_PER_ROW else "rows"
+    return "groups" if per_row_panel >= (_PAIR_GROUP_MIN_PER_ROW if pair else _GROUP_MIN_PER_ROW) else "rows"
 
 
 def _panels(w: CSR):
@@ -263,8 +264,8 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
 
 def pair_fits(x: torch.Tensor, w1, w2) -> bool:
     """Whether csr_pair_cpu runs act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) for this x: fp32 x on the CPU,
-    both weights CSR with one value dtype, and both in the panel-major batched layout at x's batch
-    (256-bit kernels, or 512-bit ones with the batch rounded up to 8 a multiple of 16)."""
+    both weights CSR with one value dtype, and both in a panelled batched layout at x's batch
+    (panel-major or grouped; with the 512-bit kernels, the batch rounded up to 8 a multiple of 16)."""
     if not (isinstance(w1, CSR) and isinstance(w2, CSR) and x.dtype is torch.float32 and x.dim() == 2
             and x.device.type == "cpu" and w1.values.is_cpu and w2.values.is_cpu
             and w1.values.dtype is w2.values.dtype and w1.shape[0] == w2.shape[1]):
@@ -272,7 +273,13 @@ def pair_fits(x: torch.Tensor, w1, w2) -> bool:
     n = x.shape[0]
     if _CSR_BITS[0] == 512 and (n + 7) // 8 * 8 % 16:
         return False
-    return _batched_layout(w1, n) == "panels" and _batched_layout(w2, n) == "panels"
+    return _batched_layout(w1, n, pair=True) != "rows" and _batched_layout(w2, n, pair=True) != "rows"
+
+
+def _layout_ptrs(w: CSR, batch: int) -> tuple[int, ...]:
+    """The batched copy csr_pair reads, as data pointers: (seg, col, val) or (off, len, rows, col, val)."""
+    built = _groups(w) if _batched_layout(w, batch, pair=True) == "groups" else _panels(w)
+    return tuple(t.data_ptr() for t in built)
 
 
 def csr_pair_cpu(x: torch.Tensor, w1: CSR, b1: torch.Tensor | None, act1: str, w2: CSR,
@@ -281,16 +288,14 @@ def csr_pair_cpu(x: torch.Tensor, w1: CSR, b1: torch.Tensor | None, act1: str, w
     the (N, F) hidden activations never leave the kernels' packed layout (no transposing them out
     and packing them back in between), which is most of a layer's non-multiply work at batch >= 16."""
     x = x.contiguous()
+    n = x.shape[0]
     crow1, crow2 = w1.crow_indices.contiguous(), w2.crow_indices.contiguous()
-    (seg1, col1, val1), (seg2, col2, val2) = _panels(w1), _panels(w2)
     b1, b2 = _bias32(b1), _bias32(b2)
-    y = x.new_empty((x.shape[0], w2.shape[0]))
-    _C.csr_pair(y.data_ptr(), x.data_ptr(), x.shape[0], w1.shape[1], w1.shape[0], w2.shape[0],
+    y = x.new_empty((n, w2.shape[0]))
+    _C.csr_pair(y.data_ptr(), x.data_ptr(), n, w1.shape[1], w1.shape[0], w2.shape[0],
                 _WDTYPE[w1.values.dtype], torch.get_num_threads(), _PANEL_WIDTH,
-                crow1.data_ptr(), seg1.data_ptr(), col1.data_ptr(), val1.data_ptr(),
-                0 if b1 is None else b1.data_ptr(), _ACT[act1],
-                crow2.data_ptr(), seg2.data_ptr(), col2.data_ptr(), val2.data_ptr(),
-                0 if b2 is None else b2.data_ptr(), _ACT[act2])
+                crow1.data_ptr(), _layout_ptrs(w1, n), 0 if b1 is None else b1.data_ptr(), _ACT[act1],
+                crow2.data_ptr(), _layout_ptrs(w2, n), 0 if b2 is None else b2.data_ptr(), _ACT[act2])
     return y
 
 

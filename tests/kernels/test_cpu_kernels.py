@@ -434,7 +434,7 @@ def test_prepare_weight_cache_follows_buffers(isa):
 
 
 @pytest.mark.parametrize("layouts,sparsity,o", [
-    ({"avx512": "panels", "avx2": "panels"}, 0.5, 40),
+    ({"avx512": "groups", "avx2": "panels"}, 0.5, 40),
     ({"avx512": "groups", "avx2": "panels"}, 0.88, 40),
     ({"avx512": "groups", "avx2": "panels"}, 0.88, 130),
     ({"avx512": "rows", "avx2": "panels"}, 0.96, 40),
@@ -448,13 +448,33 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtyp
     keep[5:9] = False
     w = (w * keep).to(wdtype)
     wc = CSR.from_dense(w, mask=keep)
-    assert cpu._batched_layout(wc, n) == layouts.get(csr_family(isa), "rows")
+    chosen = cpu._batched_layout(wc, n)
+    assert chosen == layouts.get(csr_family(isa), "rows")
     x, b = torch.randn(n, 600), torch.randn(o)
-    check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
+    # The 512-bit kernels also run the panel-major copy they no longer choose (bench/csr_layouts.py
+    # measures it against the grouped one).
+    for layout in [chosen] + (["panels"] if isa == "avx512" and chosen != "rows" else []):
+        with forced_layout(layout):
+            check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
     # The copy follows in-place updates of the values.
     with torch.no_grad():
         wc.values.mul_(-0.5)
     check(run(x, wc, b, "relu"), x, wc, b, "relu")
+
+
+@contextlib.contextmanager
+def forced_layout(*layouts):
+    """cpu._batched_layout returns `layouts` in turn (the last one from then on) inside the block."""
+    real, calls = cpu._batched_layout, []
+
+    def pick(w, batch, pair=False):
+        calls.append(w)
+        return layouts[min(len(calls), len(layouts)) - 1] if real(w, batch, pair) != "rows" else "rows"
+    cpu._batched_layout = pick
+    try:
+        yield
+    finally:
+        cpu._batched_layout = real
 
 
 # ---- two CSR layers in one call (cpu.csr_pair_cpu): the hidden activations stay packed --------------
@@ -492,7 +512,7 @@ def test_csr_pair_many_panels_and_what_does_not_fit(isa):
     if isa == "portable":
         pytest.skip("no panel-major layout on the portable kernels")
     # batch 1040 takes several packed-X panels (4096 inputs x 64 columns each); at 80 % W1 is
-    # panel-major for the 512-bit kernels too (25.6 entries per row per panel)
+    # panel-major for the 256-bit kernels and grouped for the 512-bit ones
     w1, _ = rand_weight(264, 4096, 0.8)
     w2, _ = rand_weight(300, 264, 0.5)
     c1, c2 = CSR.from_dense(w1 / 20), CSR.from_dense(w2 / 11)
@@ -504,6 +524,35 @@ def test_csr_pair_many_panels_and_what_does_not_fit(isa):
     assert not cpu.pair_fits(x.bfloat16(), c1, c2)                       # bf16 x: the bf16 kernels
     assert not cpu.pair_fits(x, c1, CSR.from_dense(w2.bfloat16()))      # two weight dtypes
     assert not cpu.pair_fits(x, c1, CSR.from_dense(rand_weight(300, 264, 0.99)[0]))  # too sparse: rows
+
+
+def test_csr_pair_grouped_where_one_layer_would_read_rows(isa):
+    if isa != "avx512":
+        pytest.skip("the grouped layout is the 512-bit kernels'")
+    # 95 %: 6.4 entries per row per 128-input panel, the row loop for a single layer but grouped
+    # inside the pair; O = 200 and F = 330 leave partial 64-row windows, I = 700 a partial panel.
+    w1, _ = rand_weight(330, 700, 0.95)
+    w2, _ = rand_weight(200, 330, 0.95)
+    c1, c2 = CSR.from_dense(w1 / 6), CSR.from_dense(w2 / 5)
+    b1, b2, x = torch.randn(330), torch.randn(200), torch.randn(144, 700)
+    assert cpu._batched_layout(c1, 144) == "rows" and cpu._batched_layout(c1, 144, pair=True) == "groups"
+    assert cpu.pair_fits(x, c1, c2)
+    check_pair(cpu.csr_pair_cpu(x, c1, b1, "gelu", c2, b2), x, c1, b1, "gelu", c2, b2, "none")
+
+
+@pytest.mark.parametrize("first,second", [("groups", "panels"), ("panels", "groups"), ("panels", "panels")])
+def test_csr_pair_mixed_layouts(isa, first, second):
+    if isa != "avx512":
+        pytest.skip("the 512-bit kernels read either copy")
+    w1, keep1 = rand_weight(330, 700, 0.85)
+    w2, keep2 = rand_weight(200, 330, 0.8)
+    keep1[7:12], keep2[:3] = False, False
+    c1 = CSR.from_dense(w1 * keep1 / 10, mask=keep1)
+    c2 = CSR.from_dense(w2 * keep2 / 8, mask=keep2)
+    b1, b2, x = torch.randn(330), torch.randn(200), torch.randn(80, 700)
+    with forced_layout(first, second):
+        y = cpu.csr_pair_cpu(x, c1, b1, "relu", c2, b2, "gelu")
+    check_pair(y, x, c1, b1, "relu", c2, b2, "gelu")
 
 
 # ---- attention straight from the QKV projection's output (cpu.attention_cpu) -------------------------
