@@ -4,7 +4,8 @@
   scaled_dot_product_attention on the same QKV output (the reshape to the out projection's rows
   included on torch's side), at MiniLM and BERT-base shapes;
 - bsr-rows: fp32 BSR with 16x16 blocks at 90 %, the batch-as-rows kernel (engine.cpu._blocks_t,
-  outputs in zmm lanes, no transposes) against the packed-X kernel it replaces, by batch rows;
+  outputs in zmm lanes, no transposes) against the packed-X kernel it replaces, by batch rows, with
+  --activation in both epilogues;
 - bf16-bsr: the AMX BSR kernel against dense bf16 F.linear, by batch rows.
 
     PYTHONPATH=. .venv/bin/python bench/layer_kernels.py [--threads 2] [--parts attention,bsr-rows,bf16-bsr]
@@ -61,21 +62,22 @@ def attention(args) -> None:
 
 def bsr_rows(args) -> None:
     gen = torch.Generator().manual_seed(0)
-    print("\n| layer O x I | rows | packed X ms | batch as rows ms | speedup |\n|---|---|---|---|---|")
+    act = args.activation
+    print(f"\n| layer O x I | rows | packed X ms | batch as rows ms | speedup | (activation {act}) |\n|---|---|---|---|---|---|")
     for o, i in LAYERS:
         w, keep = block_weight(o, i, args.sparsity, gen)
         s = BSR.from_dense(w, mask=keep, blocksize=(16, 16))
         for n in ROWS:
             x = torch.randn(n, i, generator=gen)
-            if cpu._blocks_t(s, n, "none") is None:
+            if cpu._blocks_t(s, n) is None:
                 print(f"| {o}x{i} | {n} | batch-as-rows kernel not used here (needs whole AVX-512, >= 128 rows) | | |")
                 continue
 
             def packed():
                 with mock.patch.object(cpu, "_blocks_t", lambda *a: None):
-                    return engine.sparse_linear(x, s)
-            t = medians({"packed": packed, "rows": lambda: engine.sparse_linear(x, s)}, args)
-            print(f"| {o}x{i} | {n} | {t['packed']:.3f} | {t['rows']:.3f} | {t['packed'] / t['rows']:.2f}x |",
+                    return engine.sparse_linear(x, s, activation=act)
+            t = medians({"packed": packed, "rows": lambda: engine.sparse_linear(x, s, activation=act)}, args)
+            print(f"| {o}x{i} | {n} | {t['packed']:.3f} | {t['rows']:.3f} | {t['packed'] / t['rows']:.2f}x | |",
                   flush=True)
 
 
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--activation", default="none", help="bsr-rows: the layers' activation (none, relu, gelu)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per variant over all rounds")
     p.add_argument("--parts", default="attention,bsr-rows,bf16-bsr")

@@ -64,6 +64,9 @@ struct Avx2 {
   // 16 ymm registers: accumulator sets only while the chunk is narrow.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 1 : (v >= 2 ? 2 : 4); }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
+  static __m256 exp_nonpositive(__m256 u) { return simd::exp_nonpositive<Avx2>(u); }
+  static __m256 abs(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+  static __m256 select_neg(__m256 x, __m256 if_neg, __m256 if_not) { return _mm256_blendv_ps(if_not, if_neg, x); }
 };
 
 inline float hmax(__m256 v) {
@@ -151,23 +154,10 @@ void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, fl
 }
 
 // ---- GELU on 8 lanes ---------------------------------------------------------------------------
-// exp(u) for u <= 0 (simd::exp_nonpositive: degree-6 Taylor, relative error < 2e-7).
-inline __m256 exp_nonpositive(__m256 u) { return simd::exp_nonpositive<Avx2>(u); }
 
-// 0.5·v·(1 + erf(v/√2)) on 8 lanes, as gelu512 in bf16.cpp: with a = |x|, x = v/√2, Abramowitz &
-// Stegun 7.1.26 gives 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a) (|error| <= 1.5e-7); 1 + erf(x)
-// is 2 - q·e^(-a²) for x >= 0 and q·e^(-a²) itself for x < 0 (no cancellation in the negative tail).
-// std::erf per lane was 10-17x slower than the kernel it followed.
-inline __m256 gelu8(__m256 v) {
-  const __m256 x = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
-  __m256 q = _mm256_set1_ps(1.061405429f);
-  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(c));
-  q = _mm256_mul_ps(_mm256_mul_ps(q, t), exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))));
-  const __m256 one_plus_erf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.f), q), q, x);  // x's sign bit picks
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), one_plus_erf);
-}
+// erf-GELU on 8 lanes (simd::gelu; as gelu512 in bf16.cpp). std::erf per lane was 10-17x slower
+// than the kernel it followed.
+inline __m256 gelu8(__m256 v) { return simd::gelu<Avx2>(v); }
 
 // ---- epilogue: tile (g rows, kChunk) -> Y[n0 : n0 + nn, o0 : o0 + g] with bias and activation ----
 // Batch column outer, 8-row blocks inner: a 16-row tile writes each Y row's 64-byte segment with two
@@ -446,7 +436,6 @@ void csr_pair(const LinearArgs& a1, const LinearArgs& a2) {
 
 // The ymm traits with the softmax's helpers (simd::attention_rows).
 struct Avx2Softmax : Avx2 {
-  static __m256 exp_nonpositive(__m256 u) { return se::exp_nonpositive(u); }
   static float hmax(__m256 v) { return se::hmax(v); }
   static float hsum(__m256 v) { return se::hsum(v); }
 };
@@ -601,34 +590,26 @@ void bsr_spmv_block_row(const LinearArgs& a, const WT* val, int64_t b, const flo
 // Batch as rows, for R = 16 on AVX-512 where the caller passes the transposed blocks (a.blocks_t;
 // engine/cpu.py decides when: whole AVX-512, from 128 rows): the 16 outputs of a block row in a
 // zmm's lanes, X read row-major and broadcast, so neither X is packed transposed nor the result
-// transposed back (bsr_rows16_512). Threads take whole groups of 8 batch rows (whole output rows).
+// transposed back (bsr_rows16_512); bias and activation on the way out. Threads take whole groups
+// of 8 batch rows (whole output rows).
 void bsr_rows_major(const LinearArgs& a) {
   const int64_t N = a.n, I = a.in_features, O = a.out_features, C = a.block_c, BR = O / 16;
   const int T = pick_threads(a.nthreads, est_spmm(double(a.crow[BR]) * double(16 * C) * double(N)));
-#pragma omp parallel num_threads(T) if (T > 1)
-  {
-    const int t = thread_id(), nt = team_size();
-    float* out = scratch(1, size_t(8 * 16));
-    const int64_t groups = (N + 7) / 8;
-    for (int64_t g = groups * t / nt; g < groups * (t + 1) / nt; ++g) {
-      const int64_t n0 = g * 8, nb = std::min<int64_t>(8, N - n0);
-      for (int64_t b = 0; b < BR; ++b) {
-        bsr_rows16_512(int(nb), a.blocks_t, a.col, a.crow[b], a.crow[b + 1], C, a.x + n0 * I, I, out);
-        for (int64_t h = 0; h < 16; h += 8) {
-          const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + b * 16 + h) : _mm256_setzero_ps();
-          for (int64_t n = 0; n < nb; ++n) {
-            __m256 v = _mm256_add_ps(_mm256_load_ps(out + n * 16 + h), bias);
-            if (a.act == ACT_RELU) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN stays NaN
-            _mm256_storeu_ps(a.y + (n0 + n) * O + b * 16 + h, v);
-          }
-        }
-      }
-    }
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+  for (int64_t g = 0; g < (N + 7) / 8; ++g) {
+    const int64_t n0 = g * 8;
+    for (int64_t b = 0; b < BR; ++b)
+      bsr_rows16_512(int(std::min<int64_t>(8, N - n0)), a.blocks_t, a.col, a.crow[b], a.crow[b + 1], C,
+                     a.x + n0 * I, I, a.bias ? a.bias + b * 16 : nullptr, a.act, a.y + n0 * O + b * 16, O);
   }
 }
 
 template <typename WT>
 void bsr_avx2(const LinearArgs& a) {
+  if (a.blocks_t) {  // the caller asked for batch-as-rows (16-row blocks, AVX-512: the binding checks)
+    bsr_rows_major(a);
+    return;
+  }
   const WT* val = static_cast<const WT*>(a.values);
   const int64_t N = a.n, I = a.in_features, O = a.out_features, R = a.block_r, C = a.block_c;
   const int64_t BR = O / R;
@@ -658,10 +639,6 @@ void bsr_avx2(const LinearArgs& a) {
     return;
   }
 
-  if (a.blocks_t && w512 && R == 16 && (a.act == ACT_NONE || a.act == ACT_RELU)) {
-    bsr_rows_major(a);
-    return;
-  }
   const int64_t n_pad = (N + 7) / 8 * 8, panel = panel_columns(I, n_pad);
   float* xt = scratch(0, size_t(std::max<int64_t>(I, 1) * panel));
 #pragma omp parallel num_threads(T) if (T > 1)

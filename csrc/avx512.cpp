@@ -30,6 +30,11 @@ struct Avx512 {
   static __m512 exp_nonpositive(__m512 u) { return simd::exp_nonpositive<Avx512>(u); }
   static float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
   static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+  static __m512 abs(__m512 v) { return _mm512_abs_ps(v); }
+  static __m512 select_neg(__m512 x, __m512 if_neg, __m512 if_not) {  // by the sign bit, as VBLENDVPS
+    const __mmask16 neg = _mm512_test_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
+    return _mm512_mask_blend_ps(neg, if_not, if_neg);
+  }
 };
 
 }  // namespace
@@ -74,7 +79,7 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
 // outputs, blocks given transposed as wt (nnzb, C, 16) fp32: out[n][0:16] = Σ_k Σ_c wt[k][c] · x[n][bcol·C + c].
 template <int NB>
 void bsr_rows16(const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C, const float* x, int64_t I,
-                float* out) {
+                const float* bias, int act, float* y, int64_t ldy) {
   __m512 acc[NB];
   for (int n = 0; n < NB; ++n) acc[n] = _mm512_setzero_ps();
   for (int32_t k = k0; k < k1; ++k) {
@@ -85,12 +90,20 @@ void bsr_rows16(const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, in
       for (int n = 0; n < NB; ++n) acc[n] = _mm512_fmadd_ps(_mm512_set1_ps(xk[n * I + c]), wc, acc[n]);
     }
   }
-  for (int n = 0; n < NB; ++n) _mm512_store_ps(out + n * 16, acc[n]);
+  const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int n = 0; n < NB; ++n) {
+    __m512 v = _mm512_add_ps(acc[n], b);
+    if (act == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN stays NaN (the second operand)
+    else if (act == ACT_GELU) v = simd::gelu<Avx512>(v);
+    _mm512_storeu_ps(y + n * ldy, v);
+    if (act > ACT_GELU)  // gelu_tanh: per element
+      for (int q = 0; q < 16; ++q) y[n * ldy + q] = activate(y[n * ldy + q], act);
+  }
 }
 
 void bsr_rows16_512(int nb, const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C,
-                    const float* x, int64_t I, float* out) {
-  simd::with_v<8>(nb, [&](auto NB) { bsr_rows16<decltype(NB)::value>(wt, bcol, k0, k1, C, x, I, out); });
+                    const float* x, int64_t I, const float* bias, int act, float* y, int64_t ldy) {
+  simd::with_v<8>(nb, [&](auto NB) { bsr_rows16<decltype(NB)::value>(wt, bcol, k0, k1, C, x, I, bias, act, y, ldy); });
 }
 
 void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task) {

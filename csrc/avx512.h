@@ -39,9 +39,10 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
                         int64_t out_stride);
 
 // NB (1..8) batch rows of row-major X (stride I) times block row [k0, k1) of R = 16 outputs, the
-// blocks transposed to wt (nnzb, C, 16) fp32 (64-byte aligned): out (NB, 16), 64-byte aligned.
+// blocks transposed to wt (nnzb, C, 16) fp32 (64-byte aligned): y[n][0 : 16] = act(· + bias[0 : 16])
+// (bias may be null), row stride ldy.
 void bsr_rows16_512(int nb, const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C,
-                    const float* x, int64_t I, float* out);
+                    const float* x, int64_t I, const float* bias, int act, float* y, int64_t ldy);
 
 // One (batch, head) of attention() on zmm registers (simd::attention_task): hs a multiple of 16.
 void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task);

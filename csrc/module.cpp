@@ -333,12 +333,14 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t crow, uintptr_t col, uintptr_t val, int wdtype, uintptr_t bias, int act,
            int nthreads, uintptr_t blocks_t) {
           se::LinearArgs a = make_bsr_args(y, x, n, i, o, r, c, crow, col, val, wdtype, bias, act, nthreads);
+          if (blocks_t && (r != 16 || se::current_isa() != se::ISA_AVX512))
+            throw std::invalid_argument("bsr_linear: blocks_t needs 16-row blocks and the AVX-512 kernels");
           a.blocks_t = as_ptr<const float>(blocks_t);
           py::gil_scoped_release nogil;
           se::bsr_linear(a);
         },
         "Y(N,O) = act(X(N,I) · Wᵀ + b), W in BSR with R×C blocks. Same pointer arguments as "
-        "csr_linear plus R and C after O. blocks_t (R = 16, AVX-512, act none/relu; 0 for none): the "
+        "csr_linear plus R and C after O. blocks_t (R = 16, AVX-512; 0 for none): the "
         "values transposed to (nnzb, C, 16) fp32, 64-byte aligned, for the batch-as-rows kernel.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("block_r"), py::arg("block_c"), py::arg("crow"), py::arg("col"), py::arg("values"),

@@ -12,6 +12,7 @@
 //   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
 //   static vec round(vec), scale2(vec e, vec n)       // nearest integer; e · 2^n (n integral)
 //   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
+//   static vec abs(vec); static vec select_neg(vec x, vec if_neg, vec if_not)  // erf-GELU
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
 #pragma once
@@ -32,6 +33,7 @@
   static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
   static vec sub(vec a, vec b) { return P##_sub_ps(a, b); }                             \
   static vec mul(vec a, vec b) { return P##_mul_ps(a, b); }                             \
+  static vec div(vec a, vec b) { return P##_div_ps(a, b); }                             \
   static vec max(vec a, vec b) { return P##_max_ps(a, b); }                             \
   static vec set1(float f) { return P##_set1_ps(f); }                                   \
   static void storeu(float* p, vec v) { P##_storeu_ps(p, v); }                          \
@@ -161,6 +163,21 @@ typename S::vec exp_nonpositive(typename S::vec u) {
   auto e = S::set1(1.f / 720);
   for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = S::fmadd(e, r, S::set1(c));
   return S::scale2(e, n);
+}
+
+// 0.5·v·(1 + erf(v/√2)): with a = |x|, x = v/√2, Abramowitz & Stegun 7.1.26 gives 1 - erf(a) =
+// q(t)·e^(-a²), t = 1/(1 + 0.3275911·a) (|error| <= 1.5e-7); 1 + erf(x) is 2 - q·e^(-a²) for x >= 0
+// and q·e^(-a²) itself for x < 0 (no cancellation in the negative tail). NaN stays NaN.
+template <typename S>
+typename S::vec gelu(typename S::vec v) {
+  const auto x = S::mul(v, S::set1(0.70710678118654752f));
+  const auto a = S::abs(x);
+  const auto t = S::div(S::set1(1.f), S::fmadd(a, S::set1(0.3275911f), S::set1(1.f)));
+  auto q = S::set1(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = S::fmadd(q, t, S::set1(c));
+  q = S::mul(S::mul(q, t), S::exp_nonpositive(S::sub(S::zero(), S::mul(a, a))));
+  const auto one_plus_erf = S::select_neg(x, q, S::sub(S::set1(2.f), q));
+  return S::mul(S::mul(S::set1(0.5f), v), one_plus_erf);
 }
 
 // ---- attention -------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def bsr_linear_cpu(x: torch.Tensor, w: BSR, bias: torch.Tensor | None, activatio
     if out_dtype is torch.bfloat16 and bf16_kernel_for(w) != "none":
         return _bsr_linear_bf16(x, w, crow, col, bias, activation)
     x, b, y = _io(x, bias, w.shape[0])
-    blocks_t = _blocks_t(w, x.shape[0], activation)
+    blocks_t = _blocks_t(w, x.shape[0])
     _C.bsr_linear(y.data_ptr(), x.data_ptr(), x.shape[0], w.shape[1], w.shape[0], val.shape[1],
                   val.shape[2], crow.data_ptr(), col.data_ptr(), val.data_ptr(), wdtype,
                   0 if b is None else b.data_ptr(), _ACT[activation], torch.get_num_threads(),
@@ -370,11 +370,10 @@ _ROWS_MAJOR_MIN_BATCH = 128
 _AVX512_SPLIT = _C is not None and _C.avx512_split()  # a CPU fact, read once
 
 
-def _blocks_t(w: BSR, batch: int, activation: str) -> torch.Tensor | None:
+def _blocks_t(w: BSR, batch: int) -> torch.Tensor | None:
     """The values transposed to (nnzb, C, 16) fp32, made once per values tensor, where the
     batch-as-rows kernel serves this call; else None."""
-    if not (_ISA[0] == "avx512" and not _AVX512_SPLIT and w.values.shape[1] == 16 and batch >= _ROWS_MAJOR_MIN_BATCH
-            and activation in ("none", "relu")):
+    if not (_ISA[0] == "avx512" and not _AVX512_SPLIT and w.values.shape[1] == 16 and batch >= _ROWS_MAJOR_MIN_BATCH):
         return None
     return _cached("blocks_t", (w.values,), lambda: w.values.float().transpose(1, 2).contiguous())
 

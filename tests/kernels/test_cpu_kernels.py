@@ -186,25 +186,36 @@ def test_bsr_every_block_size(isa, block, n):
 @pytest.mark.parametrize("block", [(16, 16), (16, 32), (16, 4), (16, 1)], ids=str)
 @pytest.mark.parametrize("n", (128, 301))
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
-@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("act", ACTS)
 def test_bsr_16_row_blocks_at_large_batch(isa, block, n, wdtype, act):
     # From 128 rows, 16-row blocks on whole AVX-512 run batch-as-rows (no transposes; the last group
-    # of 8 rows partial at 301); GELU keeps the packed path. Every ISA must agree with the reference,
-    # an empty block row and a NaN input included.
+    # of 8 rows partial at 301), every activation in its epilogue. Every ISA must agree with the
+    # reference, an empty block row and a NaN input included.
     w, keep = rand_weight(64, 64, 0.6, block)
     keep[16:32] = False    # an empty block row
     keep[0:16, 0:32] = True  # input 3 feeds block row 0: the NaN reaches the output
     wb = BSR.from_dense((torch.randn(64, 64) * keep).to(wdtype), mask=keep, blocksize=block)
     x, b = torch.randn(n, 64), torch.randn(64)
     x[7, 3] = float("nan")
-    rows_major = cpu._blocks_t(wb, n, act) is not None  # the transposed copy the kernel reads
-    assert rows_major == (isa.startswith("avx512") and not cpu._C.avx512_split() and act != "gelu")
+    rows_major = cpu._blocks_t(wb, n) is not None  # the transposed copy the kernel reads
+    assert rows_major == (isa.startswith("avx512") and not cpu._C.avx512_split())
     y = run(x, wb, b, act)
     ref = expected(x, wb, b, act)
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(y), nan) and nan[7].any() and not nan[8:].any()
     atol = 2e-6 * math.sqrt(64) + 1e-6
     torch.testing.assert_close(y[~nan], ref[~nan], rtol=2e-5, atol=atol)
+
+
+def test_bsr_batch_as_rows_refused_where_it_cannot_run(isa):
+    # The transposed copy asks for the batch-as-rows kernel; where it cannot run (8-row blocks, or
+    # kernels other than AVX-512) the call fails instead of quietly taking another path.
+    wb = BSR.from_dense(rand_weight(32, 32, 0.5, (8, 8))[0], blocksize=(8, 8))
+    x, y = torch.randn(128, 32), torch.empty(128, 32)
+    blocks_t = torch.zeros(wb.values.shape[0], 8, 16)
+    with pytest.raises(ValueError, match="16-row blocks"):
+        cpu._C.bsr_linear(y.data_ptr(), x.data_ptr(), 128, 32, 32, 8, 8, wb.crow_indices.data_ptr(),
+                          wb.col_indices.data_ptr(), wb.values.data_ptr(), 0, 0, 0, 1, blocks_t.data_ptr())
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
