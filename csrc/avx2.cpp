@@ -375,20 +375,10 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
 // ============================ two CSR layers back to back ======================================
 
 // rows [r0, r1) of a (rows x kChunk) block of partial sums, first nc columns, in place:
-// v <- act(v + bias[row]).
+// v <- act(v + bias[row]); on zmm registers with the 512-bit kernels (nc a multiple of 16 there).
 void bias_act_rows(float* h, int64_t r0, int64_t r1, int64_t nc, const float* bias, int act) {
-  for (int64_t r = r0; r < r1; ++r) {
-    float* row = h + r * kChunk;
-    const __m256 b = _mm256_set1_ps(bias ? bias[r] : 0.f);
-    for (int64_t j = 0; j < nc; j += 8) {
-      __m256 v = _mm256_add_ps(_mm256_load_ps(row + j), b);
-      if (act == ACT_RELU) v = _mm256_max_ps(_mm256_setzero_ps(), v);
-      else if (act == ACT_GELU) v = gelu8(v);
-      _mm256_store_ps(row + j, v);
-    }
-    if (act > ACT_GELU)
-      for (int64_t j = 0; j < nc; ++j) row[j] = activate(row[j], act);
-  }
+  if (csr_bits() == 512) bias_act_rows_512(h, kChunk, r0, r1, nc, bias, act);
+  else simd::bias_act_rows<Avx2>(h, kChunk, r0, r1, nc, bias, act);
 }
 
 // y = L2(act1(L1(x))) with both weights in a batched layout (the transformer's FFN): panel-major,

@@ -106,6 +106,10 @@ void bsr_rows16_512(int nb, const float* wt, const int32_t* bcol, int32_t k0, in
   simd::with_v<8>(nb, [&](auto NB) { bsr_rows16<decltype(NB)::value>(wt, bcol, k0, k1, C, x, I, bias, act, y, ldy); });
 }
 
+void bias_act_rows_512(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t nc, const float* bias, int act) {
+  simd::bias_act_rows<Avx512>(h, ld, r0, r1, nc, bias, act);
+}
+
 void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task) {
   simd::attention_task<Avx512>(qkv, out, S, nh, hs, scale, task);
 }

@@ -44,6 +44,10 @@ void bsr_rows_chunk_512(int rb, int v16, const int32_t* bcol, const WT* val, int
 void bsr_rows16_512(int nb, const float* wt, const int32_t* bcol, int32_t k0, int32_t k1, int64_t C,
                     const float* x, int64_t I, const float* bias, int act, float* y, int64_t ldy);
 
+// Rows [r0, r1) (row stride ld floats, 64-byte aligned), the first nc columns (a multiple of 16), in
+// place: v <- act(v + bias[row]) (bias may be null).
+void bias_act_rows_512(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t nc, const float* bias, int act);
+
 // One (batch, head) of attention() on zmm registers (simd::attention_task): hs a multiple of 16.
 void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int64_t hs, float scale, int64_t task);
 

@@ -180,6 +180,24 @@ typename S::vec gelu(typename S::vec v) {
   return S::mul(S::mul(S::set1(0.5f), v), one_plus_erf);
 }
 
+// Rows [r0, r1) of a block of partial sums (row stride ld floats, aligned), the first nc columns
+// (a multiple of W), in place: v <- act(v + bias[row]) (bias may be null).
+template <typename S>
+void bias_act_rows(float* h, int64_t ld, int64_t r0, int64_t r1, int64_t nc, const float* bias, int act) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = h + r * ld;
+    const auto b = S::set1(bias ? bias[r] : 0.f);
+    for (int64_t j = 0; j < nc; j += S::W) {
+      auto v = S::add(S::load(row + j), b);
+      if (act == ACT_RELU) v = S::max(S::zero(), v);  // NaN stays NaN (the second operand)
+      else if (act == ACT_GELU) v = gelu<S>(v);
+      S::store(row + j, v);
+    }
+    if (act > ACT_GELU)  // gelu_tanh: per element
+      for (int64_t j = 0; j < nc; ++j) row[j] = activate(row[j], act);
+  }
+}
+
 // ---- attention -------------------------------------------------------------------------------
 // One query block (RB rows) of one (batch, head): scores against all S keys, softmax, times V.
 // q: RB query rows (row stride ld); kt: packed Kᵀ (hs, sk), keys past S zero, sk a multiple of
