@@ -11,7 +11,7 @@ One block, per call (x: (B, S, H), nh heads of hs = H / nh):
                                          output (cpu.add_layer_norm_); bf16 BSR on AMX: inside the
                                          kernel, before its output is written (cpu.linear_add_norm)
   y     = LN2(a + act(a · W1ᵀ + b1) · W2ᵀ + b2)   bias + activation in the kernel epilogue; both FFN
-          layers in panel-major CSR: one cpu.csr_pair_cpu call, the hidden activations kept packed
+          layers in panelled CSR (cpu.pair_fits): one cpu.csr_pair_cpu call, the hidden activations kept packed
 (pre-LN, `norm_first`: a = x + (LN1(x) ...), y = a + FFN(LN2(a))).
 The layout, dtype and activation of every linear layer are checked once, when the block is built;
 the forward pass runs the kernels through sparse_linear's skip-checks path. Inference only:
@@ -134,7 +134,7 @@ class SparseEncoderLayer(nn.Module):
         return ctx.transpose(1, 2).reshape(b * s, h)
 
     def _pair_fits(self, x2: torch.Tensor) -> bool:
-        # Both FFN layers in the panel-major CSR layout on the C++ kernels: one call, the hidden
+        # Both FFN layers in a panelled CSR layout on the C++ kernels: one call, the hidden
         # activations kept in the kernels' packed layout (cpu.csr_pair_cpu).
         # (Not when a hook watches either layer: hooks see each layer's own call, e.g. the latency
         # profile's per-layer timing.)
