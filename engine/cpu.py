@@ -111,15 +111,18 @@ def _col16(w: CSR) -> torch.Tensor | None:
 # _PANEL_WIDTH features (128 x 64 batch columns of packed X = 32 KiB, an L1's worth), then by row.
 _PANEL_WIDTH = 128
 _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time loop is as fast
-# Entries per row per 128-input panel (= 128 x density) that decide the 512-bit batched layout:
-#   >= 9 (density >= 0.07): grouped panels, 4 rows at a time over chunk-major packed X: 1.1-1.3x
-#        panel-major rows at s = 0.5-0.9, 1.0-1.2x the row loop at s = 0.9 (Intel Xeon, 2026-12-08,
-#        bench/results/cpu.md "AVX-512: grouped panels over chunk-major X")
-#   below: the row-at-a-time loop over L2-resident packed X is as fast (s = 0.95: 0.9-1.1x),
-#   except in csr_pair, where grouped layers from 5 (s = 0.95) keep the hidden activations packed:
-#   BERT's FFN at 95 %, 1.15x the two row-loop layers.
+# Entries per row per 128-input panel (= 128 x density) that decide the 512-bit batched layout
+# (Intel Xeon, 2026-12-08, bench/results/cpu.md "AVX-512 on Intel: grouped panels over chunk-major
+# packed X"):
+#   >= 9 (density >= 0.07): grouped panels, 4 rows at a time over chunk-major packed X: 1.11-1.41x
+#        panel-major rows at s = 0.5-0.9, 1.17-1.37x the row loop at s = 0.9;
+#   >= 5 (s = 0.95) from 512 rows: grouped too (1.04-1.14x the row loop at 1024 rows in 3 of 4
+#        shapes, 0.97x in the fourth), and inside csr_pair at any batch, where the hidden activations
+#        stay packed (BERT's FFN at 95 %, 128 rows: 1.15x the two row-loop layers);
+#   below: the row-at-a-time loop over L2-resident packed X (at 95 % and 128 rows: 0.93-1.02x).
 _GROUP_MIN_PER_ROW = 9.0
-_PAIR_GROUP_MIN_PER_ROW = 5.0
+_GROUP_MIN_PER_ROW_WIDE = 5.0  # from _GROUP_WIDE_BATCH rows, and in csr_pair
+_GROUP_WIDE_BATCH = 512
 # AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2: panel-major CSR" and "AVX2,
 # afternoon"): with X packed chunk-major, panel-major rows beat the row loop from s = 0.8 to 0.97
 # (3.8 entries per row-panel: 7 of 9 cells, 2 ties) at 64-1024 rows; at 0.98 (2.6) it is mixed and at
@@ -138,7 +141,8 @@ def _batched_layout(w: CSR, batch: int, pair: bool = False) -> str:
     per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
     if _CSR_BITS[0] == 256:  # the AVX2 kernels (also under AVX-512 on Zen 4)
         return "panels" if per_row_panel >= _AVX2_PANEL_MIN_PER_ROW else "rows"
-    return "groups" if per_row_panel >= (_PAIR_GROUP_MIN_PER_ROW if pair else _GROUP_MIN_PER_ROW) else "rows"
+    wide = pair or batch >= _GROUP_WIDE_BATCH
+    return "groups" if per_row_panel >= (_GROUP_MIN_PER_ROW_WIDE if wide else _GROUP_MIN_PER_ROW) else "rows"
 
 
 def _panels(w: CSR):

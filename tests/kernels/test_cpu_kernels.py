@@ -551,6 +551,17 @@ def test_csr_pair_grouped_where_one_layer_would_read_rows(isa):
     check_pair(cpu.csr_pair_cpu(x, c1, b1, "gelu", c2, b2), x, c1, b1, "gelu", c2, b2, "none")
 
 
+def test_csr_grouped_at_95_percent_from_512_rows(isa):
+    if isa != "avx512":
+        pytest.skip("the grouped layout is the 512-bit kernels'")
+    # 95 %: the row loop below 512 rows, grouped from 512 (partial last 64-row window at O = 200).
+    w, keep = rand_weight(200, 700, 0.95)
+    wc = CSR.from_dense(w, mask=keep)
+    assert cpu._batched_layout(wc, 511) == "rows" and cpu._batched_layout(wc, 512) == "groups"
+    x, b = torch.randn(520, 700), torch.randn(200)
+    check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
+
+
 @pytest.mark.parametrize("first,second", [("groups", "panels"), ("panels", "groups"), ("panels", "panels")])
 def test_csr_pair_mixed_layouts(isa, first, second):
     if isa != "avx512":
