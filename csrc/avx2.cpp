@@ -296,10 +296,13 @@ void csr_avx2(const LinearArgs& a, const IT* col) {
   const int64_t N = a.n, I = a.in_features, O = a.out_features;
   const int32_t* crow = a.crow;
   const double work = double(crow[O]) * double(N);
-  const int T = pick_threads(a.nthreads, N < kSpmmMinN ? est_spmv_csr(work) : est_spmm(work));
+  // Packing X touches N·I values; with fewer stored values than inputs (a 10-output head on a wide
+  // layer) that costs more than the products, so such a layer reads X rows as the SpMV path does.
+  const bool spmv = N < kSpmmMinN || int64_t(crow[O]) < I;
+  const int T = pick_threads(a.nthreads, spmv ? est_spmv_csr(work) : est_spmm(work));
   const bool w512 = csr_bits() == 512;  // batched path only
 
-  if (N < kSpmmMinN) {
+  if (spmv) {
 #pragma omp parallel num_threads(T) if (T > 1)
     {
       const int t = thread_id(), nt = team_size();

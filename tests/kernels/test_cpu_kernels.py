@@ -162,6 +162,16 @@ def test_csr_size_zero(isa, n, o, i):
     check(y, x, wc, b, "relu")
 
 
+def test_csr_head_with_fewer_stored_values_than_inputs(isa):
+    # A 10-output head over 4096 inputs at 95 %: ~2k stored values, fewer than the inputs, so a
+    # batch of 64 reads X rows directly instead of packing all 64 x 4096 of them.
+    w, keep = rand_weight(10, 4096, 0.95)
+    wc = CSR.from_dense(w / 15, mask=keep)
+    assert wc.values.numel() < 4096
+    x, b = torch.randn(64, 4096), torch.randn(10)
+    check(run(x, wc, b, "relu"), x, wc, b, "relu")
+
+
 def test_csr_many_panels(isa):
     # Wide input: the packed-X panel holds 64 batch columns, so batch 130 takes three panels.
     w, _ = rand_weight(24, 4096, 0.9)
