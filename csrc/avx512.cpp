@@ -25,6 +25,7 @@ struct Avx512 {
   // FMA latency 4 x 2 ports wants ~8 accumulators in flight.
   static constexpr int csr_unroll(int v) { return v >= 4 ? 2 : 4; }
   static constexpr int bsr_unroll(int rbv) { return rbv >= 8 ? 1 : (rbv >= 4 ? 2 : 4); }
+  static constexpr int attention_rows = 8;  // query rows per block: 16 score / output accumulators
   static __m512 round(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static __m512 scale2(__m512 e, __m512 n) { return _mm512_scalef_ps(e, n); }
   static __m512 exp_nonpositive(__m512 u) { return simd::exp_nonpositive<Avx512>(u); }

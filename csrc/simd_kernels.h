@@ -10,6 +10,7 @@
 //   bcast(const float* / const bf16_t* / const f16_t*) // one weight, widened to fp32 in all lanes
 // (SE_SIMD_FP32_TRAITS below writes all of these from the intrinsic prefix), and
 //   static constexpr int csr_unroll(int V), bsr_unroll(int RB_times_V)  // accumulator sets
+//   static constexpr int attention_rows                // query rows per attention block
 //   static vec round(vec), scale2(vec e, vec n)       // nearest integer; e · 2^n (n integral)
 //   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
 //   static vec abs(vec); static vec select_neg(vec x, vec if_neg, vec if_not)  // erf-GELU
@@ -264,7 +265,8 @@ void attention_rows(const float* q, int64_t ld, const float* kt, const float* v,
 }
 
 // softmax(Q Kᵀ · scale) V for one (batch, head) task, read straight from the QKV projection's
-// output (B·S, 3·nh·hs) and written as (B·S, nh·hs). Kᵀ packed per task.
+// output (B·S, 3·nh·hs) and written as (B·S, nh·hs). Kᵀ packed per task; queries in blocks of
+// S::attention_rows, then of 4, then one by one.
 template <typename S>
 void attention_task(const float* qkv, float* out, int64_t Sq, int64_t nh, int64_t hs, float scale, int64_t task) {
   const int64_t H = nh * hs, ld = 3 * H, sk = (Sq + 2 * S::W - 1) / (2 * S::W) * (2 * S::W);
@@ -273,12 +275,15 @@ void attention_task(const float* qkv, float* out, int64_t Sq, int64_t nh, int64_
   const float* k = q + H;
   const float* v = q + 2 * H;
   float* kt = scratch(0, size_t(hs * sk));
-  float* p = scratch(1, size_t(4 * sk));
+  constexpr int RB = S::attention_rows;
+  float* p = scratch(1, size_t(RB * sk));
   for (int64_t d = 0; d < hs; ++d)
     for (int64_t j = 0; j < sk; ++j) kt[d * sk + j] = j < Sq ? k[j * ld + d] : 0.f;
   float* o = out + b * Sq * H + h * hs;
   int64_t i = 0;
-  for (; i + 4 <= Sq; i += 4) attention_rows<S, 4>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
+  for (; i + RB <= Sq; i += RB) attention_rows<S, RB>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
+  if constexpr (RB > 4)
+    for (; i + 4 <= Sq; i += 4) attention_rows<S, 4>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
   for (; i < Sq; ++i) attention_rows<S, 1>(q + i * ld, ld, kt, v, Sq, sk, hs, scale, p, o + i * H, H);
 }
 
