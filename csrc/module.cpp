@@ -207,6 +207,7 @@ void set_batched_layout(se::LinearArgs& a, int64_t panel_width, uintptr_t panel_
                         uintptr_t panel_val, uintptr_t grp_off, uintptr_t grp_len, uintptr_t grp_rows,
                         uintptr_t grp_col, uintptr_t grp_val) {
   if ((panel_seg || grp_off) && a.in_features > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
+  if (grp_off && se::csr_bits() != 512) throw std::invalid_argument("the grouped layout needs the 512-bit CSR kernels");
   if (panel_seg) {
     if (panel_width <= 0 || !panel_col || !panel_val) throw std::invalid_argument("panel layout incomplete");
     a.panel_seg = as_ptr<const int32_t>(panel_seg);
@@ -237,7 +238,7 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t panel_seg, uintptr_t panel_col, uintptr_t panel_val, int64_t panel_width,
            uintptr_t grp_off, uintptr_t grp_len, uintptr_t grp_rows, uintptr_t grp_col, uintptr_t grp_val) {
           se::LinearArgs a = make_args(y, x, n, i, o, crow, col, val, wdtype, bias, act, nthreads);
-          if ((col16 || panel_seg) && i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
+          if (col16 && i > 65536) throw std::invalid_argument("uint16 indices need in_features <= 65536");
           if (col16) a.col16 = as_ptr<const uint16_t>(col16);
           set_batched_layout(a, panel_width, panel_seg, panel_col, panel_val, grp_off, grp_len, grp_rows, grp_col, grp_val);
           py::gil_scoped_release nogil;
@@ -247,9 +248,9 @@ PYBIND11_MODULE(_C, m) {
         "crow, col, values, wdtype (0 fp32, 1 bf16, 2 fp16), bias (0 for none), act (0 none, 1 relu, "
         "2 gelu, 3 gelu_tanh), nthreads, and optionally col16: a (nnz,) uint16 copy of the column "
         "indices (0 for none) that the kernels then read instead; optionally the panelled layout "
-        "(panel_seg (P·O+1,) int32, panel_col (nnz,) uint16, panel_val (nnz,), panel_width) or the "
-        "grouped one (grp_off, grp_len, grp_rows, grp_col, grp_val: sparse_linear.h) for the batched "
-        "AVX2/AVX-512 paths. Inputs are trusted: validate in Python.",
+        "(panel_seg (P·O+1,) int32, panel_col (nnz,) uint16, panel_val (nnz,), panel_width) for the "
+        "batched AVX2/AVX-512 paths, or, with the 512-bit kernels, the grouped one (grp_off, grp_len, "
+        "grp_rows, grp_col, grp_val: sparse_linear.h). Inputs are trusted: validate in Python.",
         py::arg("y"), py::arg("x"), py::arg("n"), py::arg("in_features"), py::arg("out_features"),
         py::arg("crow"), py::arg("col"), py::arg("values"), py::arg("wdtype"), py::arg("bias"),
         py::arg("act"), py::arg("nthreads"), py::arg("col16") = 0, py::arg("panel_seg") = 0,
@@ -275,8 +276,6 @@ PYBIND11_MODULE(_C, m) {
                                           "(grp_off, grp_len, grp_rows, grp_col, grp_val)");
             if (!a->panel_seg && !a->grp_off) throw std::invalid_argument("csr_pair: both batched layouts are needed");
           }
-          if ((a1.grp_off || a2.grp_off) && se::csr_bits() != 512)
-            throw std::invalid_argument("csr_pair: the grouped layout needs the 512-bit CSR kernels");
           py::gil_scoped_release nogil;
           se::csr_pair(a1, a2);
         },

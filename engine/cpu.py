@@ -212,9 +212,10 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     """One-time layout work for the C++ kernels, cached and reused by every later call on the same
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
-    a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (512-bit kernels from
-    density 0.07; 256-bit panel-major from 0.023; another value + 2 bytes per stored value, plus padding). The
-    first kernel call does it lazily; SparseLinear calls this (without `batch`) at construction to
+    a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (512-bit kernels grouped
+    from density 0.07, from 0.04 at >= 512 rows or inside csr_pair; 256-bit panel-major from 0.023;
+    another value + 2 bytes per stored value, plus padding). The first kernel call does it lazily (so
+    does csr_pair for the copy it reads); SparseLinear calls this (without `batch`) at construction to
     keep the index copy out of the first inference."""
     if isinstance(w, CSR) and w.device.type == "cpu":
         _col16(w)

@@ -483,6 +483,15 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtyp
     check(run(x, wc, b, "relu"), x, wc, b, "relu")
 
 
+def test_grouped_layout_needs_the_512_bit_kernels(isa):
+    if csr_family(isa) != "avx2":
+        pytest.skip("the 256-bit kernels refuse the grouped copy")
+    w, keep = rand_weight(40, 600, 0.5)
+    wc = CSR.from_dense(w, mask=keep)
+    with forced_layout("groups"), pytest.raises(ValueError, match="512-bit"):
+        run(torch.randn(32, 600), wc)
+
+
 @contextlib.contextmanager
 def forced_layout(*layouts):
     """cpu._batched_layout returns `layouts` in turn (the last one from then on) inside the block."""
