@@ -182,8 +182,10 @@ def test_costmodel_bf16_picks_tiles_where_they_pay():
     # ... at half density dense bf16 (oneDNN AMX) is faster on a large batch: nothing sparse pays.
     t = _times((3072, 768), 0.5, 1024)
     assert min(t, key=t.get) == "dense", t
-    # Unstructured (CSR computes in fp32) loses to dense bf16 on BERT-sized token batches.
-    assert _times((3072, 768), 0.1, 128)["csr"] > _times((3072, 768), 0.1, 128)["dense"]
+    # Unstructured (CSR computes in fp32) loses to dense bf16 on BERT-sized token batches from two
+    # sequences (the measured crossover, bench/results/bf16.md: 1.03x at one sequence of 128 tokens).
+    for batch in (256, 1024):
+        assert _times((3072, 768), 0.1, batch)["csr"] > _times((3072, 768), 0.1, batch)["dense"], batch
 
 
 def test_costmodel_bf16_rows_only_where_a_bf16_kernel_serves():
