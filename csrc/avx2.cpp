@@ -156,7 +156,7 @@ void pack_panel(const float* x, int64_t N, int64_t I, int64_t p0, int64_t np, fl
 
 // ---- GELU on 8 lanes ---------------------------------------------------------------------------
 
-// erf-GELU on 8 lanes (simd::gelu; as gelu512 in bf16.cpp). std::erf per lane was 10-17x slower
+// erf-GELU on 8 lanes (simd::gelu). std::erf per lane was 10-17x slower
 // than the kernel it followed.
 inline __m256 gelu8(__m256 v) { return simd::gelu<Avx2>(v); }
 

@@ -1,5 +1,6 @@
-// AVX-512F micro-kernels (see avx512.h): the SIMD-generic bodies of simd_kernels.h instantiated
-// with 16-wide zmm traits; the 32 zmm registers hold a 4 rows x 64 columns accumulator block.
+// AVX-512F micro-kernels (see avx512.h): the SIMD-generic bodies of simd_kernels.h instantiated with
+// the 16-wide zmm traits (zmm_traits.h); the 32 zmm registers hold a 4 rows x 64 columns accumulator
+// block.
 // Also the batch-as-rows BSR block row (bsr_rows16_512) and one (batch, head) of the fp32 attention.
 #if defined(__x86_64__) || defined(__i386__)  // elsewhere the AVX-512 path is never selected
 #include <immintrin.h>
@@ -16,29 +17,9 @@
 SE_TARGET_PUSH("avx512f,avx2,fma,f16c")
 
 #include "simd_kernels.h"
+#include "zmm_traits.h"
 
 namespace se {
-namespace {
-
-struct Avx512 {
-  SE_SIMD_FP32_TRAITS(_mm512, __m512, 16)
-  // FMA latency 4 x 2 ports wants ~8 accumulators in flight.
-  static constexpr int csr_unroll(int v) { return v >= 4 ? 2 : 4; }
-  static constexpr int bsr_unroll(int rbv) { return rbv >= 8 ? 1 : (rbv >= 4 ? 2 : 4); }
-  static constexpr int attention_rows = 8;  // query rows per block: 16 score / output accumulators
-  static __m512 round(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static __m512 scale2(__m512 e, __m512 n) { return _mm512_scalef_ps(e, n); }
-  static __m512 exp_nonpositive(__m512 u) { return simd::exp_nonpositive<Avx512>(u); }
-  static float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
-  static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-  static __m512 abs(__m512 v) { return _mm512_abs_ps(v); }
-  static __m512 select_neg(__m512 x, __m512 if_neg, __m512 if_not) {  // by the sign bit, as VBLENDVPS
-    const __mmask16 neg = _mm512_test_epi32_mask(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
-    return _mm512_mask_blend_ps(neg, if_not, if_neg);
-  }
-};
-
-}  // namespace
 
 template <typename WT, typename IT>
 void csr_row_chunk_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1,

@@ -168,7 +168,10 @@ bool amx_usable(std::string* reason) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-SE_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")
+SE_TARGET_PUSH("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+
+#include "simd_kernels.h"
+#include "zmm_traits.h"
 
 namespace se {
 namespace {
@@ -227,27 +230,14 @@ inline __m512 exp2_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// GELU (erf): 0.5·v·(1 + erf(v/√2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7):
-// 1 - erf(a) = q(t)·e^(-a²), t = 1/(1 + 0.3275911·a), a = |x|; for x < 0, 1 + erf(x) = q·e^(-a²)
-// is formed directly (no cancellation in the far negative tail). For a bf16 result (BF16 = true,
-// rounded to 2^-9 relative) t is VRCP14PS alone (2^-14) and e^(-a²) is 2^(-a²·log2 e) by
-// exp2_nonpositive (< 4e-5): the relative error of 1 ± erf stays ~1e-4, also in the negative tail,
-// a twentieth of the rounding, in ~24 vector operations instead of ~32.
-template <bool BF16 = false>
-inline __m512 gelu512(__m512 v) {
-  const __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678f));
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 d = _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f));
-  const __m512 t = BF16 ? _mm512_rcp14_ps(d) : _mm512_div_ps(_mm512_set1_ps(1.f), d);
-  __m512 q = _mm512_set1_ps(1.061405429f);
-  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(c));
-  const __m512 e = BF16 ? exp2_nonpositive(_mm512_mul_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(-1.44269504f)))
-                        : exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-  q = _mm512_mul_ps(_mm512_mul_ps(q, t), e);
-  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 one_plus_erf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
-  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), one_plus_erf);
-}
+// The erf-GELU (simd::gelu) for a bf16 result, rounded to 2^-9 relative: 1/d by VRCP14PS alone
+// (2^-14) and e^u as 2^(u·log2 e) by exp2_nonpositive (< 4e-5) keep the relative error of 1 ± erf
+// at ~1e-4, also in the negative tail, a twentieth of the rounding, in ~24 vector operations
+// instead of ~32. fp32 results take the Avx512 traits (1/d divided, e^u to ~1e-7).
+struct Avx512Bf16Out : Avx512 {
+  static __m512 recip(__m512 d) { return _mm512_rcp14_ps(d); }
+  static __m512 exp_nonpositive(__m512 u) { return exp2_nonpositive(_mm512_mul_ps(u, _mm512_set1_ps(1.44269504f))); }
+};
 
 // tanh-GELU: 0.5·v·(1 + tanh(u)) = v / (1 + e^(-2u)), u = √(2/π)·(v + 0.044715·v³).
 inline __m512 gelu_tanh512(__m512 v) {
@@ -258,7 +248,7 @@ inline __m512 gelu_tanh512(__m512 v) {
 }
 
 // buf rows [0, rows) of 16 fp32 (row stride 16) -> Y[n0 + r, o0 : o0 + R] = act(buf + bias), Y in
-// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass (erf-GELU then by gelu512<true>).
+// fp32 or, when a.y_bf16, rounded to bf16 (RNE) in the same pass (erf-GELU then by Avx512Bf16Out).
 template <int ACT, bool Y16>
 void store_rows_as(const LinearArgs& a, const float* buf, int64_t rows, int64_t n0, int64_t o0, int64_t R) {
   const __mmask16 m = __mmask16((1u << R) - 1);
@@ -270,7 +260,7 @@ void store_rows_as(const LinearArgs& a, const float* buf, int64_t rows, int64_t 
     __m512 v = _mm512_add_ps(_mm512_load_ps(buf + r * kTile), b);
     // max(0, v) returns its second operand when either is NaN: relu(NaN) = NaN, as in torch.
     if (ACT == ACT_RELU) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-    if (ACT == ACT_GELU) v = gelu512<Y16>(v);
+    if (ACT == ACT_GELU) v = simd::gelu<std::conditional_t<Y16, Avx512Bf16Out, Avx512>>(v);
     if (ACT == ACT_GELU_TANH) v = gelu_tanh512(v);
     if (Y16) {
       const __m256bh h = _mm512_cvtneps_pbh(v);

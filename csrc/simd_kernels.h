@@ -14,6 +14,8 @@
 //   static vec round(vec), scale2(vec e, vec n)       // nearest integer; e · 2^n (n integral)
 //   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
 //   static vec abs(vec); static vec select_neg(vec x, vec if_neg, vec if_not)  // erf-GELU
+// (SE_SIMD_FP32_TRAITS also gives recip(d) = 1/d, which the GELU uses.) The 16-wide zmm traits are
+// in zmm_traits.h, shared by avx512.cpp and bf16.cpp.
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
 #pragma once
@@ -34,7 +36,7 @@
   static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
   static vec sub(vec a, vec b) { return P##_sub_ps(a, b); }                             \
   static vec mul(vec a, vec b) { return P##_mul_ps(a, b); }                             \
-  static vec div(vec a, vec b) { return P##_div_ps(a, b); }                             \
+  static vec recip(vec d) { return P##_div_ps(P##_set1_ps(1.f), d); }                  \
   static vec max(vec a, vec b) { return P##_max_ps(a, b); }                             \
   static vec set1(float f) { return P##_set1_ps(f); }                                   \
   static void storeu(float* p, vec v) { P##_storeu_ps(p, v); }                          \
@@ -168,12 +170,13 @@ typename S::vec exp_nonpositive(typename S::vec u) {
 
 // 0.5·v·(1 + erf(v/√2)): with a = |x|, x = v/√2, Abramowitz & Stegun 7.1.26 gives 1 - erf(a) =
 // q(t)·e^(-a²), t = 1/(1 + 0.3275911·a) (|error| <= 1.5e-7); 1 + erf(x) is 2 - q·e^(-a²) for x >= 0
-// and q·e^(-a²) itself for x < 0 (no cancellation in the negative tail). NaN stays NaN.
+// and q·e^(-a²) itself for x < 0 (no cancellation in the negative tail). NaN stays NaN. The
+// accuracy is S's: recip and exp_nonpositive (bf16.cpp's bf16-output traits trade them for speed).
 template <typename S>
 typename S::vec gelu(typename S::vec v) {
   const auto x = S::mul(v, S::set1(0.70710678118654752f));
   const auto a = S::abs(x);
-  const auto t = S::div(S::set1(1.f), S::fmadd(a, S::set1(0.3275911f), S::set1(1.f)));
+  const auto t = S::recip(S::fmadd(a, S::set1(0.3275911f), S::set1(1.f)));
   auto q = S::set1(1.061405429f);
   for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) q = S::fmadd(q, t, S::set1(c));
   q = S::mul(S::mul(q, t), S::exp_nonpositive(S::sub(S::zero(), S::mul(a, a))));
