@@ -275,18 +275,8 @@ void csr_chunk_grouped(const LinearArgs& a, int64_t w0, int64_t w1, const float*
   const int v16 = int(nc / 16);
   for (int64_t r = w0 * 64; r < w1 * 64; ++r) std::memset(acc + r * kChunk, 0, size_t(nc) * sizeof(float));
   for (int64_t p = 0; p < P; ++p)
-    for (int64_t g = p * G + w0 * 16; g < p * G + w1 * 16; ++g) {
-      if (g + 2 < p * G + w1 * 16) {  // partial sums of the group after next: L2 -> L1 ahead of use
-        const int32_t* nr = a.grp_rows + 4 * (g + 2);
-        for (int r = 0; r < 4; ++r)
-          for (int64_t c = 0; c < nc; c += 16)
-            _mm_prefetch(reinterpret_cast<const char*>(acc + nr[r] * kChunk + c), _MM_HINT_T0);
-      }
-      const int32_t len = a.grp_len[g];
-      if (len == 0) continue;
-      const int32_t off = a.grp_off[g];
-      csr_group_acc_512<WT>(v16, a.grp_col + off, val + off, len, a.grp_rows + 4 * g, xt, np, acc, kChunk);
-    }
+    csr_groups_512<WT>(v16, a.grp_off, a.grp_len, a.grp_rows, a.grp_col, val, p * G + w0 * 16, p * G + w1 * 16,
+                       xt, np, acc, kChunk);
 }
 
 // IT: int32_t column indices, or uint16_t (a prepared copy when I <= 65536: 2 bytes less per entry

@@ -38,10 +38,20 @@ void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t 
 }
 
 template <typename WT>
-void csr_group_acc_512(int v16, const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
-                       const float* xt, int64_t np, float* acc, int64_t stride) {
+void csr_groups_512(int v16, const int32_t* off, const int32_t* len, const int32_t* rows, const uint16_t* col,
+                    const WT* val, int64_t g0, int64_t g1, const float* xt, int64_t np, float* acc, int64_t stride) {
   simd::with_v<4>(v16, [&](auto V) {
-    simd::csr_group_acc<Avx512, WT, decltype(V)::value>(col, val, len, rows, xt, np, acc, stride);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (g + 2 < g1) {  // partial sums of the group after next: L2 -> L1 ahead of use
+        const int32_t* nr = rows + 4 * (g + 2);
+        for (int r = 0; r < 4; ++r)
+          for (int v = 0; v < decltype(V)::value; ++v)
+            _mm_prefetch(reinterpret_cast<const char*>(acc + nr[r] * stride + 16 * v), _MM_HINT_T0);
+      }
+      if (len[g] > 0)
+        simd::csr_group_acc<Avx512, WT, decltype(V)::value>(col + off[g], val + off[g], len[g], rows + 4 * g,
+                                                            xt, np, acc, stride);
+    }
   });
 }
 
@@ -101,8 +111,8 @@ void attention_task_512(const float* qkv, float* out, int64_t S, int64_t nh, int
                                                const float*, int64_t, float*);                     \
   template void csr_row_chunk_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t, \
                                                 const float*, int64_t, float*);                    \
-  template void csr_group_acc_512<WT>(int, const uint16_t*, const WT*, int32_t, const int32_t*,      \
-                                      const float*, int64_t, float*, int64_t);                     \
+  template void csr_groups_512<WT>(int, const int32_t*, const int32_t*, const int32_t*, const uint16_t*, \
+                                   const WT*, int64_t, int64_t, const float*, int64_t, float*, int64_t);  \
   template void csr_row_acc_512<WT, uint16_t>(int, const uint16_t*, const WT*, int32_t, int32_t,   \
                                               const float*, int64_t, float*, bool);                \
   template void bsr_rows_chunk_512<WT>(int, int, const int32_t*, const WT*, int32_t, int32_t,     \

@@ -24,11 +24,13 @@ template <typename WT, typename IT>
 void csr_row_acc_512(int v16, const IT* col, const WT* val, int32_t k0, int32_t k1, const float* xt,
                      int64_t np, float* out, bool accumulate);
 
-// One SELL-4 group of one panel: 4 rows (lanes) with len entries each, slot (j, lane) at
-// col/val[4·j + lane]; acc rows rows[lane] (row stride acc_stride floats) += Σ_j val · xt[col·np].
+// SELL-4 groups [g0, g1) of one panel: group g's 4 rows (lanes) rows[4g : 4g + 4] with len[g] entries
+// each, slot (j, lane) at col/val[off[g] + 4·j + lane]; acc rows (row stride acc_stride floats)
+// += Σ_j val · xt[col·np + (0 : 16·V16)].
 template <typename WT>
-void csr_group_acc_512(int v16, const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
-                       const float* xt, int64_t np, float* acc, int64_t acc_stride);
+void csr_groups_512(int v16, const int32_t* off, const int32_t* len, const int32_t* rows, const uint16_t* col,
+                    const WT* val, int64_t g0, int64_t g1, const float* xt, int64_t np, float* acc,
+                    int64_t acc_stride);
 
 // Rows [r0, r0 + rb) (rb = 1..4) of one BSR block row, V16 (1..4) vectors of 16 batch columns:
 // out[r][0 : 16·V16] = Σ_blocks Σ_c W[block][r0 + r][c] · xt[(bcol·C + c) · np + ...].

@@ -104,17 +104,26 @@ template <typename S, typename WT, int V>
 inline void csr_group_acc(const uint16_t* col, const WT* val, int32_t len, const int32_t* rows,
                           const float* xt, int64_t np, float* acc, int64_t stride) {
   constexpr int W = S::W;
+  // The 4 row pointers first: the vector stores below may alias rows[] for the compiler.
+  float* const out[4] = {acc + rows[0] * stride, acc + rows[1] * stride, acc + rows[2] * stride,
+                         acc + rows[3] * stride};
   typename S::vec a[4][V];
+#pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < V; ++v) a[r][v] = S::load(acc + rows[r] * stride + W * v);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) a[r][v] = S::load(out[r] + W * v);
   for (int32_t j = 0; j < len; ++j, col += 4, val += 4)
+#pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const auto w = S::bcast(val + r);
       const float* p = xt + int64_t(col[r]) * np;
+#pragma GCC unroll 8
       for (int v = 0; v < V; ++v) a[r][v] = S::fmadd(w, S::loadu(p + W * v), a[r][v]);
     }
+#pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < V; ++v) S::store(acc + rows[r] * stride + W * v, a[r][v]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) S::store(out[r] + W * v, a[r][v]);
 }
 
 // Rows [r0, r0 + RB) of one BSR block row, V vectors of batch columns:

@@ -111,18 +111,16 @@ def _col16(w: CSR) -> torch.Tensor | None:
 # _PANEL_WIDTH features (128 x 64 batch columns of packed X = 32 KiB, an L1's worth), then by row.
 _PANEL_WIDTH = 128
 _PANEL_MIN_BATCH = 16          # below, one 8-column chunk: the row-at-a-time loop is as fast
-# Entries per row per 128-input panel (= 128 x density) that decide the 512-bit batched layout
-# (Intel Xeon, 2026-12-08, bench/results/cpu.md "AVX-512 on Intel: grouped panels over chunk-major
-# packed X"):
-#   >= 9 (density >= 0.07): grouped panels, 4 rows at a time over chunk-major packed X: 1.11-1.41x
-#        panel-major rows at s = 0.5-0.9, 1.17-1.37x the row loop at s = 0.9;
-#   >= 5 (s = 0.95) from 512 rows: grouped too (1.04-1.14x the row loop at 1024 rows in 3 of 4
-#        shapes, 0.97x in the fourth), and inside csr_pair at any batch, where the hidden activations
-#        stay packed (BERT's FFN at 95 %, 128 rows: 1.15x the two row-loop layers);
-#   below: the row-at-a-time loop over L2-resident packed X (at 95 % and 128 rows: 0.93-1.02x).
-_GROUP_MIN_PER_ROW = 9.0
-_GROUP_MIN_PER_ROW_WIDE = 5.0  # from _GROUP_WIDE_BATCH rows, and in csr_pair
-_GROUP_WIDE_BATCH = 512
+# The 512-bit batched layout: grouped panels (SELL-4, 4 rows at a time over chunk-major packed X) or the
+# row-at-a-time loop over L2-resident packed X (panel-major rows lose to both). Groups pay a fixed cost
+# each (16 partial-sum vectors loaded and stored, a loop exit), so they need enough work per group:
+# entries per row per 128-input panel (= 128 x density) times 16-column vectors per batch chunk.
+# Minimum entries per row-panel by vectors per chunk (Intel Xeon with AMX, 2026-12-08,
+# bench/results/cpu.md "Grouped CSR kernel in registers"): 4 vectors (>= 64 rows) from 5 (95 %:
+# 1.0-1.27x the row loop; 97 % mixed), 3 (48 rows) from 9 (90 %: 5 of 6 shapes), 2 (32 rows) from 20
+# (80 %; at 90 % mixed, 0.8-1.25x); one vector (16 rows): never (the row loop 1.03-1.9x). The batch
+# rounded up to 8 must be a multiple of 16 (the kernel's 16-column vectors) for groups at all.
+_GROUP_MIN_PER_ROW = {2: 20.0, 3: 9.0, 4: 5.0}
 # AVX2 (AMD EPYC Zen 3, 32 KiB L1, 512 KiB L2; bench/results/cpu.md "AVX2: panel-major CSR" and "AVX2,
 # afternoon"): with X packed chunk-major, panel-major rows beat the row loop from s = 0.8 to 0.97
 # (3.8 entries per row-panel: 7 of 9 cells, 2 ties) at 64-1024 rows; at 0.98 (2.6) it is mixed and at
@@ -132,17 +130,17 @@ _GROUP_WIDE_BATCH = 512
 _AVX2_PANEL_MIN_PER_ROW = 3.0
 
 
-def _batched_layout(w: CSR, batch: int, pair: bool = False) -> str:
-    """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads (as one
-    layer of csr_pair when `pair`)."""
+def _batched_layout(w: CSR, batch: int) -> str:
+    """"rows" (the CSR itself), "panels" or "groups": which copy the batched kernel reads."""
     o, i = w.shape
     if not (batch >= _PANEL_MIN_BATCH and _ISA[0] in ("avx512", "avx2") and 2 * _PANEL_WIDTH < i <= _U16_MAX_COLS):
         return "rows"
     per_row_panel = w.values.numel() * _PANEL_WIDTH / (o * i)
     if _CSR_BITS[0] == 256:  # the AVX2 kernels (also under AVX-512 on Zen 4)
         return "panels" if per_row_panel >= _AVX2_PANEL_MIN_PER_ROW else "rows"
-    wide = pair or batch >= _GROUP_WIDE_BATCH
-    return "groups" if per_row_panel >= (_GROUP_MIN_PER_ROW_WIDE if wide else _GROUP_MIN_PER_ROW) else "rows"
+    n_pad = -(-batch // 8) * 8
+    vectors = min(4, n_pad // 16) if n_pad % 16 == 0 else 0
+    return "groups" if per_row_panel >= _GROUP_MIN_PER_ROW.get(vectors, float("inf")) else "rows"
 
 
 def _panels(w: CSR):
@@ -213,7 +211,7 @@ def prepare_weight(w: CSR | BSR, batch: int | None = None) -> CSR | BSR:
     buffers: for CSR with in_features <= 65536, a uint16 copy of the column indices (2 bytes less
     per stored value on the memory-bound small-batch path; 2 bytes/value extra memory), and, given
     a `batch` >= 16, the panel-major or grouped copy the batched kernel reads (512-bit kernels grouped
-    from density 0.07, from 0.04 at >= 512 rows or inside csr_pair; 256-bit panel-major from 0.023;
+    from density 0.04 at >= 64 rows, 0.07 at 48, 0.16 at 32; 256-bit panel-major from 0.023;
     another value + 2 bytes per stored value, plus padding). The first kernel call does it lazily (so
     does csr_pair for the copy it reads); SparseLinear calls this (without `batch`) at construction to
     keep the index copy out of the first inference."""
@@ -270,20 +268,19 @@ def csr_linear_cpu(x: torch.Tensor, w: CSR, bias: torch.Tensor | None, activatio
 def pair_fits(x: torch.Tensor, w1, w2) -> bool:
     """Whether csr_pair_cpu runs act2(act1(x · W1ᵀ + b1) · W2ᵀ + b2) for this x: fp32 x on the CPU,
     both weights CSR with one value dtype, and both in a panelled batched layout at x's batch
-    (panel-major or grouped; with the 512-bit kernels, the batch rounded up to 8 a multiple of 16)."""
+    (panel-major or grouped; with the 512-bit kernels, grouped needs the batch rounded up to 8 a
+    multiple of 16)."""
     if not (isinstance(w1, CSR) and isinstance(w2, CSR) and x.dtype is torch.float32 and x.dim() == 2
             and x.device.type == "cpu" and w1.values.is_cpu and w2.values.is_cpu
             and w1.values.dtype is w2.values.dtype and w1.shape[0] == w2.shape[1]):
         return False
     n = x.shape[0]
-    if _CSR_BITS[0] == 512 and (n + 7) // 8 * 8 % 16:
-        return False
-    return _batched_layout(w1, n, pair=True) != "rows" and _batched_layout(w2, n, pair=True) != "rows"
+    return _batched_layout(w1, n) != "rows" and _batched_layout(w2, n) != "rows"
 
 
 def _layout_ptrs(w: CSR, batch: int) -> tuple[int, ...]:
     """The batched copy csr_pair reads, as data pointers: (seg, col, val) or (off, len, rows, col, val)."""
-    built = _groups(w) if _batched_layout(w, batch, pair=True) == "groups" else _panels(w)
+    built = _groups(w) if _batched_layout(w, batch) == "groups" else _panels(w)
     return tuple(t.data_ptr() for t in built)
 
 

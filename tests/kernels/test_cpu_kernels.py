@@ -454,15 +454,18 @@ def test_prepare_weight_cache_follows_buffers(isa):
     check(run(x, w1_full), x, w1_full, None, "none")
 
 
-@pytest.mark.parametrize("layouts,sparsity,o", [
-    ({"avx512": "groups", "avx2": "panels"}, 0.5, 40),
-    ({"avx512": "groups", "avx2": "panels"}, 0.88, 40),
-    ({"avx512": "groups", "avx2": "panels"}, 0.88, 130),
-    ({"avx512": "rows", "avx2": "panels"}, 0.96, 40),
-    ({"avx512": "rows", "avx2": "rows"}, 0.99, 40)])
+@pytest.mark.parametrize("n,sparsity,o,avx512,avx2", [
+    (48, 0.5, 40, "groups", "panels"),
+    (48, 0.88, 40, "groups", "panels"),
+    (64, 0.88, 130, "groups", "panels"),
+    (144, 0.95, 130, "groups", "panels"),  # ~6 entries per row-panel: enough for 4 vectors a chunk...
+    (48, 0.95, 130, "rows", "panels"),     # ...not for 3
+    (16, 0.5, 40, "rows", "panels"),      # one 16-column vector per chunk: never grouped
+    (33, 0.5, 40, "rows", "panels"),      # 40 columns padded: not whole 16-column vectors
+    (130, 0.88, 130, "rows", "panels"),   # 136 columns padded: neither
+    (144, 0.99, 40, "rows", "rows")])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", (16, 33, 130))
-def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtype, n):
+def test_csr_panelled_and_grouped_batched_paths(isa, n, sparsity, o, avx512, avx2, wdtype):
     # Dense enough and wide enough for the panel-major (AVX-512, AVX2) / grouped (AVX-512) copies;
     # I = 600 leaves a partial last panel, O = 130 a partial 64-row window, and some rows are empty.
     w, keep = rand_weight(o, 600, sparsity)
@@ -470,7 +473,7 @@ def test_csr_panelled_and_grouped_batched_paths(isa, layouts, sparsity, o, wdtyp
     w = (w * keep).to(wdtype)
     wc = CSR.from_dense(w, mask=keep)
     chosen = cpu._batched_layout(wc, n)
-    assert chosen == layouts.get(csr_family(isa), "rows")
+    assert chosen == {"avx512": avx512, "avx2": avx2}.get(csr_family(isa), "rows")
     x, b = torch.randn(n, 600), torch.randn(o)
     # The 512-bit kernels also run the panel-major copy they no longer choose (bench/csr_layouts.py
     # measures it against the grouped one).
@@ -497,9 +500,9 @@ def forced_layout(*layouts):
     """cpu._batched_layout returns `layouts` in turn (the last one from then on) inside the block."""
     real, calls = cpu._batched_layout, []
 
-    def pick(w, batch, pair=False):
+    def pick(w, batch):
         calls.append(w)
-        return layouts[min(len(calls), len(layouts)) - 1] if real(w, batch, pair) != "rows" else "rows"
+        return layouts[min(len(calls), len(layouts)) - 1] if real(w, batch) != "rows" else "rows"
     cpu._batched_layout = pick
     try:
         yield
@@ -518,7 +521,7 @@ def check_pair(y, x, w1, b1, act1, w2, b2, act2):
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", (16, 33, 130))
+@pytest.mark.parametrize("n", (16, 33, 48, 130))
 def test_csr_pair_equals_the_two_layers(isa, act, wdtype, n):
     # I = 600 and F = 520 leave partial last input panels, O = 130 a partial row tile; rows 5-8 of
     # W1 are empty (their hidden units are act(b1) alone) and rows 3-4 of W2 too.
@@ -530,8 +533,10 @@ def test_csr_pair_equals_the_two_layers(isa, act, wdtype, n):
     c2 = CSR.from_dense((w2 * keep2).to(wdtype), mask=keep2)
     b1, b2, x = torch.randn(520), torch.randn(130), torch.randn(n, 600)
     fits = cpu.pair_fits(x, c1, c2)
-    assert fits == (csr_family(isa) == "avx2" or (isa == "avx512" and (n + 7) // 8 * 8 % 16 == 0))
-    if not fits:
+    # 512-bit: grouped layers only, at 48 rows (16: one vector a chunk; 33 and 130: not whole vectors)
+    assert fits == (csr_family(isa) == "avx2" or (isa == "avx512" and n == 48))
+    # At 16 rows the 512-bit rule prefers the row loop, but the kernel runs the pair panel-major.
+    if not fits and not (isa == "avx512" and n == 16):
         with pytest.raises(RuntimeError if isa == "portable" else ValueError):
             cpu.csr_pair_cpu(x, c1, b1, act, c2, b2)  # the kernel refuses what pair_fits rules out
         return
@@ -556,29 +561,19 @@ def test_csr_pair_many_panels_and_what_does_not_fit(isa):
     assert not cpu.pair_fits(x, c1, CSR.from_dense(rand_weight(300, 264, 0.99)[0]))  # too sparse: rows
 
 
-def test_csr_pair_grouped_where_one_layer_would_read_rows(isa):
+def test_csr_grouped_at_95_percent_from_64_rows(isa):
     if isa != "avx512":
         pytest.skip("the grouped layout is the 512-bit kernels'")
-    # 95 %: 6.4 entries per row per 128-input panel, the row loop for a single layer but grouped
-    # inside the pair; O = 200 and F = 330 leave partial 64-row windows, I = 700 a partial panel.
+    # 95 %: 6.4 entries per row per 128-input panel, the row loop at 48 rows, grouped from 64 alone
+    # and in the pair; O = 200 and F = 330 leave partial 64-row windows, I = 700 a partial panel.
     w1, _ = rand_weight(330, 700, 0.95)
     w2, _ = rand_weight(200, 330, 0.95)
     c1, c2 = CSR.from_dense(w1 / 6), CSR.from_dense(w2 / 5)
     b1, b2, x = torch.randn(330), torch.randn(200), torch.randn(144, 700)
-    assert cpu._batched_layout(c1, 144) == "rows" and cpu._batched_layout(c1, 144, pair=True) == "groups"
-    assert cpu.pair_fits(x, c1, c2)
+    assert cpu._batched_layout(c1, 48) == "rows" and cpu._batched_layout(c1, 64) == "groups"
+    assert not cpu.pair_fits(x[:48], c1, c2) and cpu.pair_fits(x, c1, c2)
+    check(run(x, c1, b1, "gelu"), x, c1, b1, "gelu")
     check_pair(cpu.csr_pair_cpu(x, c1, b1, "gelu", c2, b2), x, c1, b1, "gelu", c2, b2, "none")
-
-
-def test_csr_grouped_at_95_percent_from_512_rows(isa):
-    if isa != "avx512":
-        pytest.skip("the grouped layout is the 512-bit kernels'")
-    # 95 %: the row loop below 512 rows, grouped from 512 (partial last 64-row window at O = 200).
-    w, keep = rand_weight(200, 700, 0.95)
-    wc = CSR.from_dense(w, mask=keep)
-    assert cpu._batched_layout(wc, 511) == "rows" and cpu._batched_layout(wc, 512) == "groups"
-    x, b = torch.randn(520, 700), torch.randn(200)
-    check(run(x, wc, b, "gelu"), x, wc, b, "gelu")
 
 
 @pytest.mark.parametrize("first,second", [("groups", "panels"), ("panels", "groups"), ("panels", "panels")])
