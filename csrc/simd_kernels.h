@@ -45,6 +45,10 @@
   static vec bcast(const bf16_t* p) { return P##_set1_ps(to_f32(*p)); }                 \
   static vec bcast(const f16_t* p) { return P##_set1_ps(_cvtsh_ss(p->bits)); }
 
+// Full unrolling of the loops over compile-time register counts, before register allocation: without
+// it GCC kept some accumulator arrays on the stack (stored and reloaded around every call).
+#define SE_UNROLL _Pragma("GCC unroll 16")
+
 namespace se {
 namespace simd {
 
@@ -69,23 +73,30 @@ inline void csr_row_acc(const IT* col, const WT* val, int32_t k0, int32_t k1, co
                         int64_t np, float* out, bool accumulate) {
   constexpr int W = S::W, U = S::csr_unroll(V) < UMAX ? S::csr_unroll(V) : UMAX;
   typename S::vec a[U][V];
+  SE_UNROLL
   for (int v = 0; v < V; ++v) {
     a[0][v] = accumulate ? S::load(out + W * v) : S::zero();
+    SE_UNROLL
     for (int u = 1; u < U; ++u) a[u][v] = S::zero();
   }
   int32_t k = k0;
   for (; k + U <= k1; k += U)
+    SE_UNROLL
     for (int u = 0; u < U; ++u) {
       const auto w = S::bcast(val + k + u);
       const float* p = xt + int64_t(col[k + u]) * np;
+      SE_UNROLL
       for (int v = 0; v < V; ++v) a[u][v] = S::fmadd(w, S::loadu(p + W * v), a[u][v]);
     }
   for (; k < k1; ++k) {
     const auto w = S::bcast(val + k);
     const float* p = xt + int64_t(col[k]) * np;
+    SE_UNROLL
     for (int v = 0; v < V; ++v) a[0][v] = S::fmadd(w, S::loadu(p + W * v), a[0][v]);
   }
+  SE_UNROLL
   for (int v = 0; v < V; ++v) {
+    SE_UNROLL
     for (int u = 1; u < U; ++u) a[0][v] = S::add(a[0][v], a[u][v]);
     S::store(out + W * v, a[0][v]);
   }
@@ -108,21 +119,21 @@ inline void csr_group_acc(const uint16_t* col, const WT* val, int32_t len, const
   float* const out[4] = {acc + rows[0] * stride, acc + rows[1] * stride, acc + rows[2] * stride,
                          acc + rows[3] * stride};
   typename S::vec a[4][V];
-#pragma GCC unroll 4
+  SE_UNROLL
   for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 8
+  SE_UNROLL
     for (int v = 0; v < V; ++v) a[r][v] = S::load(out[r] + W * v);
   for (int32_t j = 0; j < len; ++j, col += 4, val += 4)
-#pragma GCC unroll 4
+  SE_UNROLL
     for (int r = 0; r < 4; ++r) {
       const auto w = S::bcast(val + r);
       const float* p = xt + int64_t(col[r]) * np;
-#pragma GCC unroll 8
+  SE_UNROLL
       for (int v = 0; v < V; ++v) a[r][v] = S::fmadd(w, S::loadu(p + W * v), a[r][v]);
     }
-#pragma GCC unroll 4
+  SE_UNROLL
   for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 8
+  SE_UNROLL
     for (int v = 0; v < V; ++v) S::store(out[r] + W * v, a[r][v]);
 }
 
@@ -134,30 +145,42 @@ inline void bsr_rows(const int32_t* bcol, const WT* val, int32_t k0, int32_t k1,
                      int64_t r0, const float* xt, int64_t np, float* out, int64_t out_stride) {
   constexpr int U = S::bsr_unroll(RB * V), W = S::W;
   typename S::vec acc[U][RB][V];
+  SE_UNROLL
   for (int u = 0; u < U; ++u)
+    SE_UNROLL
     for (int rb = 0; rb < RB; ++rb)
+      SE_UNROLL
       for (int v = 0; v < V; ++v) acc[u][rb][v] = S::zero();
   for (int32_t k = k0; k < k1; ++k) {
     const WT* w = val + (int64_t(k) * R + r0) * C;
     const float* xb = xt + int64_t(bcol[k]) * C * np;
     int64_t c = 0;
     for (; c + U <= C; c += U)
+      SE_UNROLL
       for (int u = 0; u < U; ++u) {
         typename S::vec xv[V];
+        SE_UNROLL
         for (int v = 0; v < V; ++v) xv[v] = S::loadu(xb + (c + u) * np + W * v);
+        SE_UNROLL
         for (int rb = 0; rb < RB; ++rb) {
           const auto wv = S::bcast(w + rb * C + c + u);
+          SE_UNROLL
           for (int v = 0; v < V; ++v) acc[u][rb][v] = S::fmadd(wv, xv[v], acc[u][rb][v]);
         }
       }
     for (; c < C; ++c)
+      SE_UNROLL
       for (int rb = 0; rb < RB; ++rb) {
         const auto wv = S::bcast(w + rb * C + c);
+        SE_UNROLL
         for (int v = 0; v < V; ++v) acc[0][rb][v] = S::fmadd(wv, S::loadu(xb + c * np + W * v), acc[0][rb][v]);
       }
   }
+  SE_UNROLL
   for (int rb = 0; rb < RB; ++rb)
+    SE_UNROLL
     for (int v = 0; v < V; ++v) {
+      SE_UNROLL
       for (int u = 1; u < U; ++u) acc[0][rb][v] = S::add(acc[0][rb][v], acc[u][rb][v]);
       S::store(out + rb * out_stride + W * v, acc[0][rb][v]);
     }
