@@ -66,6 +66,7 @@ struct Avx2 {
   static constexpr int bsr_unroll(int rbv) { return rbv >= 4 ? 1 : (rbv >= 2 ? 2 : 4); }
   static constexpr int attention_rows = 4;  // query rows per block: 8 of the 16 ymm registers
   static __m256 exp_nonpositive(__m256 u) { return simd::exp_nonpositive<Avx2>(u); }
+  static __m256 recip(__m256 d) { return _mm256_div_ps(_mm256_set1_ps(1.f), d); }
   static __m256 abs(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
   static __m256 select_neg(__m256 x, __m256 if_neg, __m256 if_not) { return _mm256_blendv_ps(if_not, if_neg, x); }
 };

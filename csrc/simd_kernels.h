@@ -14,8 +14,8 @@
 //   static vec round(vec), scale2(vec e, vec n)       // nearest integer; e · 2^n (n integral)
 //   static vec exp_nonpositive(vec); static float hmax(vec), hsum(vec)  // the attention's softmax
 //   static vec abs(vec); static vec select_neg(vec x, vec if_neg, vec if_not)  // erf-GELU
-// (SE_SIMD_FP32_TRAITS also gives recip(d) = 1/d, which the GELU uses.) The 16-wide zmm traits are
-// in zmm_traits.h, shared by avx512.cpp and bf16.cpp.
+//   static vec recip(vec d)                            // 1/d for d >= 1 (finite or inf): erf-GELU
+// The 16-wide zmm traits are in zmm_traits.h, shared by avx512.cpp and bf16.cpp.
 // The traits types live in each TU's anonymous namespace, so the two instantiations never meet
 // at link time.
 #pragma once
@@ -36,7 +36,6 @@
   static vec add(vec a, vec b) { return P##_add_ps(a, b); }                             \
   static vec sub(vec a, vec b) { return P##_sub_ps(a, b); }                             \
   static vec mul(vec a, vec b) { return P##_mul_ps(a, b); }                             \
-  static vec recip(vec d) { return P##_div_ps(P##_set1_ps(1.f), d); }                  \
   static vec max(vec a, vec b) { return P##_max_ps(a, b); }                             \
   static vec set1(float f) { return P##_set1_ps(f); }                                   \
   static void storeu(float* p, vec v) { P##_storeu_ps(p, v); }                          \

@@ -713,15 +713,18 @@ def test_bench_verb_prints_the_comparison_table(capsys):
 
 # ---- the vectorised erf-GELU epilogue (batched paths) against torch's exact GELU ------------------
 
-@pytest.mark.parametrize("fmt", ["csr", "bsr"])
-@pytest.mark.parametrize("n", (1, 16, 37))
+@pytest.mark.parametrize("fmt,n", [("csr", 1), ("csr", 16), ("csr", 37), ("bsr", 1), ("bsr", 16), ("bsr", 37),
+                                   ("bsr16", 128)])
 def test_gelu_epilogue_matches_exact_gelu_over_its_range(isa, fmt, n):
     """Identity weights, so y = gelu(x) alone: within 3e-7 · max(1, |x|) of the float64 reference
-    from -12 to 12 (the batched AVX2 epilogue uses an erf approximation, the SpMV path std::erf),
-    and (CSR) nan / ±inf / -0 as torch gives them."""
+    from -12 to 12 and at ±1e30 / ±3e38 (the batched epilogues use an erf approximation — ymm, and
+    zmm in the 16-row BSR kernel at 128 rows —, the SpMV path std::erf), and (CSR) nan / ±inf / -0 as
+    torch gives them."""
     eye = torch.eye(256)
-    w = CSR.from_dense(eye, mask=eye != 0) if fmt == "csr" else BSR.from_dense(eye, mask=eye != 0, blocksize=(8, 8))
+    w = (CSR.from_dense(eye, mask=eye != 0) if fmt == "csr"
+         else BSR.from_dense(eye, mask=eye != 0, blocksize=(16, 16) if fmt == "bsr16" else (8, 8)))
     x = torch.linspace(-12, 12, n * 256).reshape(n, 256)
+    x[-1, -4:] = torch.tensor([1e30, -1e30, 3e38, -3e38])
     if fmt == "csr":  # one stored weight per output (a block's zeros would turn inf into nan: 0 · inf)
         x[0, :6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -40.0])
     y = run(x, w, None, "gelu")
