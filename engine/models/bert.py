@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu
 from . import ArchError, Family, InputError, register_family, split_rows
 
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -131,8 +132,13 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x)
+        x = self.word_embeddings(input_ids)
+        r = self.token_type_embeddings(token_type_ids).add_(self.position_embeddings(pos))
+        ln, h = self.LayerNorm, x.shape[-1]
+        x2, r2 = x.view(-1, h), r.view(-1, h)
+        if not (x.requires_grad or r.requires_grad) and cpu.add_norm_fits(x2, r2, ln.weight, ln.bias):
+            return cpu.add_layer_norm_(x2, r2, ln.weight, ln.bias, ln.eps).view_as(x)  # LN(x + r), one pass
+        return ln(x + r)
 
 
 class BertEncoder(nn.Module):

@@ -280,3 +280,30 @@ def test_minilm_text_limit_is_its_tokenizers_256(tmp_path):
     assert item.ids.shape == (1, 256)
     with pytest.raises(InputError, match="string 0 is longer than the model's 256 tokens"):
         bert.request(model, model.spec, {"text": ["word " * 255]}, None)
+
+
+def test_embeddings_add_norm_in_one_pass_and_with_grad():
+    """Inference: LayerNorm(word + type + position) in one C++ pass (AVX2 / AVX-512 kernels), equal to
+    torch's composition; with autograd on, torch's ops, and gradients reach every table."""
+    from unittest import mock
+
+    from engine import cpu
+    from engine.models import bert as bert_family
+    torch.manual_seed(0)
+    emb = bert_family.Embeddings(CONFIG)
+    ids, types = torch.randint(0, 120, (3, 11)), torch.randint(0, 2, (3, 11))
+
+    def reference():
+        x = emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(11)) + emb.token_type_embeddings(types)
+        return torch.nn.functional.layer_norm(x, (48,), emb.LayerNorm.weight, emb.LayerNorm.bias, 1e-12)
+
+    with torch.no_grad(), mock.patch.object(cpu, "add_layer_norm_", wraps=cpu.add_layer_norm_) as fused:
+        torch.testing.assert_close(emb(ids, types), reference(), atol=2e-6, rtol=2e-6)
+    assert fused.call_count == (0 if cpu.isa() == "portable" else 1)
+    with mock.patch.object(cpu, "add_layer_norm_", wraps=cpu.add_layer_norm_) as fused:
+        y = emb(ids, types)
+    assert fused.call_count == 0 and y.requires_grad
+    torch.testing.assert_close(y, reference(), atol=2e-6, rtol=2e-6)
+    y.square().sum().backward()
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
