@@ -136,7 +136,10 @@ class Embeddings(nn.Module):
         r = self.token_type_embeddings(token_type_ids).add_(self.position_embeddings(pos))
         ln, h = self.LayerNorm, x.shape[-1]
         x2, r2 = x.view(-1, h), r.view(-1, h)
-        if not (x.requires_grad or r.requires_grad) and cpu.add_norm_fits(x2, r2, ln.weight, ln.bias):
+        # The C++ pass has no backward: torch's ops whenever autograd tracks any input (frozen tables
+        # and a trainable LayerNorm, as distillation may have, included).
+        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, r, ln.weight, ln.bias))
+        if not tracked and cpu.add_norm_fits(x2, r2, ln.weight, ln.bias):
             return cpu.add_layer_norm_(x2, r2, ln.weight, ln.bias, ln.eps).view_as(x)  # LN(x + r), one pass
         return ln(x + r)
 

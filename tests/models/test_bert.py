@@ -307,3 +307,10 @@ def test_embeddings_add_norm_in_one_pass_and_with_grad():
     y.square().sum().backward()
     for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
         assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
+    # Frozen tables, a trainable LayerNorm: still torch's ops, and the LayerNorm gets its gradients.
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        table.weight.requires_grad_(False)
+    emb.LayerNorm.weight.grad = None
+    with mock.patch.object(cpu, "add_layer_norm_", wraps=cpu.add_layer_norm_) as fused:
+        (emb(ids, types) * torch.randn(3, 11, 48)).sum().backward()
+    assert fused.call_count == 0 and emb.LayerNorm.weight.grad.abs().sum() > 0
