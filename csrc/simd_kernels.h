@@ -120,19 +120,19 @@ inline void csr_group_acc(const uint16_t* col, const WT* val, int32_t len, const
   typename S::vec a[4][V];
   SE_UNROLL
   for (int r = 0; r < 4; ++r)
-  SE_UNROLL
+    SE_UNROLL
     for (int v = 0; v < V; ++v) a[r][v] = S::load(out[r] + W * v);
   for (int32_t j = 0; j < len; ++j, col += 4, val += 4)
-  SE_UNROLL
+    SE_UNROLL
     for (int r = 0; r < 4; ++r) {
       const auto w = S::bcast(val + r);
       const float* p = xt + int64_t(col[r]) * np;
-  SE_UNROLL
+      SE_UNROLL
       for (int v = 0; v < V; ++v) a[r][v] = S::fmadd(w, S::loadu(p + W * v), a[r][v]);
     }
   SE_UNROLL
   for (int r = 0; r < 4; ++r)
-  SE_UNROLL
+    SE_UNROLL
     for (int v = 0; v < V; ++v) S::store(out[r] + W * v, a[r][v]);
 }
 
