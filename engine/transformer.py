@@ -65,18 +65,21 @@ def activation_name(act) -> str | None:
 
 def _linear_add_norm(lin: SparseLinear, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm(lin(x) + residual): in the AMX kernel's epilogue where it fits (bf16 BSR in tiles,
-    no hook watching the layer), else lin(x) then _add_norm."""
+    no hook watching the layer), else lin(x) then add_norm."""
     if (not (lin._forward_hooks or lin._forward_pre_hooks) and _on_cpu_kernels(lin) and lin.activation == "none"
             and cpu.linear_add_norm_fits(x, lin.sparse_weight, residual, norm.weight, norm.bias)):
         ops.calls[("cpu", "linear-add-norm")] += 1
         return cpu.linear_add_norm(x, lin.sparse_weight, lin.bias, residual, norm.weight, norm.bias, norm.eps)
-    return _add_norm(lin(x), residual, norm)
+    return add_norm(lin(x), residual, norm)
 
 
-def _add_norm(t: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm(t + residual), t a fresh sublayer output (overwritten): one C++ pass where it fits
-    (cpu.add_layer_norm_), else torch's in-place add and layer_norm."""
-    if cpu.add_norm_fits(t, residual, norm.weight, norm.bias):
+def add_norm(t: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm(t + residual), t (tokens, H) a fresh output (overwritten): one C++ pass where it fits
+    (cpu.add_layer_norm_) and autograd tracks none of the inputs (the pass has no backward), else
+    torch's in-place add and layer_norm."""
+    tracked = torch.is_grad_enabled() and any(
+        u is not None and u.requires_grad for u in (t, residual, norm.weight, norm.bias))
+    if not tracked and cpu.add_norm_fits(t, residual, norm.weight, norm.bias):
         ops.calls[("cpu", "add-layer-norm")] += 1
         return cpu.add_layer_norm_(t, residual, norm.weight, norm.bias, norm.eps)
     return F.layer_norm(t.add_(residual), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -168,7 +171,7 @@ class SparseEncoderLayer(nn.Module):
             y = self._ffn(F.layer_norm(a, (h,), n2.weight, n2.bias, n2.eps)).add_(a)
         else:
             a = _linear_add_norm(self.out, self._context(x2, b, s, attn_mask), x2, n1)
-            y = _add_norm(self._pair(a), a, n2) if self._pair_fits(a) else _linear_add_norm(
+            y = add_norm(self._pair(a), a, n2) if self._pair_fits(a) else _linear_add_norm(
                 self.ffn_out, self._hidden(a), a, n2)
         return y.view(b, s, h)
 

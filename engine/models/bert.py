@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import cpu
+from ..transformer import add_norm
 from . import ArchError, Family, InputError, register_family, split_rows
 
 HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -134,14 +134,8 @@ class Embeddings(nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids)
         r = self.token_type_embeddings(token_type_ids).add_(self.position_embeddings(pos))
-        ln, h = self.LayerNorm, x.shape[-1]
-        x2, r2 = x.view(-1, h), r.view(-1, h)
-        # The C++ pass has no backward: torch's ops whenever autograd tracks any input (frozen tables
-        # and a trainable LayerNorm, as distillation may have, included).
-        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, r, ln.weight, ln.bias))
-        if not tracked and cpu.add_norm_fits(x2, r2, ln.weight, ln.bias):
-            return cpu.add_layer_norm_(x2, r2, ln.weight, ln.bias, ln.eps).view_as(x)  # LN(x + r), one pass
-        return ln(x + r)
+        h = x.shape[-1]
+        return add_norm(x.view(-1, h), r.view(-1, h), self.LayerNorm).view_as(x)  # LN(x + r), one pass
 
 
 class BertEncoder(nn.Module):
