@@ -110,32 +110,22 @@ void pack_xt(const float* x, int64_t N, int64_t I, int64_t n0, int64_t np, float
              int64_t i1) {
   const int64_t nv = std::min<int64_t>(np, N - n0);  // valid columns in this panel
   int64_t i = i0;
-  // 16 features (a whole 64-byte line of each x row) by 8 rows at a time: the row's line is used
-  // whole while it is in L1. Rows I·4 bytes apart share few L1 sets (I = 768: 4, I = 3072: 1), so
-  // with 8 features per pass each line was fetched from L2 twice.
-  for (; i + 16 <= i1; i += 16) {
-    int64_t n = 0;
-    for (; n + 8 <= nv; n += 8)
-      for (int64_t h = 0; h < 16; h += 8) {
-        __m256 r[8];
-        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (n0 + n + j) * I + i + h);
-        transpose8(r);
-        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (i + h + j) * np + n, r[j]);
-      }
-    for (; n < np; ++n)
-      for (int j = 0; j < 16; ++j) xt[(i + j) * np + n] = n < nv ? x[(n0 + n) * I + i + j] : 0.f;
-  }
-  for (; i + 8 <= i1; i += 8) {
-    int64_t n = 0;
-    for (; n + 8 <= nv; n += 8) {
-      __m256 r[8];
-      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (n0 + n + j) * I + i);
-      transpose8(r);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (i + j) * np + n, r[j]);
+  // 16 features (a whole 64-byte line of each x row) by 8 rows at a time, then 8 for the rest: the
+  // row's line is used whole while it is in L1. Rows I·4 bytes apart share few L1 sets (I = 768: 4,
+  // I = 3072: 1), so with 8 features per pass each line was fetched from L2 twice.
+  for (const int64_t f : {16, 8})
+    for (; i + f <= i1; i += f) {
+      int64_t n = 0;
+      for (; n + 8 <= nv; n += 8)
+        for (int64_t h = 0; h < f; h += 8) {
+          __m256 r[8];
+          for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(x + (n0 + n + j) * I + i + h);
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (i + h + j) * np + n, r[j]);
+        }
+      for (; n < np; ++n)
+        for (int64_t j = 0; j < f; ++j) xt[(i + j) * np + n] = n < nv ? x[(n0 + n) * I + i + j] : 0.f;
     }
-    for (; n < np; ++n)
-      for (int j = 0; j < 8; ++j) xt[(i + j) * np + n] = n < nv ? x[(n0 + n) * I + i + j] : 0.f;
-  }
   for (; i < i1; ++i)
     for (int64_t n = 0; n < np; ++n) xt[i * np + n] = n < nv ? x[(n0 + n) * I + i] : 0.f;
 }
